@@ -1,0 +1,441 @@
+"""Push alerts to coordinators' phones and to FCM topics, through firebase-admin (FCM HTTP v1 data messages).
+
+Why it exists: when a mentor's sync fails, a certificate is about to expire or our own credentials stop
+working, a person has to hear about it. This module is the one seam between the service and Firebase Cloud
+Messaging: everything else talks to an ``AlertSender`` and gets one ``Delivery`` per target back, device
+tokens first (in the order given) and the topic last. Callers never catch firebase-admin's exceptions
+and never see a device token whole.
+
+Senders:
+    FirebaseAlertSender       the real one: a named firebase_admin App built from a service-account JSON
+    UnconfiguredAlertSender   no HLF_FCM_CREDENTIALS: every delivery fails, said loudly once at start-up
+    RecordingAlertSender      keeps what it was asked to send; scripted UNREGISTERED tokens and outages
+
+What a Delivery means (``send`` never raises for a delivery failure):
+    ok=True                  FCM accepted the message; ``message_id`` is its name
+    ok=False, unregistered   UNREGISTERED: app uninstalled or token expired. Report it, never retry it
+    ok=False, retryable      UNAVAILABLE, INTERNAL, QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+                             UNKNOWN, or the whole call failed (token endpoint down, ...): try again later
+    ok=False, neither        INVALID_ARGUMENT, SENDER_ID_MISMATCH, THIRD_PARTY_AUTH_ERROR, PERMISSION_DENIED,
+                             UNAUTHENTICATED, NOT_FOUND: the same message cannot succeed; an operator must act
+firebase-admin has already retried 500 and 503 on its own (4 more tries, 0+1+2+4 s apart) before a
+retryable delivery reaches us.
+
+What ``coordinator_devices.fcm_token`` holds: an FCM *registration token*, the string the mentor app's FCM
+client SDK hands out (``FirebaseMessaging.getToken()``); we send it as ``Message(token=...)``. firebase-admin
+7.5+ deprecates ``token`` in favour of ``fid`` (a Firebase installation ID): in 7.7.0 ``Message.__init__``
+calls ``warnings.warn("Message.token is deprecated. Use Message.fid instead.", DeprecationWarning,
+stacklevel=2)`` on *every* construction with a token. A FID is a different identifier, produced only by apps
+switched to FCM's installation-ID mode (a per-device, all-or-nothing switch), so sending a registration token
+as ``fid`` would not reach the device. We therefore keep ``token=`` and silence exactly that warning message,
+only around our own ``Message(token=...)`` call (``_token_message``). When the mentor app moves to FIDs it
+should store them in a new column, not in ``fcm_token``, and this module should send those with ``fid=``.
+
+Secrets: the service-account key, the OAuth access token and whole device tokens never appear in a Delivery, a
+log line or an exception message made here. Targets read ``token:<first 8 chars>...`` or ``topic:<name>``, and
+error texts from FCM are scrubbed of anything token-shaped before they are kept.
+
+firebase-admin's async path uses ``asyncio`` directly (``asyncio.gather``, ``asyncio.sleep``): run senders
+under anyio's asyncio backend, one sender per event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import anyio
+import firebase_admin
+import google.auth.transport.requests
+import msgspec
+from firebase_admin import credentials, messaging
+from loguru import logger
+
+from .errors import ConfigError
+
+__all__ = [
+    "AlertSender",
+    "Delivery",
+    "FirebaseAlertSender",
+    "RecordingAlertSender",
+    "SentAlert",
+    "UnconfiguredAlertSender",
+    "build_alert_sender",
+]
+
+NOT_CONFIGURED: Final = "FCM is not configured (HLF_FCM_CREDENTIALS)"
+
+# FCM accepts at most 500 messages per send_each call (firebase-admin raises ValueError beyond that).
+_BATCH: Final = 500
+# Per-request timeout of firebase-admin's httpx client (its default is 120 s) and of our token refresh.
+_HTTP_TIMEOUT_S: Final = 30
+_RETRYABLE: Final = frozenset(
+    {"UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN"}
+)
+# FCM's own error codes arrive as these firebase-admin classes; other errors carry a canonical ``code``.
+_FCM_ERROR_NAMES: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (messaging.UnregisteredError, "UNREGISTERED"),
+    (messaging.QuotaExceededError, "QUOTA_EXCEEDED"),
+    (messaging.SenderIdMismatchError, "SENDER_ID_MISMATCH"),
+    (messaging.ThirdPartyAuthError, "THIRD_PARTY_AUTH_ERROR"),
+)
+_TOPIC = re.compile(r"[a-zA-Z0-9\-_.~%]+")
+# Registration tokens, access tokens, JWTs and PEM lines are long runs of these characters.
+_OPAQUE = re.compile(r"[A-Za-z0-9+/=_\-]{40,}")
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """What happened to one target of one alert."""
+
+    target: str  # "token:<first 8 chars>…" or "topic:<name>"
+    ok: bool
+    message_id: str | None = None
+    error: str | None = None  # short, secret-free, e.g. "UNREGISTERED: Requested entity was not found."
+    unregistered: bool = False  # the token is dead: report it, never retry it
+    retryable: bool = False  # FCM unavailable / quota / internal: the caller may try again later
+
+
+class AlertSender(Protocol):
+    async def send(
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+    ) -> list[Delivery]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SentAlert(msgspec.Struct, frozen=True):
+    """One call to ``RecordingAlertSender.send``."""
+
+    data: dict[str, str]
+    tokens: tuple[str, ...] = ()
+    topic: str | None = None
+
+
+# -- shared by every sender ----------------------------------------------------------------------------------
+
+
+def _token_target(token: str) -> str:
+    # A short test token must not be shown whole either, so show at most half of it.
+    return f"token:{token[: min(8, len(token) // 2)]}…"
+
+
+def _topic_name(topic: str) -> str:
+    return topic.removeprefix("/topics/")
+
+
+class _Target(msgspec.Struct, frozen=True):
+    label: str
+    token: str | None = None
+    topic: str | None = None
+    problem: str | None = None  # set when the target cannot be sent to at all
+
+
+def _plan(data: Mapping[str, str], tokens: Sequence[str], topic: str | None) -> tuple[dict[str, str], list[_Target]]:
+    """Check the arguments the way FCM will, so that a bad target fails alone instead of the whole call.
+
+    Non-string data or tokens are a bug in the caller and raise TypeError; FCM would reject them anyway.
+    """
+    if isinstance(tokens, str):
+        raise TypeError("tokens must be a sequence of device tokens, not one string")
+    payload = dict(data)
+    for key, value in payload.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"FCM data values must all be strings; {key!r} is {type(value).__name__}")
+    targets: list[_Target] = []
+    for token in tokens:
+        if not isinstance(token, str):
+            raise TypeError(f"device tokens must be strings, not {type(token).__name__}")
+        if token.strip():
+            targets.append(_Target(_token_target(token), token=token))
+        else:
+            targets.append(_Target("token:(empty)", problem="INVALID_ARGUMENT: empty device token"))
+    if topic:  # an empty topic means none, as for the callers that build it from a nullable column
+        name = _topic_name(topic)
+        if _TOPIC.fullmatch(name):
+            targets.append(_Target(f"topic:{name}", topic=name))
+        else:
+            targets.append(_Target(f"topic:{name[:40]}", problem="INVALID_ARGUMENT: malformed topic name"))
+    return payload, targets
+
+
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    """Short, one-line and secret-free: the known secrets, then anything token-shaped, become [redacted]."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _OPAQUE.sub("[redacted]", " ".join(text.split()))
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _log_outcome(payload: Mapping[str, str], deliveries: Sequence[Delivery]) -> None:
+    """One line per send; the caller records each delivery itself."""
+    if not deliveries:
+        return
+    failed = [f"{d.target} {(d.error or '').split(':')[0]}" for d in deliveries if not d.ok]
+    log = logger.bind(alert_type=payload.get("type"), targets=len(deliveries), failed=len(failed)).opt(capture=False)
+    if failed:
+        log.warning(
+            "FCM alert {kind}: {ok}/{n} delivered; failed: {failed}",
+            kind=payload.get("type", "?"),
+            ok=len(deliveries) - len(failed),
+            n=len(deliveries),
+            failed=", ".join(failed),
+        )
+    else:
+        log.info("FCM alert {kind}: {n}/{n} delivered", kind=payload.get("type", "?"), n=len(deliveries))
+
+
+# -- firebase-admin ------------------------------------------------------------------------------------------
+
+
+def _token_message(data: dict[str, str], token: str) -> Any:
+    # firebase-admin >= 7.5 warns on every Message(token=...); the module docstring says why we still send
+    # registration tokens. Silence exactly that message, only here. (catch_warnings swaps the process-wide
+    # filter list; nothing awaits inside, so no other task of this loop runs meanwhile.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Message\.token is deprecated", category=DeprecationWarning)
+        return messaging.Message(data=data, token=token)
+
+
+def _point_at_fcm_url(app: Any, fcm_url: str) -> None:
+    """Make the App's messaging service send to ``fcm_url`` (HLF_FCM_URL) instead of Google's endpoint.
+
+    The one place that reaches into firebase-admin's privates; checked against firebase-admin 7.7.0 and
+    google-auth 2.62.2.
+    - firebase-admin has no option for the FCM endpoint: ``messaging._MessagingService.__init__`` fixes
+      ``self._fcm_url = FCM_URL.format(project_id)`` and ``send_each_async`` reads that instance attribute.
+    - google-auth (2.62.2) follows each authorised request with a background "Regional Access Boundary"
+      lookup at iamcredentials.googleapis.com that carries our access token. Against a non-Google FCM (a local
+      fake) that token was issued by someone else and must not travel to Google, so pin the boundary to
+      google-auth's own no-op value ("0x0"), which also stops the lookup.
+    """
+    service = messaging._get_messaging_service(app)
+    if not isinstance(getattr(service, "_fcm_url", None), str):
+        raise RuntimeError(
+            f"firebase-admin {firebase_admin.__version__} no longer keeps _MessagingService._fcm_url; "
+            "HLF_FCM_URL cannot be honoured (see hlf_actors.alerts._point_at_fcm_url)"
+        )
+    service._fcm_url = fcm_url
+    pin = getattr(app.credential.get_credential(), "_set_regional_access_boundary", None)
+    if pin is not None:
+        pin({"encodedLocations": "0x0", "expiry": datetime.max})
+
+
+async def _close_messaging_http(app: Any) -> None:
+    # firebase_admin.delete_app() closes the messaging httpx client with asyncio.run(), which fails inside a
+    # running loop and would close this loop's connections from another loop. Close it here first
+    # (firebase-admin 7.7.0: _MessagingService._async_client); delete_app then meets an already-closed client.
+    client = getattr(messaging._get_messaging_service(app), "_async_client", None)
+    if client is not None:
+        await client.aclose()
+
+
+class FirebaseAlertSender:
+    """Sends through a named firebase_admin App (never the default app) built from a service-account JSON."""
+
+    def __init__(self, credentials_path: str, *, fcm_url: str | None = None, app_name: str = "hlf-actors") -> None:
+        try:
+            certificate = credentials.Certificate(credentials_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"HLF_FCM_CREDENTIALS: cannot load a service account from {credentials_path}: "
+                f"{type(err).__name__}: {_scrub(str(err), ())}"
+            ) from None
+        self._app = firebase_admin.initialize_app(certificate, options={"httpTimeout": _HTTP_TIMEOUT_S}, name=app_name)
+        try:
+            if fcm_url is not None:
+                _point_at_fcm_url(self._app, fcm_url)
+            else:  # without a project id, fail now rather than at the first alert
+                messaging._get_messaging_service(self._app)
+        except ValueError as err:
+            firebase_admin.delete_app(self._app)
+            raise ConfigError(f"HLF_FCM_CREDENTIALS: {_scrub(str(err), ())}") from None
+        self._credential = certificate.get_credential()
+        self._project_id: str | None = certificate.project_id
+        self._auth_request = google.auth.transport.requests.Request()
+        self._refresh_lock = anyio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"FirebaseAlertSender(app={self._app.name!r}, project={self._project_id!r})"
+
+    async def send(
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+    ) -> list[Delivery]:
+        if self._closed:
+            raise RuntimeError("FirebaseAlertSender is closed")
+        payload, targets = _plan(data, tokens, topic)
+        secrets = [t.token for t in targets if t.token]
+        results: dict[int, Delivery] = {
+            i: Delivery(t.label, ok=False, error=t.problem) for i, t in enumerate(targets) if t.problem
+        }
+        pending = [(i, t) for i, t in enumerate(targets) if not t.problem]
+        if pending:
+            try:
+                await self._ensure_access_token()
+            except Exception as err:
+                results.update(self._all_failed(pending, err, "OAUTH_FAILED: could not get an access token", secrets))
+                pending = []
+        for start in range(0, len(pending), _BATCH):
+            batch = pending[start : start + _BATCH]
+            messages = [
+                _token_message(payload, t.token) if t.token else messaging.Message(data=payload, topic=t.topic)
+                for _, t in batch
+            ]
+            try:
+                response = await messaging.send_each_async(messages, app=self._app)
+            except Exception as err:
+                results.update(self._all_failed(batch, err, "UNKNOWN: the FCM call failed", secrets))
+                continue
+            for (i, t), answer in zip(batch, response.responses, strict=True):
+                results[i] = self._delivery(t.label, answer, secrets)
+        deliveries = [results[i] for i in range(len(targets))]
+        _log_outcome(payload, deliveries)
+        return deliveries
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await _close_messaging_http(self._app)
+        await anyio.to_thread.run_sync(firebase_admin.delete_app, self._app)
+        self._auth_request.session.close()
+
+    async def _ensure_access_token(self) -> None:
+        # Inside firebase-admin's httpx auth flow, google-auth refreshes synchronously (requests, 120 s
+        # timeout, 3 tries), i.e. on the event loop. Refresh in a worker thread first: the loop never waits.
+        if self._credential.valid:
+            return
+        async with self._refresh_lock:
+            if not self._credential.valid:
+                request = functools.partial(self._auth_request, timeout=_HTTP_TIMEOUT_S)
+                await anyio.to_thread.run_sync(self._credential.refresh, request)
+
+    def _delivery(self, label: str, answer: Any, secrets: list[str]) -> Delivery:
+        if answer.exception is None:
+            if answer.message_id:
+                return Delivery(label, ok=True, message_id=str(answer.message_id))
+            return Delivery(label, ok=False, error="UNKNOWN: FCM answered without a message name")
+        code = _error_code(answer.exception)
+        return Delivery(
+            label,
+            ok=False,
+            error=f"{code}: {_scrub(str(answer.exception), self._secrets(secrets))}",
+            unregistered=code == "UNREGISTERED",
+            retryable=code in _RETRYABLE,
+        )
+
+    def _all_failed(
+        self, targets: Sequence[tuple[int, _Target]], err: Exception, what: str, secrets: list[str]
+    ) -> dict[int, Delivery]:
+        error = f"{what} ({type(err).__name__}: {_scrub(str(err), self._secrets(secrets))})"
+        error = error if len(error) <= 240 else error[:239] + "…"
+        return {i: Delivery(t.label, ok=False, error=error, retryable=True) for i, t in targets}
+
+    def _secrets(self, tokens: list[str]) -> list[str]:
+        access_token = getattr(self._credential, "token", None)
+        return [*tokens, access_token] if isinstance(access_token, str) else tokens
+
+
+def _error_code(err: BaseException) -> str:
+    for cls, name in _FCM_ERROR_NAMES:
+        if isinstance(err, cls):
+            return name
+    code = getattr(err, "code", None)
+    return code if isinstance(code, str) and code else "UNKNOWN"
+
+
+# -- without FCM ---------------------------------------------------------------------------------------------
+
+
+class UnconfiguredAlertSender:
+    """Stands in when HLF_FCM_CREDENTIALS is unset: alerts fail visibly; the service still runs."""
+
+    def __init__(self) -> None:
+        logger.warning("{why}: alerts will be recorded as failed, not delivered", why=NOT_CONFIGURED)
+
+    def __repr__(self) -> str:
+        return "UnconfiguredAlertSender()"
+
+    async def send(
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+    ) -> list[Delivery]:
+        _, targets = _plan(data, tokens, topic)
+        return [Delivery(t.label, ok=False, error=t.problem or NOT_CONFIGURED) for t in targets]
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RecordingAlertSender:
+    """Keeps every alert it is asked to send and answers like FCM would, with scripted failures.
+
+    ``unregister(token)`` makes that token answer UNREGISTERED; ``outage()`` makes every target fail retryably
+    until ``outage(False)``. Every call is recorded, failed or not.
+    """
+
+    def __init__(self) -> None:
+        self._sent: list[SentAlert] = []
+        self._unregistered: set[str] = set()
+        self._outage = False
+        self._next_id = 1
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"RecordingAlertSender(sent={len(self._sent)})"
+
+    def unregister(self, token: str) -> None:
+        self._unregistered.add(token)
+
+    def outage(self, on: bool = True) -> None:
+        self._outage = on
+
+    def sent(self) -> list[SentAlert]:
+        return list(self._sent)
+
+    def data_messages(self) -> list[dict[str, str]]:
+        return [dict(s.data) for s in self._sent]
+
+    async def send(
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+    ) -> list[Delivery]:
+        payload, targets = _plan(data, tokens, topic)
+        self._sent.append(SentAlert(payload, tuple(tokens), _topic_name(topic) if topic else None))
+        deliveries = [self._answer(t) for t in targets]
+        _log_outcome(payload, deliveries)
+        return deliveries
+
+    def _answer(self, target: _Target) -> Delivery:
+        if target.problem:
+            return Delivery(target.label, ok=False, error=target.problem)
+        if self._outage:
+            return Delivery(
+                target.label,
+                ok=False,
+                error="UNAVAILABLE: The service is currently unavailable.",
+                retryable=True,
+            )
+        if target.token in self._unregistered:
+            return Delivery(
+                target.label,
+                ok=False,
+                error="UNREGISTERED: Requested entity was not found.",
+                unregistered=True,
+            )
+        message_id = f"projects/recording/messages/{self._next_id}"
+        self._next_id += 1
+        return Delivery(target.label, ok=True, message_id=message_id)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def build_alert_sender(credentials_path: str | None, fcm_url: str | None) -> AlertSender:
+    """The sender the configuration asks for: Firebase when credentials are set, else the unconfigured one."""
+    if not credentials_path:
+        return UnconfiguredAlertSender()
+    return FirebaseAlertSender(credentials_path, fcm_url=fcm_url)

@@ -1,0 +1,233 @@
+"""The `hlf-actors` command line (also `python -m hlf_actors`).
+
+Every command exits 0 on success and non-zero with one clear line on failure:
+1 when the command ran but the answer is "no" (e.g. a force sync that did not succeed), 2 for bad input or
+configuration, 3 when the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import anyio
+import psycopg
+
+from . import __version__, db, status
+from .config import Config, load_config
+from .errors import ConfigError, HLFError, MigrationError
+
+__all__ = ["main"]
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _connect(config: Config) -> psycopg.Connection[Any]:
+    url = config.require_database()
+    try:
+        return psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+    except psycopg.OperationalError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _Fail(f"cannot reach the database: {first}", 3) from None
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a mentor id (a UUID): {text!r}") from None
+
+
+# -- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
+    with _connect(config) as conn:
+        applied = db.migrate(conn)
+    if applied:
+        for m in applied:
+            print(f"applied {m.version:03d}_{m.name}")
+    else:
+        print("database is up to date")
+    return 0
+
+
+def cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    from .alerts import build_alert_sender
+    from .dynamics import DynamicsClient
+    from .logs import setup_logging
+    from .service import Service
+
+    config.require_database()
+    config.require_portal()
+    secret = config.dynamics_client_secret.reveal() if config.dynamics_client_secret else ""
+    setup_logging(secrets=[secret])
+
+    async def main() -> None:
+        import signal
+
+        portal = DynamicsClient(config)
+        sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
+        service = Service(config, portal=portal, alert_sender=sender)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for _ in signals:
+                            service.request_stop()
+                            return
+
+                tg.start_soon(on_signal)
+                await service.run()
+                tg.cancel_scope.cancel()
+        finally:
+            await portal.aclose()
+            await sender.aclose()
+
+    anyio.run(main)
+    return 0
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    with _connect(config) as conn:
+        if args.mentor is not None:
+            story = status.mentor_story(conn, args.mentor)
+            if story is None:
+                raise _Fail(f"no mentor {args.mentor} and no events about them", 1)
+            print(status.render_story_json(story) if args.json else status.render_story(story))
+        else:
+            summary = status.summary(conn)
+            print(status.render_summary_json(summary) if args.json else status.render_summary(summary))
+    return 0
+
+
+def cmd_force_sync(config: Config, args: argparse.Namespace) -> int:
+    with _connect(config) as conn:
+        try:
+            seq = conn.execute("SELECT hlf_force_sync(%s)", (args.mentor,)).fetchone()
+        except psycopg.errors.NoDataFound:
+            raise _Fail(f"no mentor with id {args.mentor}", 2) from None
+        assert seq is not None
+        print(f"force sync of {args.mentor} requested (event {seq[0]}); waiting up to {args.wait:.0f}s")
+        outcome = status.wait_for_outcome(conn, args.mentor, seq[0], timeout=args.wait)
+    if outcome is None:
+        raise _Fail(
+            f"no outcome within {args.wait:.0f}s: is `hlf-actors run` running? the request stays queued", 1
+        )
+    print(outcome.describe())
+    return 0 if outcome.ok else 1
+
+
+def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
+    with _connect(config) as conn:
+        if args.action == "list":
+            letters = status.dead_letters(conn, include_requeued=args.all)
+            print(status.render_dead_letters(letters))
+            return 0
+        if args.all_open:
+            ids = [dl.id for dl in status.dead_letters(conn, include_requeued=False)]
+        elif args.id is not None:
+            ids = [args.id]
+        else:
+            raise _Fail("say which dead letter to re-queue: an ID, or --all", 2)
+        for dl_id in ids:
+            try:
+                conn.execute("SELECT hlf_requeue_dead_letter(%s)", (dl_id,))
+            except psycopg.errors.NoDataFound:
+                raise _Fail(f"no dead letter with id {dl_id}", 2) from None
+            except psycopg.errors.UniqueViolation:
+                raise _Fail(f"dead letter {dl_id} was already re-queued", 1) from None
+            print(f"re-queued dead letter {dl_id}")
+        if not ids:
+            print("no open dead letters")
+    return 0
+
+
+def cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep=args.keep, workdir=args.dir)
+
+
+# -- parser ---------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hlf-actors",
+        description="Keep HLF's public mentor listing in the Dynamics portal true to the mentor database.",
+    )
+    p.add_argument("--version", action="version", version=f"hlf-actors {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("migrate", help="create or update the database schema (safe to re-run)")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("run", help="the service: listen for changes and keep the portal in sync (Procfile worker)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="an end-to-end demo on an embedded PostgreSQL, fake portal and fake FCM")
+    s.add_argument("--keep", action="store_true", help="leave everything running afterwards, to explore")
+    s.add_argument("--dir", default=None, help="where the embedded database lives (default: a temp dir)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="sync state of all mentors, or one mentor's story from the log")
+    s.add_argument("mentor", nargs="?", type=_uuid, help="a mentor id: print that mentor's story")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("force-sync", help="re-send a mentor to the portal now, and wait for the outcome")
+    s.add_argument("mentor", type=_uuid)
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the outcome (default 60)")
+    s.set_defaults(func=cmd_force_sync)
+
+    s = sub.add_parser("dead-letters", help="list or re-queue operations that could not be delivered")
+    dl = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dl_list = dl.add_parser("list", help="open dead letters (with --all, re-queued ones too)")
+    dl_list.add_argument("--all", action="store_true")
+    dl_re = dl.add_parser("requeue", help="run a dead-lettered operation again from attempt 1")
+    dl_re.add_argument("id", nargs="?", type=int)
+    dl_re.add_argument("--all", dest="all_open", action="store_true", help="every open dead letter")
+    s.set_defaults(func=cmd_dead_letters)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    started = time.monotonic()
+    try:
+        config = load_config()
+        code: int = args.func(config, args)
+        return code
+    except _Fail as err:
+        print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
+        return err.code
+    except ConfigError as err:
+        print(f"hlf-actors {args.command}: configuration: {err}", file=sys.stderr)
+        return 2
+    except MigrationError as err:
+        print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
+        return 2
+    except HLFError as err:
+        print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"hlf-actors {args.command}: database error: {first}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"hlf-actors {args.command}: interrupted after {time.monotonic() - started:.0f}s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

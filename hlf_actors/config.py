@@ -1,0 +1,262 @@
+"""Configuration: read once from the environment (and an optional ``.env`` file), validated, frozen.
+
+Names and defaults are the outside contract in ``shared/INTERFACE.md``. A bad value raises ``ConfigError`` whose
+message is one line naming the variable and what is wrong with it; the CLI prints that line and exits 2.
+Secrets are wrapped in ``Secret`` so that no repr, log line or exception can show them by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import time
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["Config", "Secret", "load_config", "parse_duration"]
+
+
+class Secret:
+    """A value that must never be printed. ``reveal()`` is the one way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str | None = None
+    dynamics_url: str | None = None
+    dynamics_token_url: str | None = None
+    dynamics_client_id: str | None = None
+    dynamics_client_secret: Secret | None = None
+    dynamics_scope: str | None = None
+    dynamics_entity_set: str = "hlf_mentorlistings"
+    dynamics_listed_field: str = "hlf_publiclisting"
+    dynamics_key_field: str = "hlf_mentorlistingid"
+    max_attempts: int = 5
+    backoff_base_ms: int = 2000
+    backoff_max_ms: int = 300_000
+    portal_concurrency: int = 10
+    fcm_credentials: str | None = None
+    fcm_url: str | None = None
+    ops_topic: str = "hlf-ops"
+    timezone: str = "Europe/Oslo"
+    nightly_at: time = time(2, 0)
+    reconcile_every_s: float = 900.0
+    http_port: int = 8080
+    public_listing_url: str | None = None
+    public_listing_deadline_s: float = 1200.0
+    # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
+    sweep_interval_s: float = 30.0
+    poll_interval_s: float = 1.0
+    portal_timeout_s: float = 30.0
+    backoff_jitter: bool = True
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def scope(self) -> str:
+        if self.dynamics_scope:
+            return self.dynamics_scope
+        return f"{(self.dynamics_url or '').rstrip('/')}/.default"
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise ConfigError("HLF_DATABASE_URL: required, e.g. postgresql://user@host:5432/hlf")
+        return self.database_url
+
+    def require_portal(self) -> None:
+        """The portal settings `run` cannot work without; checked at start-up, not at the first PATCH."""
+        for var, value in (
+            ("HLF_DYNAMICS_URL", self.dynamics_url),
+            ("HLF_DYNAMICS_TOKEN_URL", self.dynamics_token_url),
+            ("HLF_DYNAMICS_CLIENT_ID", self.dynamics_client_id),
+        ):
+            if not value:
+                raise ConfigError(f"{var}: required by `run`")
+        if not self.dynamics_client_secret:
+            raise ConfigError(
+                "HLF_DYNAMICS_CLIENT_SECRET: required by `run` (or HLF_DYNAMICS_CLIENT_SECRET_FILE)"
+            )
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'15m' → 900.0; '30s', '1h', '250ms', or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("expected a duration such as 30s, 15m or 1h")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    """A minimal .env reader: KEY=VALUE lines, # comments, optional quotes. The environment wins over it."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ConfigError(f"{name}: must be {bound}, got {value}")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = parse_duration(raw)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{name}: must be longer than zero, got {raw!r}")
+        return value
+
+    def url(self, name: str) -> str | None:
+        raw = self.text(name)
+        if raw is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", raw):
+            raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
+        return raw.rstrip("/") if name == "HLF_DYNAMICS_URL" else raw
+
+    def identifier(self, name: str, default: str) -> str:
+        raw = self.text(name) or default
+        # These names end up in URLs and OData $select: keep them to what Dataverse allows.
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", raw):
+            raise ConfigError(f"{name}: expected a Dataverse logical name (letters, digits, _), got {raw!r}")
+        return raw
+
+
+def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = Path(".env")) -> Config:
+    """Build the frozen Config from ``env`` (default ``os.environ``) over an optional ``.env`` file."""
+    merged: dict[str, str] = {}
+    if dotenv is not None:
+        merged.update(_read_dotenv(dotenv))
+    merged.update(os.environ if env is None else env)
+    read = _Reader(merged)
+
+    secret_value = read.text("HLF_DYNAMICS_CLIENT_SECRET")
+    secret_file = read.text("HLF_DYNAMICS_CLIENT_SECRET_FILE")
+    if secret_file is not None:
+        try:
+            secret_value = Path(secret_file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(
+                f"HLF_DYNAMICS_CLIENT_SECRET_FILE: cannot read {secret_file!r} ({err.strerror})"
+            ) from None
+        if not secret_value:
+            raise ConfigError(f"HLF_DYNAMICS_CLIENT_SECRET_FILE: {secret_file!r} is empty")
+
+    timezone = read.text("HLF_TIMEZONE") or "Europe/Oslo"
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"HLF_TIMEZONE: unknown time zone {timezone!r}") from None
+
+    nightly_raw = read.text("HLF_NIGHTLY_AT") or "02:00"
+    nightly_match = re.fullmatch(r"(\d{1,2}):(\d{2})", nightly_raw)
+    if not nightly_match or int(nightly_match.group(1)) > 23 or int(nightly_match.group(2)) > 59:
+        raise ConfigError(f"HLF_NIGHTLY_AT: expected a local time HH:MM, got {nightly_raw!r}")
+
+    backoff_base = read.integer("HLF_BACKOFF_BASE_MS", 2000, minimum=1)
+    backoff_max = read.integer("HLF_BACKOFF_MAX_MS", 300_000, minimum=1)
+    if backoff_max < backoff_base:
+        raise ConfigError(
+            f"HLF_BACKOFF_MAX_MS: must be at least HLF_BACKOFF_BASE_MS ({backoff_base}), got {backoff_max}"
+        )
+
+    jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
+    if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
+        raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
+
+    return Config(
+        database_url=read.text("HLF_DATABASE_URL"),
+        dynamics_url=read.url("HLF_DYNAMICS_URL"),
+        dynamics_token_url=read.url("HLF_DYNAMICS_TOKEN_URL"),
+        dynamics_client_id=read.text("HLF_DYNAMICS_CLIENT_ID"),
+        dynamics_client_secret=Secret(secret_value) if secret_value else None,
+        dynamics_scope=read.text("HLF_DYNAMICS_SCOPE"),
+        dynamics_entity_set=read.identifier("HLF_DYNAMICS_ENTITY_SET", "hlf_mentorlistings"),
+        dynamics_listed_field=read.identifier("HLF_DYNAMICS_LISTED_FIELD", "hlf_publiclisting"),
+        dynamics_key_field=read.identifier("HLF_DYNAMICS_KEY_FIELD", "hlf_mentorlistingid"),
+        max_attempts=read.integer("HLF_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+        backoff_base_ms=backoff_base,
+        backoff_max_ms=backoff_max,
+        portal_concurrency=read.integer("HLF_PORTAL_CONCURRENCY", 10, minimum=1, maximum=52),
+        fcm_credentials=read.text("HLF_FCM_CREDENTIALS") or read.text("GOOGLE_APPLICATION_CREDENTIALS"),
+        fcm_url=read.url("HLF_FCM_URL"),
+        ops_topic=read.text("HLF_OPS_TOPIC") or "hlf-ops",
+        timezone=timezone,
+        nightly_at=time(int(nightly_match.group(1)), int(nightly_match.group(2))),
+        reconcile_every_s=read.duration("HLF_RECONCILE_EVERY", 900.0),
+        http_port=read.integer("HLF_HTTP_PORT", 8080, minimum=0, maximum=65535),
+        public_listing_url=read.url("HLF_PUBLIC_LISTING_URL"),
+        public_listing_deadline_s=read.duration("HLF_PUBLIC_LISTING_DEADLINE", 1200.0),
+        sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
+        poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
+        portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),
+        backoff_jitter=jitter_raw in {"on", "true", "1"},
+    )

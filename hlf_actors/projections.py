@@ -1,0 +1,391 @@
+"""Projections of the event log: ``sync_status`` and ``dead_letters``, as one pure fold per mentor.
+
+The rule lives in ``apply`` and nowhere else; the live path and replay both call it.
+
+    sync_status.state
+                      status_changed / sync_requested
+        (none) ─────────────────────────────────────────▶ pending ◀──────────────┐
+                                                           │  │                  │ a newer change or a
+                          attempt_succeeded / sync_skipped │  │ attempt_failed   │ re-queue
+                                                           ▼  ▼ (retryable)      │
+                                                     in_sync  retrying ──────────┤
+                                                                 │ dead_lettered │
+                                                                 ▼               │
+                                                           dead_lettered ────────┘
+
+Outcome events carry ``for_seq``, the newest sync-asking event the actor had seen. An outcome for an older change
+than the newest one (``for_seq < change_seq``) is recorded but leaves the mentor ``pending``: the portal got a
+state that is no longer current, so the actor must send again.
+
+Live folding is incremental while events arrive in ``seq`` order. When an event arrives whose ``seq`` is below what
+the row already folded (its transaction committed late), the mentor is re-folded from the log in ``seq`` order, so
+the live projection always equals what replay computes: fold(all projected events of the mentor, by seq).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID
+
+import msgspec
+import psycopg
+
+from . import db
+from .events import (
+    AttemptFailed,
+    AttemptSucceeded,
+    DeadLettered,
+    Event,
+    NewEvent,
+    Operation,
+    Requeued,
+    StatusChanged,
+    SyncRequested,
+    SyncSkipped,
+    decode_event,
+    encode_payload,
+)
+
+__all__ = [
+    "OPEN_STATES",
+    "PROJECTED_KINDS",
+    "DeadLetterRow",
+    "MentorProjection",
+    "SyncRow",
+    "append",
+    "apply",
+    "drain_inbox",
+    "fold",
+]
+
+State = Literal["pending", "retrying", "in_sync", "dead_lettered"]
+OPEN_STATES: frozenset[str] = frozenset({"pending", "retrying"})
+PROJECTED_KINDS: tuple[str, ...] = (
+    "status_changed",
+    "sync_requested",
+    "attempt_succeeded",
+    "attempt_failed",
+    "sync_skipped",
+    "dead_lettered",
+    "requeued",
+)
+_PROJECTED_TYPES = (
+    StatusChanged,
+    SyncRequested,
+    AttemptSucceeded,
+    AttemptFailed,
+    SyncSkipped,
+    DeadLettered,
+    Requeued,
+)
+# Only one transaction at a time creates projection rows; rows that exist are locked with FOR UPDATE.
+DRAIN_LOCK = 0x484C_465F_4452_4149  # "HLF_DRAI"
+
+
+class SyncRow(msgspec.Struct, frozen=True, kw_only=True):
+    mentor_id: UUID
+    operation: Operation | None
+    state: State
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+    portal_record_id: UUID | None
+    listed: bool | None
+    change_seq: int
+    next_attempt_at: datetime | None
+    last_seq: int
+
+
+class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    mentor_id: UUID
+    operation: str
+    attempts: int
+    last_error: str | None
+    dead_lettered_at: datetime
+    requeued_at: datetime | None
+
+
+class MentorProjection(msgspec.Struct, frozen=True, kw_only=True):
+    mentor_id: UUID
+    sync: SyncRow | None = None
+    dead_letters: tuple[DeadLetterRow, ...] = ()
+
+
+def is_projected(event: Event | NewEvent) -> bool:
+    return event.mentor_id is not None and isinstance(event.payload, _PROJECTED_TYPES)
+
+
+
+def apply(state: MentorProjection, event: Event) -> MentorProjection:
+    """Fold one event into a mentor's projection. Pure: same inputs, same output, no clock, no I/O."""
+    if not is_projected(event):
+        return state
+    payload = event.payload
+    sync = state.sync
+    at = event.recorded_at
+    if isinstance(payload, StatusChanged | SyncRequested):
+        record = payload.portal_record_id if isinstance(payload, StatusChanged) else None
+        if isinstance(payload, StatusChanged) and payload.cause.startswith("mentor_"):
+            portal_record_id = record
+        else:
+            portal_record_id = sync.portal_record_id if sync else None
+        new_sync = SyncRow(
+            mentor_id=state.mentor_id,
+            operation=sync.operation if sync else None,
+            state="pending",
+            attempts=0,
+            last_error=sync.last_error if sync else None,
+            updated_at=at,
+            portal_record_id=portal_record_id,
+            listed=sync.listed if sync else None,
+            change_seq=event.seq,
+            next_attempt_at=None,
+            last_seq=event.seq,
+        )
+        return msgspec.structs.replace(state, sync=new_sync)
+    if sync is None:
+        # An outcome with no change before it cannot happen live; a trimmed log may start like this.
+        return state
+    if isinstance(payload, AttemptSucceeded | AttemptFailed | SyncSkipped | DeadLettered):
+        current = payload.for_seq >= sync.change_seq
+    else:
+        current = True
+    if isinstance(payload, AttemptSucceeded):
+        sync = msgspec.structs.replace(
+            sync,
+            operation=payload.operation,
+            state="in_sync" if current else "pending",
+            attempts=payload.attempt,
+            last_error=None,
+            listed=payload.operation == "restore",
+            next_attempt_at=None,
+        )
+    elif isinstance(payload, SyncSkipped):
+        sync = msgspec.structs.replace(
+            sync,
+            operation=payload.operation,
+            state="in_sync" if current else "pending",
+            last_error=None,
+            next_attempt_at=None,
+        )
+    elif isinstance(payload, AttemptFailed):
+        delay = timedelta(milliseconds=payload.delay_ms) if payload.delay_ms is not None else None
+        sync = msgspec.structs.replace(
+            sync,
+            operation=payload.operation,
+            state=("retrying" if payload.retryable else sync.state) if current else "pending",
+            attempts=payload.attempt - 1 if payload.throttled else payload.attempt,
+            last_error=payload.error,
+            next_attempt_at=at + delay if (current and delay is not None) else None,
+        )
+    elif isinstance(payload, DeadLettered):
+        letter = DeadLetterRow(
+            id=event.seq,
+            mentor_id=state.mentor_id,
+            operation=payload.operation,
+            attempts=payload.attempts,
+            last_error=payload.last_error,
+            dead_lettered_at=at,
+            requeued_at=None,
+        )
+        sync = msgspec.structs.replace(
+            sync,
+            operation=payload.operation,
+            state="dead_lettered" if current else "pending",
+            attempts=payload.attempts,
+            last_error=payload.last_error,
+            next_attempt_at=None,
+        )
+        state = msgspec.structs.replace(state, dead_letters=(*state.dead_letters, letter))
+    elif isinstance(payload, Requeued):
+        letters = tuple(
+            msgspec.structs.replace(dl, requeued_at=at)
+            if dl.id == payload.dead_letter_id and dl.requeued_at is None
+            else dl
+            for dl in state.dead_letters
+        )
+        state = msgspec.structs.replace(state, dead_letters=letters)
+    sync = msgspec.structs.replace(sync, updated_at=at, last_seq=event.seq)
+    return msgspec.structs.replace(state, sync=sync)
+
+
+def fold(mentor_id: UUID, events: Iterable[Event], start: MentorProjection | None = None) -> MentorProjection:
+    state = start if start is not None else MentorProjection(mentor_id=mentor_id)
+    for event in events:
+        state = apply(state, event)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and writing projections. Every function here runs inside the caller's transaction.
+
+_SYNC_COLUMNS = tuple(SyncRow.__struct_fields__)
+_DL_COLUMNS = tuple(DeadLetterRow.__struct_fields__)
+
+_UPSERT_SYNC = (
+    f"INSERT INTO sync_status ({', '.join(_SYNC_COLUMNS)}) "  # noqa: S608 - column names are constants
+    f"VALUES ({', '.join(['%s'] * len(_SYNC_COLUMNS))}) "
+    "ON CONFLICT (mentor_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _SYNC_COLUMNS if c != "mentor_id")
+)
+_UPSERT_DL = (
+    f"INSERT INTO dead_letters ({', '.join(_DL_COLUMNS)}) "  # noqa: S608 - column names are constants
+    f"VALUES ({', '.join(['%s'] * len(_DL_COLUMNS))}) "
+    "ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _DL_COLUMNS if c != "id")
+)
+
+
+def _events_from_rows(rows: Iterable[Sequence[Any]]) -> list[Event]:
+    return [decode_event(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+async def _load(
+    conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID], *, lock: bool, letters: bool = True
+) -> dict[UUID, MentorProjection]:
+    """Current projections of the mentors; ``lock`` takes their rows FOR UPDATE. Without ``letters`` the dead
+    letters are left out: only safe when no event about to be folded creates or changes one."""
+    ids = sorted(set(mentor_ids))
+    sync_sql = db.query("load_sync_rows_for_update" if lock else "load_sync_rows")
+    cur = await conn.execute(sync_sql, (ids,))
+    syncs = {row[0]: SyncRow(**dict(zip(_SYNC_COLUMNS, row, strict=True))) for row in await cur.fetchall()}
+    found: dict[UUID, list[DeadLetterRow]] = defaultdict(list)
+    if letters:
+        cur = await conn.execute(db.query("load_dead_letters"), (ids,))
+        for row in await cur.fetchall():
+            letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
+            found[letter.mentor_id].append(letter)
+    return {
+        m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ())))
+        for m in ids
+    }
+
+
+async def _write(
+    conn: psycopg.AsyncConnection[Any], changes: Iterable[tuple[MentorProjection, MentorProjection]]
+) -> None:
+    sync_rows: list[tuple[Any, ...]] = []
+    letter_rows: list[tuple[Any, ...]] = []
+    gone: list[int] = []
+    for old, new in changes:
+        if new.sync is not None and new.sync != old.sync:
+            sync_rows.append(msgspec.structs.astuple(new.sync))
+        old_letters = {dl.id: dl for dl in old.dead_letters}
+        new_ids = set()
+        for letter in new.dead_letters:
+            new_ids.add(letter.id)
+            if old_letters.get(letter.id) != letter:
+                letter_rows.append(msgspec.structs.astuple(letter))
+        gone.extend(i for i in old_letters if i not in new_ids)
+    async with conn.cursor() as cur:
+        if sync_rows:
+            await cur.executemany(_UPSERT_SYNC, sync_rows)
+        if letter_rows:
+            await cur.executemany(_UPSERT_DL, letter_rows)
+        if gone:
+            await cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (gone,))
+
+
+async def _refold(conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID]) -> dict[UUID, MentorProjection]:
+    """Fold mentors again from every projected event of theirs, in seq order: what replay would compute."""
+    cur = await conn.execute(db.query("projected_events_of_mentors"), (list(mentor_ids), list(PROJECTED_KINDS)))
+    by_mentor: dict[UUID, list[Event]] = defaultdict(list)
+    for event in _events_from_rows(await cur.fetchall()):
+        assert event.mentor_id is not None
+        by_mentor[event.mentor_id].append(event)
+    return {m: fold(m, by_mentor.get(m, ())) for m in mentor_ids}
+
+
+def _touches_letters(events: Iterable[Event]) -> bool:
+    return any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
+
+
+async def _project(
+    conn: psycopg.AsyncConnection[Any],
+    events: Sequence[Event],
+    current: dict[UUID, MentorProjection] | None = None,
+) -> dict[UUID, MentorProjection]:
+    """Fold events into the projections of their mentors; ``current`` is what the caller already loaded and
+    locked, else the rows are loaded and locked here."""
+    by_mentor: dict[UUID, list[Event]] = defaultdict(list)
+    for event in events:
+        if is_projected(event):
+            assert event.mentor_id is not None
+            by_mentor[event.mentor_id].append(event)
+    if not by_mentor:
+        return {}
+    if current is None:
+        current = await _load(conn, list(by_mentor), lock=True, letters=_touches_letters(events))
+    changes: list[tuple[MentorProjection, MentorProjection]] = []
+    late: list[UUID] = []
+    for mentor_id, mentor_events in by_mentor.items():
+        old = current[mentor_id]
+        mentor_events.sort(key=lambda e: e.seq)
+        if old.sync is not None and mentor_events[0].seq <= old.sync.last_seq:
+            # A transaction committed after a later one was already folded: fold the mentor again by seq.
+            late.append(mentor_id)
+        else:
+            changes.append((old, fold(mentor_id, mentor_events, start=old)))
+    if late:
+        olds = await _load(conn, late, lock=False)
+        news = await _refold(conn, late)
+        changes.extend((olds[m], news[m]) for m in late)
+    await _write(conn, changes)
+    return {new.mentor_id: new for _, new in changes}
+
+
+async def append(
+    conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]
+) -> tuple[list[Event], dict[UUID, MentorProjection]]:
+    """Append events and fold them into the projections, in the caller's transaction.
+
+    Used for the service's own events (attempt outcomes, alerts). Rows of the mentors concerned are locked first,
+    so their seq is allocated after every event already folded into them.
+    """
+    mentors = sorted({e.mentor_id for e in events if e.mentor_id is not None and is_projected(e)})
+    current: dict[UUID, MentorProjection] | None = None
+    if mentors:
+        letters = any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
+        current = await _load(conn, mentors, lock=True, letters=letters)
+        if any(p.sync is None for p in current.values()):
+            # New projection rows are only ever created under the drain lock.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
+            current = await _load(conn, mentors, lock=True, letters=letters)
+    async with conn.cursor() as cur:
+        rows: list[tuple[int, datetime]] = []
+        for new in events:
+            await cur.execute(
+                db.query("insert_event"),
+                (new.mentor_id, new.kind, encode_payload(new.payload).decode()),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            rows.append((row[0], row[1]))
+    appended = [
+        Event(seq=seq, mentor_id=new.mentor_id, kind=new.kind, version=1, recorded_at=at, payload=new.payload)
+        for (seq, at), new in zip(rows, events, strict=True)
+    ]
+    if not mentors:
+        return appended, {}
+    return appended, await _project(conn, appended, current)
+
+
+async def drain_inbox(conn: psycopg.AsyncConnection[Any], limit: int = 1000) -> dict[UUID, MentorProjection]:
+    """Project up to ``limit`` events written by SQL, oldest first, and remove them from the inbox.
+
+    Must run inside a transaction; returns the new projection of every mentor touched (empty when the inbox is).
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
+    cur = await conn.execute(db.query("take_inbox"), (limit,))
+    events = _events_from_rows(await cur.fetchall())
+    if not events:
+        return {}
+    return await _project(conn, events)
+
+
+def sync_row_from_db(row: Sequence[Any]) -> SyncRow:
+    return SyncRow(**dict(zip(_SYNC_COLUMNS, row, strict=True)))

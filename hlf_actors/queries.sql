@@ -1,0 +1,76 @@
+-- Named queries, one block each: `-- name: x` up to the next block. Loaded by hlf_actors.db.query("x").
+
+-- name: insert_event
+INSERT INTO event_log (mentor_id, kind, data)
+VALUES (%s, %s, %s::jsonb)
+RETURNING seq, recorded_at;
+
+-- name: take_inbox
+-- The oldest unprojected events, removed from the inbox in the caller's transaction.
+WITH taken AS (
+    DELETE FROM hlf_inbox
+    WHERE seq IN (SELECT seq FROM hlf_inbox ORDER BY seq LIMIT %s)
+    RETURNING seq
+)
+SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at
+FROM event_log e JOIN taken USING (seq)
+ORDER BY e.seq;
+
+-- name: projected_events_of_mentors
+SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at
+FROM event_log e
+WHERE e.mentor_id = ANY(%s) AND e.kind = ANY(%s)
+  AND NOT EXISTS (SELECT 1 FROM hlf_inbox i WHERE i.seq = e.seq)
+ORDER BY e.seq;
+
+-- name: load_sync_rows
+SELECT mentor_id, operation, state, attempts, last_error, updated_at, portal_record_id, listed,
+       change_seq, next_attempt_at, last_seq
+FROM sync_status WHERE mentor_id = ANY(%s);
+
+-- name: load_sync_rows_for_update
+SELECT mentor_id, operation, state, attempts, last_error, updated_at, portal_record_id, listed,
+       change_seq, next_attempt_at, last_seq
+FROM sync_status WHERE mentor_id = ANY(%s)
+ORDER BY mentor_id
+FOR UPDATE;
+
+-- name: lock_sync_rows
+SELECT mentor_id FROM sync_status WHERE mentor_id = ANY(%s) ORDER BY mentor_id FOR UPDATE;
+
+-- name: load_dead_letters
+SELECT id, mentor_id, operation, attempts, last_error, dead_lettered_at, requeued_at
+FROM dead_letters WHERE mentor_id = ANY(%s)
+ORDER BY id;
+
+-- name: open_mentors
+-- Mentors whose sync is unfinished: what a fresh leader must pick up before it listens.
+SELECT mentor_id FROM sync_status WHERE state IN ('pending', 'retrying') ORDER BY updated_at;
+
+-- name: mentor_work
+-- Everything an actor needs to decide its next step, read in one round trip. `wait_s` is computed by the
+-- database so that a clock difference between this host and the database cannot shift a retry.
+-- `for_seq` is the newest committed event that asks for a sync, projected or not: the mentor row read in this
+-- same snapshot already reflects it, so the PATCH about to be sent answers it too.
+SELECT s.state, s.attempts,
+       greatest(s.change_seq, coalesce((
+           SELECT max(e.seq) FROM event_log e
+           WHERE e.mentor_id = s.mentor_id AND e.kind IN ('status_changed', 'sync_requested')), 0)) AS for_seq,
+       s.operation,
+       greatest(0, extract(epoch FROM s.next_attempt_at - clock_timestamp()))::float8 AS wait_s,
+       m.id IS NOT NULL AS mentor_exists,
+       coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
+       hlf_is_eligible(s.mentor_id, %s) AS eligible,
+       m.organisation_id
+FROM sync_status s
+LEFT JOIN mentors m ON m.id = s.mentor_id
+WHERE s.mentor_id = %s;
+
+-- name: alert_targets
+-- Where a mentor's sync-failure alert goes: the organisation's devices and topic.
+SELECT o.alert_topic, coalesce(array_agg(d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+FROM mentors m
+JOIN organisations o ON o.id = m.organisation_id
+LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
+WHERE m.id = %s
+GROUP BY o.alert_topic;

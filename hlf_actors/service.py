@@ -1,0 +1,308 @@
+"""The `run` process: leadership, the listener, the projector that drains the inbox, and the actors.
+
+    LISTEN connection (dedicated, autocommit)          pool connections
+    ─────────────────────────────────────────          ───────────────────────────────────────────────────
+    pg_try_advisory_lock(leader)  ── standby until held
+    LISTEN hlf_events
+    catch up ──────────────────────────────────────▶   drain hlf_inbox → fold into projections (one tx a batch)
+    each NOTIFY ── sets the wake flag ─────────────▶   wake the actor of every mentor left pending/retrying
+    every sweep_interval_s ── catch up again        ▶   (anything a NOTIFY never told us about is found here)
+
+NOTIFY is lost while we are disconnected, so after every (re)connect the service re-reads the inbox and every open
+mentor before trusting notifications again; a periodic sweep repeats that, so nothing depends on a notification
+arriving. Losing the listener connection also loses the leadership lock: actors hold their next attempt until
+leadership is back, and if another process took it meanwhile they are cancelled (their state is in the database).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import anyio
+import psycopg
+from anyio.abc import TaskGroup
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from . import db, projections
+from .actor import Circuit, Dispatcher, Leadership, Portal, Runtime
+from .alerting import Alerting
+from .alerts import AlertSender
+from .clock import Clock, SystemClock
+from .config import Config
+from .errors import MigrationError
+from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
+from .retry import default_jitter
+
+__all__ = ["Service", "ServiceState"]
+
+CHANNEL = "hlf_events"
+LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
+_WAKE_PAYLOADS = frozenset({"", "wake"})
+_DRAIN_BATCH = 1000
+
+
+@dataclass
+class ServiceState:
+    """What health checks, metrics and logs read about the running service."""
+
+    listening: bool = False
+    leader: bool = False
+    reconnects: int = 0
+    notifications: int = 0
+    malformed_notifications: int = 0
+    events_projected: int = 0
+    database_ok: bool = False
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        portal: Portal,
+        alert_sender: AlertSender,
+        clock: Clock | None = None,
+        jitter: Callable[[], float] | None = default_jitter,
+        idle_s: float = 30.0,
+        standby_poll_s: float = 1.0,
+        shutdown_grace_s: float = 10.0,
+        max_actors: int = 2000,
+    ) -> None:
+        self.config = config
+        self.state = ServiceState()
+        self._url = config.require_database()
+        self._portal = portal
+        self._sender = alert_sender
+        self._clock = clock or SystemClock()
+        self._jitter = jitter if config.backoff_jitter else None
+        self._idle_s = idle_s
+        self._standby_poll_s = standby_poll_s
+        self._grace_s = shutdown_grace_s
+        self._max_actors = max_actors
+        self._wake = anyio.Event()
+        self._catch_up = True
+        self._stop = anyio.Event()
+        self._was_leader = False
+        self.runtime: Runtime | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    def request_stop(self) -> None:
+        """Stop taking new work; in-flight PATCHes get the grace period to finish."""
+        self._stop.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self._url,
+            min_size=2,
+            max_size=self.config.portal_concurrency + 4,
+            kwargs={**db.CONNECT_KWARGS, "autocommit": True},
+            open=False,
+            name="hlf-actors",
+        )
+        await pool.open(wait=True, timeout=30)
+        try:
+            await self._check_schema(pool)
+            self.state.database_ok = True
+            async with anyio.create_task_group() as tg:
+                alerting = Alerting(pool, self._sender, ops_topic=self.config.ops_topic)
+                runtime = self._runtime(pool, tg, alerting)
+                dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
+                self.runtime, self.dispatcher = runtime, dispatcher
+                tg.start_soon(self._listen_forever, dispatcher, name="listener")
+                tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
+                tg.start_soon(self._sweep_forever, name="sweeper")
+                task_status.started()
+                await self._stop.wait()
+                await self._shut_down(runtime, dispatcher)
+                tg.cancel_scope.cancel()
+        finally:
+            await pool.close()
+
+    async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT to_regclass('hlf_schema_migrations') IS NOT NULL")
+            row = await cur.fetchone()
+            have: set[int] = set()
+            if row and row[0]:
+                cur = await conn.execute("SELECT version FROM hlf_schema_migrations")
+                have = {int(r[0]) for r in await cur.fetchall()}
+        missing = [m for m in db.migrations() if m.version not in have]
+        if missing:
+            names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
+            raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
+
+    def _runtime(self, pool: AsyncConnectionPool[Any], tg: TaskGroup, alerting: Alerting) -> Runtime:
+        def on_dead_letter(mentor_id: UUID, operation: Operation, _error: str) -> None:
+            tg.start_soon(self._guarded, alerting.sync_failure(mentor_id, operation), "sync-failure alert")
+
+        async def on_circuit(opened: bool, failing: int) -> None:
+            payload = CircuitOpened(failing_mentors=failing) if opened else CircuitClosed()
+            async with pool.connection() as conn, conn.transaction():
+                await projections.append(conn, [NewEvent(None, payload)])
+            if opened:
+                data = {"type": "hlf_portal_outage", "failing_mentors": str(failing)}
+                tg.start_soon(self._guarded, alerting.ops(data), "outage alert")
+
+        cfg = self.config
+        return Runtime(
+            config=cfg,
+            pool=pool,
+            portal=self._portal,
+            clock=self._clock,
+            limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
+            circuit=Circuit(
+                threshold=5,
+                probe_base_s=cfg.backoff_base_ms / 1000,
+                probe_cap_s=min(cfg.backoff_max_ms / 1000, 30.0),
+                on_change=on_circuit,
+            ),
+            leadership=Leadership(),
+            on_dead_letter=on_dead_letter,
+            jitter=self._jitter,
+            idle_s=self._idle_s,
+        )
+
+    @staticmethod
+    async def _guarded(job: Awaitable[None], what: str) -> None:
+        try:
+            await job
+        except Exception as err:  # an alert that cannot be sent must never take the service down
+            logger.opt(exception=err).error("{} failed: {}", what, err)
+
+    # -- listener and leadership --------------------------------------------------------------------------------
+
+    async def _listen_forever(self, dispatcher: Dispatcher) -> None:
+        assert self.runtime is not None
+        leadership = self.runtime.leadership
+        backoff = 0.1
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
+                async with conn:
+                    await self._become_leader(conn, dispatcher)
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.state.listening = True
+                    self.state.leader = True
+                    leadership.gain()
+                    self._catch_up = True
+                    self._wake.set()
+                    backoff = 0.1
+                    logger.info("leader: listening on {}", CHANNEL)
+                    async for note in conn.notifies():
+                        self._on_notify(note.payload)
+            except psycopg.OperationalError as err:
+                self.state.listening = False
+                self.state.leader = False
+                self.state.reconnects += 1
+                leadership.suspend()
+                logger.warning(
+                    "listener connection lost ({}); reconnecting in {:.1f}s", str(err).strip()[:160], backoff
+                )
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> None:
+        said = False
+        while True:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+            row = await cur.fetchone()
+            if row and row[0]:
+                self._was_leader = True
+                return
+            if self._was_leader:
+                # Someone took over while we were disconnected: our actors must not send any more.
+                logger.warning("leadership was taken over by another process; stopping this one's actors")
+                dispatcher.cancel_all()
+                self._was_leader = False
+            if not said:
+                logger.info("standby: another hlf-actors process is the leader; waiting to take over")
+                said = True
+            await anyio.sleep(self._standby_poll_s)
+
+    def _on_notify(self, payload: str) -> None:
+        self.state.notifications += 1
+        if payload not in _WAKE_PAYLOADS:
+            # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
+            # costs one cheap inbox read, and waking up is always safe.
+            self.state.malformed_notifications += 1
+            logger.warning("ignoring unexpected NOTIFY payload on {}: {!r}", CHANNEL, payload[:80])
+        self._wake.set()
+
+    # -- projector ----------------------------------------------------------------------------------------------
+
+    async def _drain_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        assert self.runtime is not None
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.runtime.leadership.wait()
+            try:
+                await self._drain(pool, dispatcher)
+                if self._catch_up:
+                    self._catch_up = False
+                    await self._dispatch_open(pool, dispatcher)
+                self.state.database_ok = True
+                failures = 0
+            except psycopg.Error as err:
+                failures += 1
+                self.state.database_ok = False
+                delay = min(5.0, 0.05 * 2**failures)
+                logger.warning("projector could not reach the database ({}); retrying in {:.2f}s",
+                               str(err).strip()[:160], delay)
+                self._catch_up = True
+                await anyio.sleep(delay)
+                self._wake.set()
+
+    async def _drain(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        # Wake actors only once the inbox is empty: on a backlog, an actor that starts before its mentor's later
+        # events are projected would race the projector. In steady state the inbox empties in one batch anyway.
+        to_wake: dict[UUID, None] = {}
+        while True:
+            async with pool.connection() as conn, conn.transaction():
+                projected = await projections.drain_inbox(conn, _DRAIN_BATCH)
+            self.state.events_projected += len(projected)
+            for mentor_id, projection in projected.items():
+                if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
+                    to_wake[mentor_id] = None
+                else:
+                    to_wake.pop(mentor_id, None)
+            if len(projected) < _DRAIN_BATCH // 2:
+                break
+        for mentor_id in to_wake:
+            dispatcher.wake(mentor_id)
+
+    async def _dispatch_open(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        async with pool.connection() as conn:
+            cur = await conn.execute(db.query("open_mentors"))
+            rows = await cur.fetchall()
+        woken = 0
+        for (mentor_id,) in rows:
+            if not dispatcher.has_actor(mentor_id):
+                dispatcher.wake(mentor_id)
+                woken += 1
+        if woken:
+            logger.info("caught up: {} mentor(s) with unfinished syncs picked up", woken)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.config.sweep_interval_s)
+            self._catch_up = True
+            self._wake.set()
+
+    # -- shutdown -----------------------------------------------------------------------------------------------
+
+    async def _shut_down(self, runtime: Runtime, dispatcher: Dispatcher) -> None:
+        runtime.stopping = True
+        dispatcher.wake_all()
+        busy = dispatcher.alive
+        if busy:
+            logger.info("stopping: waiting up to {:.0f}s for {} actor(s) to finish", self._grace_s, busy)
+        if not await dispatcher.drained(self._grace_s):
+            logger.warning("stopping: {} actor(s) still busy after the grace period; their work stays pending",
+                           dispatcher.alive)
+        logger.info("stopped")

@@ -1,0 +1,250 @@
+"""What `hlf-actors status`, `force-sync` and `dead-letters` read and print. Read-only, synchronous, plain SQL.
+
+Everything shown comes from the projections and the event log, so it is true whether or not `run` is up; events
+still waiting in ``hlf_inbox`` (written while the service was down) are counted as "not yet projected".
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+import psycopg
+
+from .events import AttemptFailed, AttemptSucceeded, DeadLettered, Event, SyncSkipped, decode_event
+
+__all__ = [
+    "DeadLetter",
+    "Outcome",
+    "Summary",
+    "dead_letters",
+    "mentor_story",
+    "render_dead_letters",
+    "render_story",
+    "render_summary",
+    "summary",
+    "wait_for_outcome",
+]
+
+
+class Summary(msgspec.Struct, frozen=True, kw_only=True):
+    states: dict[str, int]
+    mentors_known: int
+    unprojected_events: int
+    oldest_open_change_at: datetime | None
+    oldest_open_age_s: float | None
+    open_dead_letters: int
+    last_event_at: datetime | None
+    last_success_at: datetime | None
+    circuit_open: bool
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    mentor_id: UUID
+    full_name: str | None
+    operation: str
+    attempts: int
+    last_error: str | None
+    dead_lettered_at: datetime
+    requeued_at: datetime | None
+
+
+class Story(msgspec.Struct, frozen=True, kw_only=True):
+    mentor_id: UUID
+    full_name: str | None
+    status: str | None
+    portal_record_id: UUID | None
+    sync: dict[str, Any] | None
+    events: list[dict[str, Any]]
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    kind: str
+    detail: str
+    ok: bool
+
+    def describe(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+def summary(conn: psycopg.Connection[Any]) -> Summary:
+    states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
+    for state, n in conn.execute("SELECT state, count(*) FROM sync_status GROUP BY state").fetchall():
+        states[state] = n
+    row = conn.execute(
+        """SELECT (SELECT count(*) FROM mentors),
+                  (SELECT count(*) FROM hlf_inbox),
+                  least((SELECT min(updated_at) FROM sync_status WHERE state IN ('pending', 'retrying')),
+                        (SELECT min(e.recorded_at) FROM hlf_inbox i JOIN event_log e USING (seq))),
+                  (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL),
+                  (SELECT max(recorded_at) FROM event_log),
+                  (SELECT recorded_at FROM event_log WHERE kind = 'attempt_succeeded' ORDER BY seq DESC LIMIT 1),
+                  (SELECT kind = 'circuit_opened' FROM event_log
+                    WHERE kind IN ('circuit_opened', 'circuit_closed') ORDER BY seq DESC LIMIT 1),
+                  clock_timestamp()"""
+    ).fetchone()
+    assert row is not None
+    oldest, now = row[2], row[7]
+    return Summary(
+        states=states,
+        mentors_known=row[0],
+        unprojected_events=row[1],
+        oldest_open_change_at=oldest,
+        oldest_open_age_s=(now - oldest).total_seconds() if oldest else None,
+        open_dead_letters=row[3],
+        last_event_at=row[4],
+        last_success_at=row[5],
+        circuit_open=bool(row[6]),
+    )
+
+
+def _ago(at: datetime | None) -> str:
+    if at is None:
+        return "never"
+    seconds = (datetime.now(UTC) - at).total_seconds()
+    return f"{at:%Y-%m-%d %H:%M:%S %Z} ({_duration(seconds)} ago)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_summary(s: Summary) -> str:
+    lines = [
+        "hlf-actors status",
+        f"  mentors in the database   {s.mentors_known}",
+        "  sync state                " + "  ".join(f"{k} {v}" for k, v in s.states.items()),
+        f"  oldest unfinished change  {_ago(s.oldest_open_change_at) if s.oldest_open_change_at else 'none'}",
+        f"  not yet projected events  {s.unprojected_events}"
+        + ("  (is `hlf-actors run` running?)" if s.unprojected_events and (s.oldest_open_age_s or 0) > 60 else ""),
+        f"  open dead letters         {s.open_dead_letters}"
+        + ("  (see `hlf-actors dead-letters list`)" if s.open_dead_letters else ""),
+        f"  portal                    {'OUTAGE: circuit open, sending paused' if s.circuit_open else 'answering'}",
+        f"  last successful sync      {_ago(s.last_success_at)}",
+        f"  last event                {_ago(s.last_event_at)}",
+    ]
+    return "\n".join(lines)
+
+
+def render_summary_json(s: Summary) -> str:
+    return msgspec.json.encode(s).decode()
+
+
+def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
+    rows = conn.execute(
+        """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
+                  d.requeued_at
+           FROM dead_letters d LEFT JOIN mentors m ON m.id = d.mentor_id
+           WHERE %s OR d.requeued_at IS NULL
+           ORDER BY d.id""",
+        (include_requeued,),
+    ).fetchall()
+    return [DeadLetter(**dict(zip(DeadLetter.__struct_fields__, r, strict=True))) for r in rows]
+
+
+def render_dead_letters(letters: list[DeadLetter]) -> str:
+    if not letters:
+        return "no dead letters"
+    lines = [f"{'ID':>8}  {'MENTOR':36}  {'OPERATION':9}  {'TRIES':>5}  {'SINCE':19}  ERROR"]
+    for d in letters:
+        since = f"{d.dead_lettered_at:%Y-%m-%d %H:%M:%S}"
+        error = (d.last_error or "")[:80] + ("  [re-queued]" if d.requeued_at else "")
+        lines.append(f"{d.id:>8}  {d.mentor_id!s:36}  {d.operation:9}  {d.attempts:>5}  {since:19}  {error}")
+    lines.append(f"{len(letters)} dead letter(s); re-queue with `hlf-actors dead-letters requeue ID` or `--all`")
+    return "\n".join(lines)
+
+
+def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> list[Event]:
+    rows = conn.execute(
+        """SELECT seq, mentor_id, kind, version, data::text, recorded_at FROM event_log
+           WHERE mentor_id = %s AND seq > %s ORDER BY seq""",
+        (mentor_id, after),
+    ).fetchall()
+    return [decode_event(*r) for r in rows]
+
+
+def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None:
+    mentor = conn.execute(
+        "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s", (mentor_id,)
+    ).fetchone()
+    events = _events(conn, mentor_id)
+    if mentor is None and not events:
+        return None
+    cur = conn.execute(
+        "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
+        "WHERE mentor_id = %s",
+        (mentor_id,),
+    )
+    sync_row = cur.fetchone()
+    sync = None
+    if sync_row is not None:
+        assert cur.description is not None
+        sync = dict(zip([c.name for c in cur.description], sync_row, strict=True))
+    return Story(
+        mentor_id=mentor_id,
+        full_name=mentor[0] if mentor else None,
+        status=mentor[1] if mentor else None,
+        portal_record_id=mentor[2] if mentor else None,
+        sync=sync,
+        events=[
+            {"seq": e.seq, "at": e.recorded_at, "kind": e.kind, "data": msgspec.to_builtins(e.payload)}
+            for e in events
+        ],
+    )
+
+
+def render_story(story: Story) -> str:
+    name = story.full_name or "(mentor row deleted)"
+    lines = [f"{name}  {story.mentor_id}", f"  status {story.status}   portal record {story.portal_record_id}"]
+    if story.sync:
+        s = story.sync
+        line = f"  sync   {s['state']}   last operation {s['operation']}   attempts {s['attempts']}"
+        if s.get("next_attempt_at"):
+            line += f"   next attempt {s['next_attempt_at']:%H:%M:%S}"
+        lines.append(line)
+        if s.get("last_error"):
+            lines.append(f"  error  {s['last_error']}")
+    lines.append("  story:")
+    for e in story.events:
+        detail = ", ".join(f"{k}={v}" for k, v in e["data"].items() if v is not None and k != "raw")
+        lines.append(f"    {e['seq']:>8}  {e['at']:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {e['kind']:<18} {detail}")
+    return "\n".join(lines)
+
+
+def render_story_json(story: Story) -> str:
+    return msgspec.json.encode(story).decode()
+
+
+def wait_for_outcome(
+    conn: psycopg.Connection[Any], mentor_id: UUID, request_seq: int, *, timeout: float
+) -> Outcome | None:
+    """Poll the log until the service records a final outcome for the request (or anything newer)."""
+    deadline = time.monotonic() + timeout
+    seen = request_seq
+    while time.monotonic() < deadline:
+        for event in _events(conn, mentor_id, seen):
+            seen = event.seq
+            p = event.payload
+            if isinstance(p, AttemptSucceeded) and p.for_seq >= request_seq:
+                return Outcome("succeeded", f"{p.operation} sent to the portal (HTTP {p.http_status}, "
+                                            f"attempt {p.attempt})", True)
+            if isinstance(p, SyncSkipped) and p.for_seq >= request_seq:
+                return Outcome("skipped", f"{p.operation}: {p.reason}", True)
+            if isinstance(p, DeadLettered) and p.for_seq >= request_seq:
+                return Outcome("dead-lettered", f"{p.operation} failed after {p.attempts} attempt(s): "
+                                                f"{p.last_error}", False)
+            if isinstance(p, AttemptFailed) and p.for_seq >= request_seq:
+                print(f"  attempt {p.attempt} failed: {p.error}"
+                      + (f"; retrying in {p.delay_ms} ms" if p.delay_ms is not None else ""))
+        time.sleep(0.05)
+    return None

@@ -1,0 +1,70 @@
+"""Running the real Service in-process against a test database, the fake portal and an alert sender.
+
+The service is the production one: the same listener, projector and actors, talking to the fake portal over real
+HTTP on 127.0.0.1. Only settings differ (10 ms backoff base, no jitter), as the integration tests want.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from ..alerts import AlertSender, RecordingAlertSender
+from ..config import Config, load_config
+from ..dynamics import DynamicsClient
+from ..service import Service
+from .fake_portal import FakePortal
+
+__all__ = ["eventually", "running_service", "test_config"]
+
+
+def test_config(db_url: str, portal: FakePortal, **overrides: str) -> Config:
+    env = {
+        "HLF_DATABASE_URL": db_url,
+        **portal.env(),
+        "HLF_BACKOFF_BASE_MS": "10",
+        "HLF_BACKOFF_MAX_MS": "2000",
+        "HLF_BACKOFF_JITTER": "off",
+        "HLF_HTTP_PORT": "0",
+        "HLF_PORTAL_TIMEOUT": "5s",
+        **overrides,
+    }
+    return load_config(env, dotenv=None)
+
+
+@asynccontextmanager
+async def running_service(
+    db_url: str,
+    portal: FakePortal,
+    *,
+    sender: AlertSender | None = None,
+    env: Mapping[str, str] | None = None,
+    **service_kwargs: Any,
+) -> AsyncIterator[Service]:
+    config = test_config(db_url, portal, **dict(env or {}))
+    client = DynamicsClient(config)
+    service = Service(config, portal=client, alert_sender=sender or RecordingAlertSender(), **service_kwargs)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            await eventually(lambda: service.state.leader, what="the service to become leader")
+            yield service
+            service.request_stop()
+    finally:
+        await client.aclose()
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "the condition") -> Any:
+    """Poll ``check`` every 5 ms until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await anyio.sleep(0.005)
