@@ -65,10 +65,15 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
     bergen = add_organisation(conn, "HLF Bergen")
     add_device(conn, oslo, "demo-device-token-coordinator-anna")
     add_device(conn, bergen, "demo-device-token-coordinator-bjorn")
-    kari, kari_rec = add_mentor(conn, oslo, portal=portal, name="Kari Nordmann")
-    ola, ola_rec = add_mentor(conn, oslo, portal=portal, name="Ola Hansen")
-    ingrid, ingrid_rec = add_mentor(conn, bergen, portal=portal, name="Ingrid Berg")
-    lars, lars_rec = add_mentor(conn, bergen, portal=portal, name="Lars Dahl", status="paused")
+    def mentor(org: UUID, name: str, status: str = "active") -> tuple[UUID, UUID]:
+        mentor_id, record_id = add_mentor(conn, org, portal=portal, name=name, status=status)
+        assert record_id is not None
+        return mentor_id, record_id
+
+    kari, kari_rec = mentor(oslo, "Kari Nordmann")
+    ola, ola_rec = mentor(oslo, "Ola Hansen")
+    ingrid, ingrid_rec = mentor(bergen, "Ingrid Berg")
+    lars, lars_rec = mentor(bergen, "Lars Dahl", status="paused")
     mentors = [kari, ola, ingrid, lars]
     _say("seeded 2 organisations, 4 mentors (Lars Dahl paused), 2 coordinator phones\n")
 
