@@ -205,6 +205,7 @@ class _Work:
     mentor_exists: bool
     portal_record_id: UUID | None
     eligible: bool
+    snapshot: str
 
 
 class Actor:
@@ -245,8 +246,8 @@ class Actor:
             row = await cur.fetchone()
         if row is None:
             return None
-        state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org = row
-        return _Work(state, attempts, change_seq, float(wait_s or 0.0), exists, record_id, bool(eligible))
+        state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org, snapshot = row
+        return _Work(state, attempts, change_seq, float(wait_s or 0.0), exists, record_id, bool(eligible), snapshot)
 
     async def _work(self) -> None:
         while not self._rt.stopping:
@@ -270,7 +271,7 @@ class Actor:
         operation: Operation = "restore" if work.eligible else "remove"
         attempt = work.attempts + 1
         if work.portal_record_id is None:
-            await self._no_record(operation, attempt, work.change_seq)
+            await self._no_record(operation, attempt, work)
             return
         probe = await self._rt.circuit.admit()
         try:
@@ -296,7 +297,7 @@ class Actor:
             await self._record(
                 AttemptFailed(
                     operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                    delay_ms=delay, error=str(err), for_seq=work.change_seq, throttled=True,
+                    delay_ms=delay, error=str(err), for_seq=work.change_seq, snapshot=work.snapshot, throttled=True,
                 )
             )
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
@@ -309,14 +310,14 @@ class Actor:
             return
         except PermanentPortalError as err:
             self._rt.count("patch_failed")
-            await self._dead_letter(work.change_seq, operation, attempt, err)
+            await self._dead_letter(work, operation, attempt, err)
             return
         await self._rt.circuit.success()
         self._rt.count("patch_succeeded")
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         await self._record(
             AttemptSucceeded(
-                operation=operation, attempt=attempt, http_status=status, for_seq=work.change_seq,
+                operation=operation, attempt=attempt, http_status=status, for_seq=work.change_seq, snapshot=work.snapshot,
                 duration_ms=duration_ms,
             )
         )
@@ -333,12 +334,12 @@ class Actor:
             await self._record(
                 AttemptFailed(
                     operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                    delay_ms=delay, error=f"portal outage: {err}", for_seq=work.change_seq, throttled=True,
+                    delay_ms=delay, error=f"portal outage: {err}", for_seq=work.change_seq, snapshot=work.snapshot, throttled=True,
                 )
             )
             return
         if attempt >= cfg.max_attempts:
-            await self._dead_letter(work.change_seq, operation, attempt, err, retryable=True)
+            await self._dead_letter(work, operation, attempt, err, retryable=True)
             return
         delay = plan_delay_ms(
             attempt, base_ms=cfg.backoff_base_ms, cap_ms=cfg.backoff_max_ms, retry_after_s=retry_after,
@@ -347,39 +348,43 @@ class Actor:
         await self._record(
             AttemptFailed(
                 operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                delay_ms=delay, error=str(err), for_seq=work.change_seq,
+                delay_ms=delay, error=str(err), for_seq=work.change_seq, snapshot=work.snapshot,
             )
         )
         self._log.warning("{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, delay)
 
     async def _dead_letter(
-        self, change_seq: int, operation: Operation, attempt: int, err: PortalError, *, retryable: bool = False
+        self, work: _Work, operation: Operation, attempt: int, err: PortalError, *, retryable: bool = False
     ) -> None:
         error = str(err)
         await self._record(
             AttemptFailed(
                 operation=operation, attempt=attempt, http_status=err.http_status, retryable=retryable,
-                delay_ms=None, error=error, for_seq=change_seq,
+                delay_ms=None, error=error, for_seq=work.change_seq, snapshot=work.snapshot,
             ),
-            DeadLettered(operation=operation, attempts=attempt, last_error=error, for_seq=change_seq),
+            DeadLettered(
+                operation=operation, attempts=attempt, last_error=error, for_seq=work.change_seq,
+                snapshot=work.snapshot,
+            ),
         )
         self._rt.count("dead_lettered")
         self._log.error("{} dead-lettered after {} attempt(s): {}", operation, attempt, error)
         self._rt.on_dead_letter(self.mentor_id, operation, error)
 
-    async def _no_record(self, operation: Operation, attempt: int, change_seq: int) -> None:
+    async def _no_record(self, operation: Operation, attempt: int, work: _Work) -> None:
         if operation == "remove":
             await self._record(
                 SyncSkipped(
                     operation="remove",
                     reason="mentor has no portal_record_id, so nothing is listed to remove",
-                    for_seq=change_seq,
+                    for_seq=work.change_seq,
+                    snapshot=work.snapshot,
                 )
             )
             self._log.info("remove skipped: the mentor has no portal record")
             return
         await self._dead_letter(
-            change_seq,
+            work,
             operation,
             attempt,
             PermanentPortalError("mentor has no portal_record_id: link their portal record to list them"),

@@ -70,6 +70,7 @@ class AttemptSucceeded(_Payload, frozen=True, kw_only=True):
     http_status: int
     for_seq: int  # the newest sync-asking event the actor had seen when it read the mentor
     duration_ms: float | None = None
+    snapshot: str | None = None  # pg_current_snapshot() of that read: which changes this outcome answers
 
 
 class AttemptFailed(_Payload, frozen=True, kw_only=True):
@@ -81,6 +82,7 @@ class AttemptFailed(_Payload, frozen=True, kw_only=True):
     error: str
     for_seq: int
     throttled: bool = False  # a 429: waited out without spending an attempt
+    snapshot: str | None = None
 
 
 class SyncSkipped(_Payload, frozen=True, kw_only=True):
@@ -89,6 +91,7 @@ class SyncSkipped(_Payload, frozen=True, kw_only=True):
     operation: Operation
     reason: str
     for_seq: int
+    snapshot: str | None = None
 
 
 class DeadLettered(_Payload, frozen=True, kw_only=True):
@@ -96,6 +99,7 @@ class DeadLettered(_Payload, frozen=True, kw_only=True):
     attempts: int
     last_error: str
     for_seq: int
+    snapshot: str | None = None
 
 
 class Requeued(_Payload, frozen=True, kw_only=True):
@@ -176,6 +180,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     recorded_at: datetime
     payload: Payload
+    xid: int = 0  # the transaction that wrote it (xid8)
 
 
 class NewEvent(msgspec.Struct, frozen=True):
@@ -196,6 +201,7 @@ def decode_event(
     version: int,
     data: Mapping[str, Any] | str | bytes,
     recorded_at: datetime,
+    xid: int = 0,
 ) -> Event:
     """Turn an event_log row into an Event. Never raises for bad data: it becomes UnknownPayload."""
     raw: dict[str, Any]
@@ -219,12 +225,24 @@ def decode_event(
             payload = msgspec.convert(body, payload_type, strict=False)  # type: ignore[assignment]
         except msgspec.ValidationError:
             payload = UnknownPayload(raw=raw)
-    return Event(seq=seq, mentor_id=mentor_id, kind=kind, version=version, recorded_at=recorded_at, payload=payload)
+    return Event(
+        seq=seq, mentor_id=mentor_id, kind=kind, version=version, recorded_at=recorded_at, payload=payload, xid=xid
+    )
 
 
 def encode_payload(payload: Payload) -> bytes:
     """The JSON stored in event_log.data for a payload."""
     return msgspec.json.encode(payload)
+
+
+def visible_in(xid: int, snapshot: str) -> bool:
+    """Whether transaction ``xid`` had committed in a ``pg_snapshot`` text ('xmin:xmax:xip,xip')."""
+    xmin_text, xmax_text, running = snapshot.split(":")
+    if xid < int(xmin_text):
+        return True
+    if xid >= int(xmax_text):
+        return False
+    return str(xid) not in running.split(",")
 
 
 def kind_of(payload: Payload) -> str:

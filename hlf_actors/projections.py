@@ -13,9 +13,10 @@ The rule lives in ``apply`` and nowhere else; the live path and replay both call
                                                                  ▼               │
                                                            dead_lettered ────────┘
 
-Outcome events carry ``for_seq``, the newest sync-asking event the actor had seen. An outcome for an older change
-than the newest one (``for_seq < change_seq``) is recorded but leaves the mentor ``pending``: the portal got a
-state that is no longer current, so the actor must send again.
+Which changes an outcome answers: every change event adds its transaction id to ``uncovered_xids``; an outcome
+carries the snapshot of the read its PATCH was computed from, and removes the transactions visible in it. The mentor
+is in sync only when none is left: a change whose transaction committed after that read (whatever its seq) keeps
+the mentor ``pending`` and the actor sends again. (Outcomes written before snapshots existed compare ``for_seq``.)
 
 Live folding is incremental while events arrive in ``seq`` order. When an event arrives whose ``seq`` is below what
 the row already folded (its transaction committed late), the mentor is re-folded from the log in ``seq`` order, so
@@ -47,6 +48,7 @@ from .events import (
     SyncSkipped,
     decode_event,
     encode_payload,
+    visible_in,
 )
 
 __all__ = [
@@ -95,6 +97,7 @@ class SyncRow(msgspec.Struct, frozen=True, kw_only=True):
     portal_record_id: UUID | None
     listed: bool | None
     change_seq: int
+    uncovered_xids: tuple[int, ...]  # transactions whose changes no outcome has answered yet
     next_attempt_at: datetime | None
     last_seq: int
 
@@ -143,6 +146,7 @@ def apply(state: MentorProjection, event: Event) -> MentorProjection:
             portal_record_id=portal_record_id,
             listed=sync.listed if sync else None,
             change_seq=event.seq,
+            uncovered_xids=tuple(sorted({*(sync.uncovered_xids if sync else ()), event.xid})),
             next_attempt_at=None,
             last_seq=event.seq,
         )
@@ -151,7 +155,13 @@ def apply(state: MentorProjection, event: Event) -> MentorProjection:
         # An outcome with no change before it cannot happen live; a trimmed log may start like this.
         return state
     if isinstance(payload, AttemptSucceeded | AttemptFailed | SyncSkipped | DeadLettered):
-        current = payload.for_seq >= sync.change_seq
+        if payload.snapshot is not None:
+            snapshot = payload.snapshot
+            remaining = tuple(x for x in sync.uncovered_xids if not visible_in(x, snapshot))
+        else:
+            remaining = () if payload.for_seq >= sync.change_seq else sync.uncovered_xids
+        current = not remaining
+        sync = msgspec.structs.replace(sync, uncovered_xids=remaining)
     else:
         current = True
     if isinstance(payload, AttemptSucceeded):
@@ -241,7 +251,7 @@ _UPSERT_DL = (
 
 
 def _events_from_rows(rows: Iterable[Sequence[Any]]) -> list[Event]:
-    return [decode_event(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [decode_event(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
 async def _load(
@@ -252,7 +262,7 @@ async def _load(
     ids = sorted(set(mentor_ids))
     sync_sql = db.query("load_sync_rows_for_update" if lock else "load_sync_rows")
     cur = await conn.execute(sync_sql, (ids,))
-    syncs = {row[0]: SyncRow(**dict(zip(_SYNC_COLUMNS, row, strict=True))) for row in await cur.fetchall()}
+    syncs = {row[0]: sync_row_from_db(row) for row in await cur.fetchall()}
     found: dict[UUID, list[DeadLetterRow]] = defaultdict(list)
     if letters:
         cur = await conn.execute(db.query("load_dead_letters"), (ids,))
@@ -273,7 +283,7 @@ async def _write(
     gone: list[int] = []
     for old, new in changes:
         if new.sync is not None and new.sync != old.sync:
-            sync_rows.append(msgspec.structs.astuple(new.sync))
+            sync_rows.append(tuple(list(v) if isinstance(v, tuple) else v for v in msgspec.structs.astuple(new.sync)))
         old_letters = {dl.id: dl for dl in old.dead_letters}
         new_ids = set()
         for letter in new.dead_letters:
@@ -356,7 +366,7 @@ async def append(
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
             current = await _load(conn, mentors, lock=True, letters=letters)
     async with conn.cursor() as cur:
-        rows: list[tuple[int, datetime]] = []
+        rows: list[tuple[int, datetime, int]] = []
         for new in events:
             await cur.execute(
                 db.query("insert_event"),
@@ -364,10 +374,10 @@ async def append(
             )
             row = await cur.fetchone()
             assert row is not None
-            rows.append((row[0], row[1]))
+            rows.append((row[0], row[1], row[2]))
     appended = [
-        Event(seq=seq, mentor_id=new.mentor_id, kind=new.kind, version=1, recorded_at=at, payload=new.payload)
-        for (seq, at), new in zip(rows, events, strict=True)
+        Event(seq=seq, mentor_id=new.mentor_id, kind=new.kind, version=1, recorded_at=at, payload=new.payload, xid=xid)
+        for (seq, at, xid), new in zip(rows, events, strict=True)
     ]
     if not mentors:
         return appended, {}
@@ -388,4 +398,6 @@ async def drain_inbox(conn: psycopg.AsyncConnection[Any], limit: int = 1000) -> 
 
 
 def sync_row_from_db(row: Sequence[Any]) -> SyncRow:
-    return SyncRow(**dict(zip(_SYNC_COLUMNS, row, strict=True)))
+    values = dict(zip(_SYNC_COLUMNS, row, strict=True))
+    values["uncovered_xids"] = tuple(values["uncovered_xids"] or ())
+    return SyncRow(**values)

@@ -3,7 +3,7 @@
 -- name: insert_event
 INSERT INTO event_log (mentor_id, kind, data)
 VALUES (%s, %s, %s::jsonb)
-RETURNING seq, recorded_at;
+RETURNING seq, recorded_at, xid::text::bigint;
 
 -- name: take_inbox
 -- The oldest unprojected events, removed from the inbox in the caller's transaction.
@@ -12,12 +12,12 @@ WITH taken AS (
     WHERE seq IN (SELECT seq FROM hlf_inbox ORDER BY seq LIMIT %s)
     RETURNING seq
 )
-SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at
+SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at, e.xid::text::bigint
 FROM event_log e JOIN taken USING (seq)
 ORDER BY e.seq;
 
 -- name: projected_events_of_mentors
-SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at
+SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at, e.xid::text::bigint
 FROM event_log e
 WHERE e.mentor_id = ANY(%s) AND e.kind = ANY(%s)
   AND NOT EXISTS (SELECT 1 FROM hlf_inbox i WHERE i.seq = e.seq)
@@ -25,12 +25,12 @@ ORDER BY e.seq;
 
 -- name: load_sync_rows
 SELECT mentor_id, operation, state, attempts, last_error, updated_at, portal_record_id, listed,
-       change_seq, next_attempt_at, last_seq
+       change_seq, uncovered_xids, next_attempt_at, last_seq
 FROM sync_status WHERE mentor_id = ANY(%s);
 
 -- name: load_sync_rows_for_update
 SELECT mentor_id, operation, state, attempts, last_error, updated_at, portal_record_id, listed,
-       change_seq, next_attempt_at, last_seq
+       change_seq, uncovered_xids, next_attempt_at, last_seq
 FROM sync_status WHERE mentor_id = ANY(%s)
 ORDER BY mentor_id
 FOR UPDATE;
@@ -50,8 +50,8 @@ SELECT mentor_id FROM sync_status WHERE state IN ('pending', 'retrying') ORDER B
 -- name: mentor_work
 -- Everything an actor needs to decide its next step, read in one round trip. `wait_s` is computed by the
 -- database so that a clock difference between this host and the database cannot shift a retry.
--- `for_seq` is the newest committed event that asks for a sync, projected or not: the mentor row read in this
--- same snapshot already reflects it, so the PATCH about to be sent answers it too.
+-- `for_seq` is the newest committed event that asks for a sync, projected or not; `snapshot` is this statement's
+-- snapshot: a change is answered by the PATCH about to be sent iff its transaction is visible in it.
 SELECT s.state, s.attempts,
        greatest(s.change_seq, coalesce((
            SELECT max(e.seq) FROM event_log e
@@ -61,7 +61,8 @@ SELECT s.state, s.attempts,
        m.id IS NOT NULL AS mentor_exists,
        coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
        hlf_is_eligible(s.mentor_id, %s) AS eligible,
-       m.organisation_id
+       m.organisation_id,
+       pg_current_snapshot()::text AS snapshot
 FROM sync_status s
 LEFT JOIN mentors m ON m.id = s.mentor_id
 WHERE s.mentor_id = %s;

@@ -16,7 +16,8 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -38,6 +39,16 @@ from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
 from .retry import default_jitter
 
 __all__ = ["Service", "ServiceState"]
+
+
+@asynccontextmanager
+async def _closing(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """Close the connection even when cancelled: a leaked one would keep holding the leadership lock."""
+    try:
+        yield conn
+    finally:
+        with anyio.CancelScope(shield=True):
+            await conn.close()
 
 CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
@@ -120,7 +131,8 @@ class Service:
                 await self._shut_down(runtime, dispatcher)
                 tg.cancel_scope.cancel()
         finally:
-            await pool.close()
+            with anyio.CancelScope(shield=True):  # even when cancelled, give the connections back
+                await pool.close()
 
     async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
         async with pool.connection() as conn:
@@ -182,7 +194,7 @@ class Service:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
-                async with conn:
+                async with _closing(conn):
                     await self._become_leader(conn, dispatcher)
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.listening = True

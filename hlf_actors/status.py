@@ -166,7 +166,7 @@ def render_dead_letters(letters: list[DeadLetter]) -> str:
 
 def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> list[Event]:
     rows = conn.execute(
-        """SELECT seq, mentor_id, kind, version, data::text, recorded_at FROM event_log
+        """SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log
            WHERE mentor_id = %s AND seq > %s ORDER BY seq""",
         (mentor_id, after),
     ).fetchall()

@@ -49,7 +49,8 @@ CREATE TABLE event_log (
     kind        text NOT NULL CHECK (kind ~ '^[a-z][a-z_]*$'),
     version     smallint NOT NULL DEFAULT 1,
     data        jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(data) = 'object'),
-    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    xid         xid8 NOT NULL DEFAULT pg_current_xact_id()   -- the writing transaction: see sync_status.uncovered_xids
 );
 CREATE INDEX event_log_mentor_idx ON event_log (mentor_id, seq) WHERE mentor_id IS NOT NULL;
 
@@ -80,6 +81,7 @@ CREATE TABLE sync_status (
     portal_record_id uuid NULL,         -- last record id the log told us about (a deleted mentor still needs removing)
     listed           boolean NULL,      -- what the portal was last successfully set to
     change_seq       bigint NOT NULL,   -- the newest event that asked for a sync
+    uncovered_xids   bigint[] NOT NULL DEFAULT '{}', -- transactions whose changes no PATCH has answered yet
     next_attempt_at  timestamptz NULL,  -- when a retrying mentor's next attempt is due
     last_seq         bigint NOT NULL    -- the newest event folded into this row
 );
