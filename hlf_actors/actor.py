@@ -296,8 +296,15 @@ class Actor:
             self._rt.count("patch_throttled")
             await self._record(
                 AttemptFailed(
-                    operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                    delay_ms=delay, error=str(err), for_seq=work.change_seq, snapshot=work.snapshot, throttled=True,
+                    operation=operation,
+                    attempt=attempt,
+                    http_status=err.http_status,
+                    retryable=True,
+                    delay_ms=delay,
+                    error=str(err),
+                    for_seq=work.change_seq,
+                    snapshot=work.snapshot,
+                    throttled=True,
                 )
             )
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
@@ -317,7 +324,11 @@ class Actor:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         await self._record(
             AttemptSucceeded(
-                operation=operation, attempt=attempt, http_status=status, for_seq=work.change_seq, snapshot=work.snapshot,
+                operation=operation,
+                attempt=attempt,
+                http_status=status,
+                for_seq=work.change_seq,
+                snapshot=work.snapshot,
                 duration_ms=duration_ms,
             )
         )
@@ -333,8 +344,15 @@ class Actor:
             delay = throttle_delay_ms(retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
             await self._record(
                 AttemptFailed(
-                    operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                    delay_ms=delay, error=f"portal outage: {err}", for_seq=work.change_seq, snapshot=work.snapshot, throttled=True,
+                    operation=operation,
+                    attempt=attempt,
+                    http_status=err.http_status,
+                    retryable=True,
+                    delay_ms=delay,
+                    error=f"portal outage: {err}",
+                    for_seq=work.change_seq,
+                    snapshot=work.snapshot,
+                    throttled=True,
                 )
             )
             return
@@ -342,13 +360,22 @@ class Actor:
             await self._dead_letter(work, operation, attempt, err, retryable=True)
             return
         delay = plan_delay_ms(
-            attempt, base_ms=cfg.backoff_base_ms, cap_ms=cfg.backoff_max_ms, retry_after_s=retry_after,
+            attempt,
+            base_ms=cfg.backoff_base_ms,
+            cap_ms=cfg.backoff_max_ms,
+            retry_after_s=retry_after,
             jitter=self._rt.jitter,
         )
         await self._record(
             AttemptFailed(
-                operation=operation, attempt=attempt, http_status=err.http_status, retryable=True,
-                delay_ms=delay, error=str(err), for_seq=work.change_seq, snapshot=work.snapshot,
+                operation=operation,
+                attempt=attempt,
+                http_status=err.http_status,
+                retryable=True,
+                delay_ms=delay,
+                error=str(err),
+                for_seq=work.change_seq,
+                snapshot=work.snapshot,
             )
         )
         self._log.warning("{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, delay)
@@ -359,11 +386,20 @@ class Actor:
         error = str(err)
         await self._record(
             AttemptFailed(
-                operation=operation, attempt=attempt, http_status=err.http_status, retryable=retryable,
-                delay_ms=None, error=error, for_seq=work.change_seq, snapshot=work.snapshot,
+                operation=operation,
+                attempt=attempt,
+                http_status=err.http_status,
+                retryable=retryable,
+                delay_ms=None,
+                error=error,
+                for_seq=work.change_seq,
+                snapshot=work.snapshot,
             ),
             DeadLettered(
-                operation=operation, attempts=attempt, last_error=error, for_seq=work.change_seq,
+                operation=operation,
+                attempts=attempt,
+                last_error=error,
+                for_seq=work.change_seq,
                 snapshot=work.snapshot,
             ),
         )

@@ -98,8 +98,9 @@ class Alerting:
                 mentor_id,
                 AlertSent(alert=alert, target=r.target, message_id=r.message_id)
                 if r.ok
-                else AlertFailed(alert=alert, target=r.target, error=r.error or "unknown error",
-                                 unregistered=r.unregistered),
+                else AlertFailed(
+                    alert=alert, target=r.target, error=r.error or "unknown error", unregistered=r.unregistered
+                ),
             )
             for r in results
         ]

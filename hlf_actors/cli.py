@@ -120,9 +120,7 @@ def cmd_force_sync(config: Config, args: argparse.Namespace) -> int:
         print(f"force sync of {args.mentor} requested (event {seq[0]}); waiting up to {args.wait:.0f}s")
         outcome = status.wait_for_outcome(conn, args.mentor, seq[0], timeout=args.wait)
     if outcome is None:
-        raise _Fail(
-            f"no outcome within {args.wait:.0f}s: is `hlf-actors run` running? the request stays queued", 1
-        )
+        raise _Fail(f"no outcome within {args.wait:.0f}s: is `hlf-actors run` running? the request stays queued", 1)
     print(outcome.describe())
     return 0 if outcome.ok else 1
 

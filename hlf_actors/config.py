@@ -101,9 +101,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             if not value:
                 raise ConfigError(f"{var}: required by `run`")
         if not self.dynamics_client_secret:
-            raise ConfigError(
-                "HLF_DYNAMICS_CLIENT_SECRET: required by `run` (or HLF_DYNAMICS_CLIENT_SECRET_FILE)"
-            )
+            raise ConfigError("HLF_DYNAMICS_CLIENT_SECRET: required by `run` (or HLF_DYNAMICS_CLIENT_SECRET_FILE)")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

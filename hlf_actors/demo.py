@@ -65,6 +65,7 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
     bergen = add_organisation(conn, "HLF Bergen")
     add_device(conn, oslo, "demo-device-token-coordinator-anna")
     add_device(conn, bergen, "demo-device-token-coordinator-bjorn")
+
     def mentor(org: UUID, name: str, status: str = "active") -> tuple[UUID, UUID]:
         mentor_id, record_id = add_mentor(conn, org, portal=portal, name=name, status=status)
         assert record_id is not None
@@ -77,15 +78,21 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
     mentors = [kari, ola, ingrid, lars]
     _say("seeded 2 organisations, 4 mentors (Lars Dahl paused), 2 coordinator phones\n")
 
-    sender = FirebaseAlertSender(fcm.env(workdir / "fcm-service-account.json")["HLF_FCM_CREDENTIALS"],
-                                 fcm_url=fcm.send_url, app_name="hlf-actors-demo")
+    sender = FirebaseAlertSender(
+        fcm.env(workdir / "fcm-service-account.json")["HLF_FCM_CREDENTIALS"],
+        fcm_url=fcm.send_url,
+        app_name="hlf-actors-demo",
+    )
     env = {"HLF_BACKOFF_BASE_MS": "100", "HLF_MAX_ATTEMPTS": "3"}
     try:
         async with running_service(url, portal, sender=sender, env=env) as service:
-            waited = await _until(lambda: all(_state(conn, m) == "in_sync" for m in mentors),
-                                  "the first sync of every mentor")
-            _say(f"[start]  service is leader; every mentor synced once ({_ms(waited)}); "
-                 f"Lars is unlisted: {portal.listed(lars_rec) is False}")
+            waited = await _until(
+                lambda: all(_state(conn, m) == "in_sync" for m in mentors), "the first sync of every mentor"
+            )
+            _say(
+                f"[start]  service is leader; every mentor synced once ({_ms(waited)}); "
+                f"Lars is unlisted: {portal.listed(lars_rec) is False}"
+            )
 
             set_status(conn, kari, "paused")
             took = await _until(lambda: portal.listed(kari_rec) is False, "Kari's removal")
@@ -97,29 +104,41 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
 
             portal.fail_then_succeed(ola_rec, failures=2, status=503)
             set_status(conn, ola, "paused")
-            took = await _until(lambda: portal.listed(ola_rec) is False and _state(conn, ola) == "in_sync",
-                                "Ola's removal through a flaky portal")
+            took = await _until(
+                lambda: portal.listed(ola_rec) is False and _state(conn, ola) == "in_sync",
+                "Ola's removal through a flaky portal",
+            )
             tries = [r.status for r in portal.patches(ola_rec)][-3:]
-            _say(f"[outage] portal answers 503, 503 for Ola Hansen → retried with backoff, answers {tries}, "
-                 f"removed after {_ms(took)}, no alert")
+            _say(
+                f"[outage] portal answers 503, 503 for Ola Hansen → retried with backoff, answers {tries}, "
+                f"removed after {_ms(took)}, no alert"
+            )
 
             portal.always(Reply(status=403), record_id=ingrid_rec)
             set_status(conn, ingrid, "paused")
             took = await _until(lambda: _state(conn, ingrid) == "dead_lettered", "Ingrid's dead letter")
-            alerted = await _until(lambda: any(m.get("mentor_id") == str(ingrid) for m in fcm.data_messages()),
-                                   "the coordinators' push alert")
+            alerted = await _until(
+                lambda: any(m.get("mentor_id") == str(ingrid) for m in fcm.data_messages()),
+                "the coordinators' push alert",
+            )
             alert = next(m for m in fcm.data_messages() if m.get("mentor_id") == str(ingrid))
-            _say(f"[refuse] portal answers 403 for Ingrid Berg → dead-lettered in {_ms(took)}, "
-                 f"coordinators' phones got {alert} {_ms(alerted)} later")
+            _say(
+                f"[refuse] portal answers 403 for Ingrid Berg → dead-lettered in {_ms(took)}, "
+                f"coordinators' phones got {alert} {_ms(alerted)} later"
+            )
 
             portal.always(None, record_id=ingrid_rec)
             letter = conn.execute("SELECT id FROM dead_letters WHERE mentor_id = %s", (ingrid,)).fetchone()
             assert letter is not None
             conn.execute("SELECT hlf_requeue_dead_letter(%s)", (letter[0],))
-            took = await _until(lambda: portal.listed(ingrid_rec) is False and _state(conn, ingrid) == "in_sync",
-                                "Ingrid's re-queued removal")
-            _say(f"[requeue] operator fixes the portal permission, `hlf-actors dead-letters requeue {letter[0]}` "
-                 f"→ removed in {_ms(took)}")
+            took = await _until(
+                lambda: portal.listed(ingrid_rec) is False and _state(conn, ingrid) == "in_sync",
+                "Ingrid's re-queued removal",
+            )
+            _say(
+                f"[requeue] operator fixes the portal permission, `hlf-actors dead-letters requeue {letter[0]}` "
+                f"→ removed in {_ms(took)}"
+            )
 
             _say("\n" + status.render_summary(status.summary(psycopg.connect(url))))
             _say("\nIngrid's story from the event log (`hlf-actors status MENTOR`):")
@@ -128,9 +147,11 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
             _say(status.render_story(story))
             if keep:
                 pause_lars = f"UPDATE mentors SET status = 'paused' WHERE id = '{lars}'"  # noqa: S608 - shown, not run
-                _say(f"\nstill running. In another shell:\n  export HLF_DATABASE_URL='{url}'\n"
-                     f"  hlf-actors status\n  hlf-actors status {kari}\n"
-                     f"  psql \"$HLF_DATABASE_URL\" -c \"{pause_lars}\"\nCtrl-C to stop.")
+                _say(
+                    f"\nstill running. In another shell:\n  export HLF_DATABASE_URL='{url}'\n"
+                    f"  hlf-actors status\n  hlf-actors status {kari}\n"
+                    f'  psql "$HLF_DATABASE_URL" -c "{pause_lars}"\nCtrl-C to stop.'
+                )
                 await anyio.sleep_forever()
             del service
     finally:
@@ -154,8 +175,10 @@ def run_demo(*, keep: bool = False, workdir: str | None = None) -> int:
         with psycopg.connect(url) as conn:
             version = conn.execute("SHOW server_version").fetchone()
             applied = db.migrate(conn)
-        _say(f"PostgreSQL {version[0] if version else '?'} up, {len(applied)} migration(s) applied "
-             f"({time.perf_counter() - started:.1f}s)")
+        _say(
+            f"PostgreSQL {version[0] if version else '?'} up, {len(applied)} migration(s) applied "
+            f"({time.perf_counter() - started:.1f}s)"
+        )
         with FakePortal() as portal, FakeFCM() as fcm:
             try:
                 anyio.run(_story, url, portal, fcm, base, keep)

@@ -240,14 +240,11 @@ class DynamicsClient:
         url: str | None = self._base
         params: dict[str, str] | None = {"$select": f"{self._key_field},{self._listed_field}"}
         while url:
-            response = await self._send(
-                "GET", url, params=params, headers={"Prefer": f"odata.maxpagesize={page_size}"}
-            )
+            response = await self._send("GET", url, params=params, headers={"Prefer": f"odata.maxpagesize={page_size}"})
             try:
                 body = msgspec.json.decode(response.content)
                 rows = [
-                    ListingRow(UUID(str(item[self._key_field])), item.get(self._listed_field))
-                    for item in body["value"]
+                    ListingRow(UUID(str(item[self._key_field])), item.get(self._listed_field)) for item in body["value"]
                 ]
             except (msgspec.DecodeError, KeyError, TypeError, ValueError):
                 raise TransientPortalError("listing page was not the expected OData JSON") from None

@@ -50,9 +50,7 @@ class PortalError(HLFError):
 class TransientPortalError(PortalError):
     """Retrying later may succeed. ``retry_after`` (seconds) is the portal's floor, when it gave one."""
 
-    def __init__(
-        self, message: str, *, http_status: int | None = None, retry_after: float | None = None
-    ) -> None:
+    def __init__(self, message: str, *, http_status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, http_status=http_status)
         self.retry_after = retry_after
 

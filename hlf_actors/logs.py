@@ -31,9 +31,16 @@ def setup_logging(
 
     logger.remove()
     fmt = (
-        "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
-        "{extra[mentor_id]: <36} <level>{message}</level>"
+        "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> {extra[mentor_id]: <36} <level>{message}</level>"
     )
     logger.configure(extra={"mentor_id": ""})
-    logger.add(out, level=level, serialize=as_json, format=fmt if not as_json else "{message}",
-               filter=scrub, colorize=not as_json and out.isatty(), backtrace=False, diagnose=False)
+    logger.add(
+        out,
+        level=level,
+        serialize=as_json,
+        format=fmt if not as_json else "{message}",
+        filter=scrub,
+        colorize=not as_json and out.isatty(),
+        backtrace=False,
+        diagnose=False,
+    )

@@ -122,7 +122,6 @@ def is_projected(event: Event | NewEvent) -> bool:
     return event.mentor_id is not None and isinstance(event.payload, _PROJECTED_TYPES)
 
 
-
 def apply(state: MentorProjection, event: Event) -> MentorProjection:
     """Fold one event into a mentor's projection. Pure: same inputs, same output, no clock, no I/O."""
     if not is_projected(event):
@@ -245,8 +244,7 @@ _UPSERT_SYNC = (
 _UPSERT_DL = (
     f"INSERT INTO dead_letters ({', '.join(_DL_COLUMNS)}) "  # noqa: S608 - column names are constants
     f"VALUES ({', '.join(['%s'] * len(_DL_COLUMNS))}) "
-    "ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _DL_COLUMNS if c != "id")
+    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in _DL_COLUMNS if c != "id")
 )
 
 
@@ -269,10 +267,7 @@ async def _load(
         for row in await cur.fetchall():
             letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
             found[letter.mentor_id].append(letter)
-    return {
-        m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ())))
-        for m in ids
-    }
+    return {m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ()))) for m in ids}
 
 
 async def _write(

@@ -50,6 +50,7 @@ async def _closing(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.
         with anyio.CancelScope(shield=True):
             await conn.close()
 
+
 CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
@@ -264,8 +265,9 @@ class Service:
                 failures += 1
                 self.state.database_ok = False
                 delay = min(5.0, 0.05 * 2**failures)
-                logger.warning("projector could not reach the database ({}); retrying in {:.2f}s",
-                               str(err).strip()[:160], delay)
+                logger.warning(
+                    "projector could not reach the database ({}); retrying in {:.2f}s", str(err).strip()[:160], delay
+                )
                 self._catch_up = True
                 await anyio.sleep(delay)
                 self._wake.set()
@@ -315,6 +317,7 @@ class Service:
         if busy:
             logger.info("stopping: waiting up to {:.0f}s for {} actor(s) to finish", self._grace_s, busy)
         if not await dispatcher.drained(self._grace_s):
-            logger.warning("stopping: {} actor(s) still busy after the grace period; their work stays pending",
-                           dispatcher.alive)
+            logger.warning(
+                "stopping: {} actor(s) still busy after the grace period; their work stays pending", dispatcher.alive
+            )
         logger.info("stopped")

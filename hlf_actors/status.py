@@ -197,8 +197,7 @@ def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None
         portal_record_id=mentor[2] if mentor else None,
         sync=sync,
         events=[
-            {"seq": e.seq, "at": e.recorded_at, "kind": e.kind, "data": msgspec.to_builtins(e.payload)}
-            for e in events
+            {"seq": e.seq, "at": e.recorded_at, "kind": e.kind, "data": msgspec.to_builtins(e.payload)} for e in events
         ],
     )
 
@@ -236,15 +235,19 @@ def wait_for_outcome(
             seen = event.seq
             p = event.payload
             if isinstance(p, AttemptSucceeded) and p.for_seq >= request_seq:
-                return Outcome("succeeded", f"{p.operation} sent to the portal (HTTP {p.http_status}, "
-                                            f"attempt {p.attempt})", True)
+                return Outcome(
+                    "succeeded", f"{p.operation} sent to the portal (HTTP {p.http_status}, attempt {p.attempt})", True
+                )
             if isinstance(p, SyncSkipped) and p.for_seq >= request_seq:
                 return Outcome("skipped", f"{p.operation}: {p.reason}", True)
             if isinstance(p, DeadLettered) and p.for_seq >= request_seq:
-                return Outcome("dead-lettered", f"{p.operation} failed after {p.attempts} attempt(s): "
-                                                f"{p.last_error}", False)
+                return Outcome(
+                    "dead-lettered", f"{p.operation} failed after {p.attempts} attempt(s): {p.last_error}", False
+                )
             if isinstance(p, AttemptFailed) and p.for_seq >= request_seq:
-                print(f"  attempt {p.attempt} failed: {p.error}"
-                      + (f"; retrying in {p.delay_ms} ms" if p.delay_ms is not None else ""))
+                print(
+                    f"  attempt {p.attempt} failed: {p.error}"
+                    + (f"; retrying in {p.delay_ms} ms" if p.delay_ms is not None else "")
+                )
         time.sleep(0.05)
     return None

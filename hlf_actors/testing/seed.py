@@ -67,9 +67,7 @@ def add_mentor(
         mentor_id = UUID(str(row[0]))
         if cert_valid_days is not None:
             expires = (today or date.today()) + timedelta(days=cert_valid_days)
-            conn.execute(
-                "INSERT INTO certifications (mentor_id, expires_on) VALUES (%s, %s)", (mentor_id, expires)
-            )
+            conn.execute("INSERT INTO certifications (mentor_id, expires_on) VALUES (%s, %s)", (mentor_id, expires))
     return mentor_id, record_id
 
 

@@ -92,9 +92,7 @@ async def test_changes_made_while_the_service_is_down_are_caught_up(
     for mentor, _ in mentors[:3]:
         set_status(conn, mentor, "paused")
     async with running_service(db_url, portal):
-        await eventually(
-            lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors), what="every mentor caught up"
-        )
+        await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors), what="every mentor caught up")
     assert [portal.listed(r) for _, r in mentors] == [False, False, False, True, True]
     assert len(portal.patches()) == 5
 
@@ -147,10 +145,10 @@ async def test_a_second_process_waits_as_standby_and_takes_over(
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(6)]
     async with running_service(db_url, portal, standby_poll_s=0.05) as leader:
         await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors))
-        from hlf_actors.testing.harness import test_config
-        from hlf_actors.dynamics import DynamicsClient
         from hlf_actors.alerts import RecordingAlertSender
+        from hlf_actors.dynamics import DynamicsClient
         from hlf_actors.service import Service
+        from hlf_actors.testing.harness import test_config
 
         config = test_config(db_url, portal)
         client = DynamicsClient(config)

@@ -31,12 +31,14 @@ def bodies(portal: FakePortal, record_id: UUID | None) -> list[Any]:
 
 
 async def settled(conn: psycopg.Connection[Any], mentor_id: UUID) -> None:
-    await eventually(lambda: sync_state(conn, mentor_id) in ("in_sync", "dead_lettered"),
-                     what=f"mentor {mentor_id} to settle")
+    await eventually(
+        lambda: sync_state(conn, mentor_id) in ("in_sync", "dead_lettered"), what=f"mentor {mentor_id} to settle"
+    )
 
 
-async def test_pause_removes_the_mentor_from_the_portal(db_url: str, conn: psycopg.Connection[Any],
-                                                        portal: FakePortal) -> None:
+async def test_pause_removes_the_mentor_from_the_portal(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
@@ -53,13 +55,15 @@ async def test_pause_removes_the_mentor_from_the_portal(db_url: str, conn: psyco
     assert patch.headers["odata-version"] == "4.0"
     assert patch.json() == {"hlf_publiclisting": False}
     assert kinds(conn, mentor)[-3:] == ["attempt_succeeded", "status_changed", "attempt_succeeded"]
-    row = conn.execute("SELECT operation, state, attempts, last_error FROM sync_status WHERE mentor_id = %s",
-                       (mentor,)).fetchone()
+    row = conn.execute(
+        "SELECT operation, state, attempts, last_error FROM sync_status WHERE mentor_id = %s", (mentor,)
+    ).fetchone()
     assert row == ("remove", "in_sync", 1, None)
 
 
-async def test_expired_certificate_status_removes(db_url: str, conn: psycopg.Connection[Any],
-                                                  portal: FakePortal) -> None:
+async def test_expired_certificate_status_removes(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
@@ -69,8 +73,9 @@ async def test_expired_certificate_status_removes(db_url: str, conn: psycopg.Con
     assert bodies(portal, record)[-1] == {"hlf_publiclisting": False}
 
 
-async def test_reinstated_with_valid_certificate_is_restored(db_url: str, conn: psycopg.Connection[Any],
-                                                             portal: FakePortal) -> None:
+async def test_reinstated_with_valid_certificate_is_restored(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, status="paused", listed=True)
     async with running_service(db_url, portal):
@@ -82,8 +87,9 @@ async def test_reinstated_with_valid_certificate_is_restored(db_url: str, conn: 
     assert bodies(portal, record) == [{"hlf_publiclisting": False}, {"hlf_publiclisting": True}]
 
 
-async def test_reinstated_without_valid_certificate_stays_removed(db_url: str, conn: psycopg.Connection[Any],
-                                                                  portal: FakePortal) -> None:
+async def test_reinstated_without_valid_certificate_stays_removed(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, status="paused", cert_valid_days=-1)
     async with running_service(db_url, portal):
@@ -95,8 +101,9 @@ async def test_reinstated_without_valid_certificate_stays_removed(db_url: str, c
     assert portal.listed(record) is False
 
 
-async def test_mentor_without_portal_record_gets_a_recorded_outcome(db_url: str, conn: psycopg.Connection[Any],
-                                                                     portal: FakePortal) -> None:
+async def test_mentor_without_portal_record_gets_a_recorded_outcome(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     paused, _ = add_mentor(conn, org, status="paused", record=False, name="Paused no record")
     active, _ = add_mentor(conn, org, status="active", record=False, name="Active no record")
@@ -107,13 +114,13 @@ async def test_mentor_without_portal_record_gets_a_recorded_outcome(db_url: str,
     assert sync_state(conn, paused) == "in_sync"
     assert kinds(conn, paused)[-1] == "sync_skipped"
     assert sync_state(conn, active) == "dead_lettered"
-    letter = conn.execute("SELECT operation, last_error FROM dead_letters WHERE mentor_id = %s",
-                          (active,)).fetchone()
+    letter = conn.execute("SELECT operation, last_error FROM dead_letters WHERE mentor_id = %s", (active,)).fetchone()
     assert letter is not None and letter[0] == "restore" and "portal_record_id" in letter[1]
 
 
-async def test_notify_from_another_connection_and_malformed_payload(db_url: str, conn: psycopg.Connection[Any],
-                                                                     portal: FakePortal) -> None:
+async def test_notify_from_another_connection_and_malformed_payload(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     async with running_service(db_url, portal) as service:
         conn.execute("NOTIFY hlf_events, '{not json at all'")
@@ -143,8 +150,9 @@ async def test_pause_then_reinstate_within_a_moment_sends_only_the_final_state(
     assert bodies(portal, record) == [{"hlf_publiclisting": True}]
 
 
-async def test_two_mentors_in_parallel_do_not_wait_for_each_other(db_url: str, conn: psycopg.Connection[Any],
-                                                                  portal: FakePortal) -> None:
+async def test_two_mentors_in_parallel_do_not_wait_for_each_other(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
     org = add_organisation(conn)
     slow, slow_record = add_mentor(conn, org, portal=portal)
     fast, fast_record = add_mentor(conn, org, portal=portal)
@@ -157,8 +165,11 @@ async def test_two_mentors_in_parallel_do_not_wait_for_each_other(db_url: str, c
         with conn.transaction():
             set_status(conn, slow, "paused")
             set_status(conn, fast, "paused")
-        await eventually(lambda: portal.listed(fast_record) is False, timeout=1.0,
-                         what="the fast mentor, while the slow one's PATCH hangs")
+        await eventually(
+            lambda: portal.listed(fast_record) is False,
+            timeout=1.0,
+            what="the fast mentor, while the slow one's PATCH hangs",
+        )
         assert portal.listed(slow_record) is True
         await eventually(lambda: portal.listed(slow_record) is False, what="the slow mentor")
 
@@ -183,9 +194,11 @@ async def test_ten_thousand_row_update_is_one_notification_and_every_mentor_sync
         notes = list(listener.notifies(timeout=1.0))
     assert len(notes) == 1
     async with running_service(db_url, portal, env={"HLF_PORTAL_CONCURRENCY": "20"}):
-        await eventually(lambda: conn.execute(
-            "SELECT count(*) FROM sync_status WHERE state = 'in_sync'").fetchone() == (n,),
-            timeout=240, what="every mentor in sync")
+        await eventually(
+            lambda: conn.execute("SELECT count(*) FROM sync_status WHERE state = 'in_sync'").fetchone() == (n,),
+            timeout=240,
+            what="every mentor in sync",
+        )
     # Active without a certification: every one is sent as a removal, once.
     assert len(portal.patches()) == n
     assert {r.json()["hlf_publiclisting"] for r in portal.patches()} == {False}
