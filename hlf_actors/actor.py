@@ -44,6 +44,7 @@ from .events import (
     AttemptFailed,
     AttemptSucceeded,
     DeadLettered,
+    Event,
     NewEvent,
     Operation,
     Payload,
@@ -185,7 +186,7 @@ class Runtime:
     limiter: anyio.CapacityLimiter
     circuit: Circuit
     leadership: Leadership
-    on_dead_letter: Callable[[UUID, Operation, str], None]
+    on_dead_letter: Callable[[UUID, Operation, int], None]
     jitter: Callable[[], float] | None
     idle_s: float = 30.0
     stopping: bool = False
@@ -263,9 +264,10 @@ class Actor:
                 return
             await self._attempt(work)
 
-    async def _record(self, *payloads: Payload) -> None:
+    async def _record(self, *payloads: Payload) -> list[Event]:
         async with self._rt.pool.connection() as conn, conn.transaction():
-            await projections.append(conn, [NewEvent(self.mentor_id, p) for p in payloads])
+            appended, _ = await projections.append(conn, [NewEvent(self.mentor_id, p) for p in payloads])
+        return appended
 
     async def _attempt(self, work: _Work) -> None:
         operation: Operation = "restore" if work.eligible else "remove"
@@ -384,7 +386,7 @@ class Actor:
         self, work: _Work, operation: Operation, attempt: int, err: PortalError, *, retryable: bool = False
     ) -> None:
         error = str(err)
-        await self._record(
+        appended = await self._record(
             AttemptFailed(
                 operation=operation,
                 attempt=attempt,
@@ -405,7 +407,7 @@ class Actor:
         )
         self._rt.count("dead_lettered")
         self._log.error("{} dead-lettered after {} attempt(s): {}", operation, attempt, error)
-        self._rt.on_dead_letter(self.mentor_id, operation, error)
+        self._rt.on_dead_letter(self.mentor_id, operation, appended[-1].seq)
 
     async def _no_record(self, operation: Operation, attempt: int, work: _Work) -> None:
         if operation == "remove":

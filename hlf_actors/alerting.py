@@ -39,7 +39,7 @@ class Alerting:
         self._ops_topic = ops_topic
         self._retry_delays_s = tuple(retry_delays_s)
 
-    async def sync_failure(self, mentor_id: UUID, operation: Operation) -> None:
+    async def sync_failure(self, mentor_id: UUID, operation: Operation, dead_letter_id: int) -> None:
         """Tell the mentor's organisation that a sync was dead-lettered."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(db.query("alert_targets"), (mentor_id,))
@@ -51,10 +51,23 @@ class Alerting:
                 "dead letter not pushed: the organisation has no coordinator devices and no alert_topic"
             )
             await self._record(
-                mentor_id, [Delivery(target="none", ok=False, error="organisation has no devices or topic")], data
+                mentor_id,
+                [Delivery(target="none", ok=False, error="organisation has no devices or topic")],
+                data,
+                dead_letter_id,
             )
             return
-        await self.deliver(data, tokens=tokens, topic=topic, mentor_id=mentor_id)
+        await self.deliver(data, tokens=tokens, topic=topic, mentor_id=mentor_id, dead_letter_id=dead_letter_id)
+
+    async def resend_unsent(self, *, within_hours: int = 24) -> int:
+        """Send the alerts of recent dead letters that have no delivery on record (the process stopped before
+        it could send them). Returns how many were sent."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(db.query("unalerted_dead_letters"), (within_hours,))
+            rows = await cur.fetchall()
+        for dead_letter_id, mentor_id, operation in rows:
+            await self.sync_failure(mentor_id, operation, dead_letter_id)
+        return len(rows)
 
     async def ops(self, data: Mapping[str, str]) -> None:
         """An operations alert to HLF_OPS_TOPIC."""
@@ -67,6 +80,7 @@ class Alerting:
         tokens: Sequence[str],
         topic: str | None,
         mentor_id: UUID | None,
+        dead_letter_id: int | None = None,
     ) -> list[Delivery]:
         # The sender answers one Delivery per target, device tokens first and the topic last.
         pending_tokens, pending_topic = list(tokens), topic
@@ -88,18 +102,28 @@ class Alerting:
                 break
             assert delay is not None
             await anyio.sleep(delay)
-        await self._record(mentor_id, final, data)
+        await self._record(mentor_id, final, data, dead_letter_id)
         return final
 
-    async def _record(self, mentor_id: UUID | None, results: Sequence[Delivery], data: Mapping[str, str]) -> None:
+    async def _record(
+        self,
+        mentor_id: UUID | None,
+        results: Sequence[Delivery],
+        data: Mapping[str, str],
+        dead_letter_id: int | None = None,
+    ) -> None:
         alert = data.get("type", "unknown")
         events = [
             NewEvent(
                 mentor_id,
-                AlertSent(alert=alert, target=r.target, message_id=r.message_id)
+                AlertSent(alert=alert, target=r.target, message_id=r.message_id, dead_letter_id=dead_letter_id)
                 if r.ok
                 else AlertFailed(
-                    alert=alert, target=r.target, error=r.error or "unknown error", unregistered=r.unregistered
+                    alert=alert,
+                    target=r.target,
+                    error=r.error or "unknown error",
+                    unregistered=r.unregistered,
+                    dead_letter_id=dead_letter_id,
                 ),
             )
             for r in results

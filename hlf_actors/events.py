@@ -110,6 +110,7 @@ class AlertSent(_Payload, frozen=True, kw_only=True):
     alert: str  # the payload's "type"
     target: str  # "topic:<name>" or a shortened device token, never a whole one
     message_id: str | None = None
+    dead_letter_id: int | None = None  # the dead letter this alert is about, if any
 
 
 class AlertFailed(_Payload, frozen=True, kw_only=True):
@@ -117,6 +118,7 @@ class AlertFailed(_Payload, frozen=True, kw_only=True):
     target: str
     error: str
     unregistered: bool = False
+    dead_letter_id: int | None = None
 
 
 class CircuitOpened(_Payload, frozen=True, kw_only=True):

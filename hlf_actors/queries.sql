@@ -67,6 +67,17 @@ FROM sync_status s
 LEFT JOIN mentors m ON m.id = s.mentor_id
 WHERE s.mentor_id = %s;
 
+-- name: unalerted_dead_letters
+-- Recent dead letters whose push alert was never attempted (no alert_sent/alert_failed names them).
+SELECT d.id, d.mentor_id, d.operation
+FROM dead_letters d
+WHERE d.dead_lettered_at > now() - make_interval(hours => %s)
+  AND NOT EXISTS (
+      SELECT 1 FROM event_log e
+      WHERE e.mentor_id = d.mentor_id AND e.kind IN ('alert_sent', 'alert_failed')
+        AND (e.data ->> 'dead_letter_id')::bigint = d.id)
+ORDER BY d.id;
+
 -- name: alert_targets
 -- Where a mentor's sync-failure alert goes: the organisation's devices and topic.
 SELECT o.alert_topic, coalesce(array_agg(d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')

@@ -83,6 +83,7 @@ class Service:
         standby_poll_s: float = 1.0,
         shutdown_grace_s: float = 10.0,
         max_actors: int = 2000,
+        alert_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 20.0),
     ) -> None:
         self.config = config
         self.state = ServiceState()
@@ -95,6 +96,7 @@ class Service:
         self._standby_poll_s = standby_poll_s
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
+        self._alert_retry_delays_s = alert_retry_delays_s
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -120,12 +122,15 @@ class Service:
             await self._check_schema(pool)
             self.state.database_ok = True
             async with anyio.create_task_group() as tg:
-                alerting = Alerting(pool, self._sender, ops_topic=self.config.ops_topic)
+                alerting = Alerting(
+                    pool, self._sender, ops_topic=self.config.ops_topic, retry_delays_s=self._alert_retry_delays_s
+                )
                 runtime = self._runtime(pool, tg, alerting)
                 dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
                 self.runtime, self.dispatcher = runtime, dispatcher
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
+                tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(self._sweep_forever, name="sweeper")
                 task_status.started()
                 await self._stop.wait()
@@ -149,8 +154,10 @@ class Service:
             raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
 
     def _runtime(self, pool: AsyncConnectionPool[Any], tg: TaskGroup, alerting: Alerting) -> Runtime:
-        def on_dead_letter(mentor_id: UUID, operation: Operation, _error: str) -> None:
-            tg.start_soon(self._guarded, alerting.sync_failure(mentor_id, operation), "sync-failure alert")
+        def on_dead_letter(mentor_id: UUID, operation: Operation, dead_letter_id: int) -> None:
+            tg.start_soon(
+                self._guarded, alerting.sync_failure(mentor_id, operation, dead_letter_id), "sync-failure alert"
+            )
 
         async def on_circuit(opened: bool, failing: int) -> None:
             payload = CircuitOpened(failing_mentors=failing) if opened else CircuitClosed()
@@ -301,6 +308,17 @@ class Service:
                 woken += 1
         if woken:
             logger.info("caught up: {} mentor(s) with unfinished syncs picked up", woken)
+
+    async def _resend_alerts_when_leader(self, alerting: Alerting) -> None:
+        assert self.runtime is not None
+        await self.runtime.leadership.wait()
+        try:
+            sent = await alerting.resend_unsent()
+        except Exception as err:  # the next leader will try again; syncing must go on
+            logger.opt(exception=err).error("could not re-send pending alerts: {}", err)
+            return
+        if sent:
+            logger.info("sent {} alert(s) left unsent by a previous run", sent)
 
     async def _sweep_forever(self) -> None:
         while True:
