@@ -50,6 +50,7 @@ from .events import (
     Payload,
     SyncSkipped,
 )
+from .metrics import Metrics
 from .retry import plan_delay_ms, throttle_delay_ms
 
 __all__ = ["Actor", "Circuit", "Dispatcher", "Mailbox", "Portal", "Runtime"]
@@ -191,10 +192,7 @@ class Runtime:
     idle_s: float = 30.0
     stopping: bool = False
     crowded: Callable[[], bool] = lambda: False
-    stats: dict[str, int] = field(default_factory=dict)
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.stats[name] = self.stats.get(name, 0) + n
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass(frozen=True)
@@ -207,6 +205,8 @@ class _Work:
     portal_record_id: UUID | None
     eligible: bool
     snapshot: str
+    change_age_s: float | None
+    read_at: float  # perf_counter() when it was read
 
 
 class Actor:
@@ -247,8 +247,19 @@ class Actor:
             row = await cur.fetchone()
         if row is None:
             return None
-        state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org, snapshot = row
-        return _Work(state, attempts, change_seq, float(wait_s or 0.0), exists, record_id, bool(eligible), snapshot)
+        state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org, snapshot, age = row
+        return _Work(
+            state,
+            attempts,
+            change_seq,
+            float(wait_s or 0.0),
+            exists,
+            record_id,
+            bool(eligible),
+            snapshot,
+            age,
+            time.perf_counter(),
+        )
 
     async def _work(self) -> None:
         while not self._rt.stopping:
@@ -288,14 +299,13 @@ class Actor:
         started = time.perf_counter()
         try:
             async with self._rt.limiter:
-                self._rt.count("patch_in_flight")
-                try:
+                if self._rt.stopping:  # stop means no new sends: this mentor stays pending for the next process
+                    return
+                with self._rt.metrics.in_flight.track_inprogress():
                     status = await self._rt.portal.set_listed(work.portal_record_id, operation == "restore")
-                finally:
-                    self._rt.count("patch_in_flight", -1)
         except ThrottledError as err:
             delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
-            self._rt.count("patch_throttled")
+            self._rt.metrics.attempts.labels("throttled").inc()
             await self._record(
                 AttemptFailed(
                     operation=operation,
@@ -312,17 +322,19 @@ class Actor:
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
             return
         except (TransientPortalError, CredentialError) as err:
-            self._rt.count("patch_failed")
+            self._rt.metrics.attempts.labels("failed").inc()
             outage = probe or self._rt.circuit.is_open
             await self._rt.circuit.transient_failure(self.mentor_id)
             await self._transient(work, operation, attempt, err, outage=outage)
             return
         except PermanentPortalError as err:
-            self._rt.count("patch_failed")
+            self._rt.metrics.attempts.labels("failed").inc()
             await self._dead_letter(work, operation, attempt, err)
             return
         await self._rt.circuit.success()
-        self._rt.count("patch_succeeded")
+        self._rt.metrics.attempts.labels("succeeded").inc()
+        if work.change_age_s is not None:
+            self._rt.metrics.latency.observe(work.change_age_s + time.perf_counter() - work.read_at)
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         await self._record(
             AttemptSucceeded(
@@ -405,7 +417,7 @@ class Actor:
                 snapshot=work.snapshot,
             ),
         )
-        self._rt.count("dead_lettered")
+        self._rt.metrics.dead_letters.inc()
         self._log.error("{} dead-lettered after {} attempt(s): {}", operation, attempt, error)
         self._rt.on_dead_letter(self.mentor_id, operation, appended[-1].seq)
 

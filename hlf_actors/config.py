@@ -68,6 +68,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     nightly_at: time = time(2, 0)
     reconcile_every_s: float = 900.0
     http_port: int = 8080
+    http_host: str = "0.0.0.0"
     public_listing_url: str | None = None
     public_listing_deadline_s: float = 1200.0
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
@@ -251,6 +252,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         nightly_at=time(int(nightly_match.group(1)), int(nightly_match.group(2))),
         reconcile_every_s=read.duration("HLF_RECONCILE_EVERY", 900.0),
         http_port=read.integer("HLF_HTTP_PORT", 8080, minimum=0, maximum=65535),
+        http_host=read.text("HLF_HTTP_HOST") or "0.0.0.0",
         public_listing_url=read.url("HLF_PUBLIC_LISTING_URL"),
         public_listing_deadline_s=read.duration("HLF_PUBLIC_LISTING_DEADLINE", 1200.0),
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),

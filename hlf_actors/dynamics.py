@@ -158,13 +158,13 @@ class DynamicsClient:
             raise TransientPortalError(f"token endpoint unreachable: {type(err).__name__}") from None
         if response.status_code in _TRANSIENT_STATUSES:
             raise TransientPortalError(
-                f"token endpoint answered {response.status_code}: {_portal_message(response)}",
+                f"token endpoint answered {response.status_code}: {self._message(response)}",
                 http_status=response.status_code,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
         if response.status_code != 200:
             raise CredentialError(
-                f"token endpoint refused the credentials ({response.status_code}): {_portal_message(response)}",
+                f"token endpoint refused the credentials ({response.status_code}): {self._message(response)}",
                 http_status=response.status_code,
             )
         try:
@@ -200,12 +200,17 @@ class DynamicsClient:
             return self._classify(method, response)
         raise CredentialError(f"{method} refused with 401 even with a fresh token", http_status=401)
 
-    @staticmethod
-    def _classify(method: str, response: httpx.Response) -> httpx.Response:
+    def _message(self, response: httpx.Response) -> str:
+        """The portal's error text, with our own secret blanked should the portal ever echo it back."""
+        text = _portal_message(response)
+        secret = self._secret.reveal()
+        return text.replace(secret, "********") if secret else text
+
+    def _classify(self, method: str, response: httpx.Response) -> httpx.Response:
         status = response.status_code
         if 200 <= status < 300:
             return response
-        message = f"{method} answered {status}: {_portal_message(response)}"
+        message = f"{method} answered {status}: {self._message(response)}"
         if status in _TRANSIENT_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             kind = ThrottledError if status == 429 else TransientPortalError

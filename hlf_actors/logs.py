@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from loguru import Record, logger
+from loguru import logger
+
+if TYPE_CHECKING:  # loguru's Record type exists only in its stubs
+    from loguru import Record
 
 __all__ = ["setup_logging"]
 

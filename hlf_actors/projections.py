@@ -26,7 +26,7 @@ the live projection always equals what replay computes: fold(all projected event
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
@@ -379,16 +379,24 @@ async def append(
     return appended, await _project(conn, appended, current)
 
 
-async def drain_inbox(conn: psycopg.AsyncConnection[Any], limit: int = 1000) -> dict[UUID, MentorProjection]:
+async def drain_inbox(
+    conn: psycopg.AsyncConnection[Any],
+    limit: int = 1000,
+    *,
+    on_events: Callable[[Sequence[Event]], None] | None = None,
+) -> dict[UUID, MentorProjection]:
     """Project up to ``limit`` events written by SQL, oldest first, and remove them from the inbox.
 
     Must run inside a transaction; returns the new projection of every mentor touched (empty when the inbox is).
+    ``on_events`` sees the events taken (for metrics).
     """
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
     cur = await conn.execute(db.query("take_inbox"), (limit,))
     events = _events_from_rows(await cur.fetchall())
     if not events:
         return {}
+    if on_events is not None:
+        on_events(events)
     return await _project(conn, events)
 
 

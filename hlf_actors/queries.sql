@@ -48,23 +48,27 @@ ORDER BY id;
 SELECT mentor_id FROM sync_status WHERE state IN ('pending', 'retrying') ORDER BY updated_at;
 
 -- name: mentor_work
--- Everything an actor needs to decide its next step, read in one round trip. `wait_s` is computed by the
--- database so that a clock difference between this host and the database cannot shift a retry.
+-- Everything an actor needs to decide its next step, read in one round trip. `wait_s` and `change_age_s` are
+-- computed by the database so that a clock difference between this host and the database cannot skew them.
 -- `for_seq` is the newest committed event that asks for a sync, projected or not; `snapshot` is this statement's
 -- snapshot: a change is answered by the PATCH about to be sent iff its transaction is visible in it.
 SELECT s.state, s.attempts,
-       greatest(s.change_seq, coalesce((
-           SELECT max(e.seq) FROM event_log e
-           WHERE e.mentor_id = s.mentor_id AND e.kind IN ('status_changed', 'sync_requested')), 0)) AS for_seq,
+       greatest(s.change_seq, coalesce(c.seq, 0)) AS for_seq,
        s.operation,
        greatest(0, extract(epoch FROM s.next_attempt_at - clock_timestamp()))::float8 AS wait_s,
        m.id IS NOT NULL AS mentor_exists,
        coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
        hlf_is_eligible(s.mentor_id, %s) AS eligible,
        m.organisation_id,
-       pg_current_snapshot()::text AS snapshot
+       pg_current_snapshot()::text AS snapshot,
+       extract(epoch FROM clock_timestamp() - c.recorded_at)::float8 AS change_age_s
 FROM sync_status s
 LEFT JOIN mentors m ON m.id = s.mentor_id
+LEFT JOIN LATERAL (
+    SELECT e.seq, e.recorded_at FROM event_log e
+    WHERE e.mentor_id = s.mentor_id AND e.kind IN ('status_changed', 'sync_requested')
+    ORDER BY e.seq DESC LIMIT 1
+) c ON true
 WHERE s.mentor_id = %s;
 
 -- name: unalerted_dead_letters

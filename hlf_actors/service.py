@@ -16,7 +16,7 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,8 @@ from .alerts import AlertSender
 from .clock import Clock, SystemClock
 from .config import Config
 from .errors import MigrationError
-from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
+from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .metrics import Health, Metrics, serve_http
 from .retry import default_jitter
 
 __all__ = ["Service", "ServiceState"]
@@ -68,6 +69,7 @@ class ServiceState:
     malformed_notifications: int = 0
     events_projected: int = 0
     database_ok: bool = False
+    http_port: int | None = None
 
 
 class Service:
@@ -103,6 +105,29 @@ class Service:
         self._was_leader = False
         self.runtime: Runtime | None = None
         self.dispatcher: Dispatcher | None = None
+        self.metrics = Metrics()
+        self.metrics.before_render = self._refresh_gauges
+
+    def health(self) -> Health:
+        s = self.state
+        ok = s.leader and s.listening and s.database_ok
+        role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
+        return Health(
+            status="ok" if ok else "unavailable",
+            role=role,
+            listening=s.listening,
+            database=s.database_ok,
+            reconnects=s.reconnects,
+        )
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
+        m.leader.set(1 if self.state.leader else 0)
+        if self.dispatcher is not None:
+            m.actors.set(self.dispatcher.alive)
+            m.queued.set(self.dispatcher.queued)
+        if self.runtime is not None:
+            m.circuit_open.set(1 if self.runtime.circuit.is_open else 0)
 
     def request_stop(self) -> None:
         """Stop taking new work; in-flight PATCHes get the grace period to finish."""
@@ -132,6 +157,10 @@ class Service:
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(self._sweep_forever, name="sweeper")
+                if self.config.http_port:
+                    self.state.http_port = await tg.start(
+                        serve_http, self.config.http_host, self.config.http_port, self.health, self.metrics
+                    )
                 task_status.started()
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
@@ -184,6 +213,7 @@ class Service:
             on_dead_letter=on_dead_letter,
             jitter=self._jitter,
             idle_s=self._idle_s,
+            metrics=self.metrics,
         )
 
     @staticmethod
@@ -217,7 +247,9 @@ class Service:
             except psycopg.OperationalError as err:
                 self.state.listening = False
                 self.state.leader = False
+                self.state.database_ok = False
                 self.state.reconnects += 1
+                self.metrics.reconnects.inc()
                 leadership.suspend()
                 logger.warning(
                     "listener connection lost ({}); reconnecting in {:.1f}s", str(err).strip()[:160], backoff
@@ -285,7 +317,7 @@ class Service:
         to_wake: dict[UUID, None] = {}
         while True:
             async with pool.connection() as conn, conn.transaction():
-                projected = await projections.drain_inbox(conn, _DRAIN_BATCH)
+                projected = await projections.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes)
             self.state.events_projected += len(projected)
             for mentor_id, projection in projected.items():
                 if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
@@ -297,10 +329,16 @@ class Service:
         for mentor_id in to_wake:
             dispatcher.wake(mentor_id)
 
+    def _count_changes(self, events: Sequence[Event]) -> None:
+        self.metrics.changes_seen.inc(sum(1 for e in events if isinstance(e.payload, StatusChanged | SyncRequested)))
+
     async def _dispatch_open(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
         async with pool.connection() as conn:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
+            cur = await conn.execute("SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL")
+            open_letters = await cur.fetchone()
+        self.metrics.open_dead_letters.set(open_letters[0] if open_letters else 0)
         woken = 0
         for (mentor_id,) in rows:
             if not dispatcher.has_actor(mentor_id):

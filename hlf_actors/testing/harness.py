@@ -30,6 +30,7 @@ def test_config(db_url: str, portal: FakePortal, **overrides: str) -> Config:
         "HLF_BACKOFF_MAX_MS": "2000",
         "HLF_BACKOFF_JITTER": "off",
         "HLF_HTTP_PORT": "0",
+        "HLF_HTTP_HOST": "127.0.0.1",
         "HLF_PORTAL_TIMEOUT": "5s",
         **overrides,
     }
