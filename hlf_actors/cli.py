@@ -199,10 +199,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _single(err: BaseException) -> BaseException:
+    """The one real error inside (nested) task-group exception groups, so it gets its one clear line."""
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    return err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BaseExceptionGroup as group:
+        inner = _single(group)
+        if inner is group:
+            raise
+        return _dispatch(args, failed=inner)
+
+
+def _dispatch(args: argparse.Namespace, failed: BaseException | None = None) -> int:
     started = time.monotonic()
     try:
+        if failed is not None:
+            raise failed
         config = load_config()
         code: int = args.func(config, args)
         return code
