@@ -75,6 +75,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
     portal_timeout_s: float = 30.0
+    # Dataverse's service-protection limit: requests per sliding window, per user (the app).
+    portal_rate_requests: int = 6000
+    portal_rate_window_s: float = 300.0
     backoff_jitter: bool = True
 
     @property
@@ -227,6 +230,17 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
             f"HLF_BACKOFF_MAX_MS: must be at least HLF_BACKOFF_BASE_MS ({backoff_base}), got {backoff_max}"
         )
 
+    rate_raw = read.text("HLF_PORTAL_RATE_LIMIT") or "6000/5m"
+    rate_match = re.fullmatch(r"\s*(\d+)\s*/\s*(\S+)\s*", rate_raw)
+    try:
+        if not rate_match or int(rate_match.group(1)) < 1:
+            raise ValueError
+        rate_requests, rate_window = int(rate_match.group(1)), parse_duration(rate_match.group(2))
+    except ValueError:
+        raise ConfigError(
+            f"HLF_PORTAL_RATE_LIMIT: expected requests/window such as 6000/5m, got {rate_raw!r}"
+        ) from None
+
     jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
@@ -259,4 +273,6 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),
         backoff_jitter=jitter_raw in {"on", "true", "1"},
+        portal_rate_requests=rate_requests,
+        portal_rate_window_s=rate_window,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -98,6 +99,30 @@ def _portal_message(response: httpx.Response) -> str:
     return text[:200]
 
 
+class RequestBudget:
+    """At most ``limit`` requests started in any sliding ``window_s``: Dataverse's service-protection limit, kept
+    on our side so that a backlog of thousands is paced instead of answered with 429s."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self._limit = limit
+        # The portal counts arrivals, we count starts: a margin keeps scheduling jitter from squeezing one request
+        # too many into its window.
+        self._window_s = window_s + max(0.05, window_s * 0.02)
+        self._starts: deque[float] = deque()
+        self._lock = anyio.Lock()
+
+    async def take(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._starts and now - self._starts[0] >= self._window_s:
+                    self._starts.popleft()
+                if len(self._starts) < self._limit:
+                    self._starts.append(now)
+                    return
+                await anyio.sleep(self._starts[0] + self._window_s - now)
+
+
 class DynamicsClient:
     """Talks to one Dataverse org. Safe to share between tasks; the token is fetched by one task at a time."""
 
@@ -125,6 +150,7 @@ class DynamicsClient:
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = anyio.Lock()
+        self._budget = RequestBudget(config.portal_rate_requests, config.portal_rate_window_s)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -187,6 +213,7 @@ class DynamicsClient:
         for _ in range(2):
             bearer = await self._bearer(fresh=fresh)
             headers = {**_ODATA_HEADERS, **kwargs.pop("headers", {}), "Authorization": f"Bearer {bearer}"}
+            await self._budget.take()
             try:
                 response = await self._http.request(method, url, headers=headers, **kwargs)
             except httpx.TimeoutException:

@@ -278,3 +278,18 @@ async def test_unregistered_device_is_reported_and_an_fcm_outage_never_blocks_sy
         await eventually(lambda: portal.listed(other_rec) is True and state(conn, other) == "in_sync")
         await eventually(lambda: len(events(conn, refused, "alert_failed")) == 3, what="the failed alerts recorded")
     assert {f["unregistered"] for f in events(conn, refused, "alert_failed")[1:]} == {False}
+
+
+async def test_a_backlog_is_paced_inside_the_service_protection_limit_without_429s(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
+    org = add_organisation(conn)
+    mentors = [add_mentor(conn, org, portal=portal, status="paused", cert_valid_days=None) for _ in range(60)]
+    portal.enforce_service_protection(max_requests=25, window_s=1.0, max_concurrent=52)
+    started = time.perf_counter()
+    async with running_service(db_url, portal, env={"HLF_PORTAL_RATE_LIMIT": "25/1s"}):
+        await eventually(lambda: all(state(conn, m) == "in_sync" for m, _ in mentors), timeout=30)
+    took = time.perf_counter() - started
+    assert portal.throttled_count == 0
+    assert len(portal.patches()) == 60
+    assert took >= 2.0  # 60 requests at 25 per second cannot be faster than two full windows
