@@ -32,6 +32,8 @@ def test_config(db_url: str, portal: FakePortal, **overrides: str) -> Config:
         "HLF_HTTP_PORT": "0",
         "HLF_HTTP_HOST": "127.0.0.1",
         "HLF_PORTAL_TIMEOUT": "5s",
+        # The real limit (6000/5m) would make a 10,000-mentor test take minutes; tests of the limit set their own.
+        "HLF_PORTAL_RATE_LIMIT": "1000000/1s",
         **overrides,
     }
     return load_config(env, dotenv=None)
