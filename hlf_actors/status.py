@@ -202,6 +202,9 @@ def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None
     )
 
 
+_HIDDEN = frozenset({"raw", "snapshot"})  # kept in --json; noise for a person reading the story
+
+
 def render_story(story: Story) -> str:
     name = story.full_name or "(mentor row deleted)"
     lines = [f"{name}  {story.mentor_id}", f"  status {story.status}   portal record {story.portal_record_id}"]
@@ -215,7 +218,7 @@ def render_story(story: Story) -> str:
             lines.append(f"  error  {s['last_error']}")
     lines.append("  story:")
     for e in story.events:
-        detail = ", ".join(f"{k}={v}" for k, v in e["data"].items() if v is not None and k != "raw")
+        detail = ", ".join(f"{k}={v}" for k, v in e["data"].items() if v is not None and k not in _HIDDEN)
         lines.append(f"    {e['seq']:>8}  {e['at']:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {e['kind']:<18} {detail}")
     return "\n".join(lines)
 
