@@ -80,6 +80,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     portal_rate_window_s: float = 300.0
     backoff_jitter: bool = True
 
+    def __repr__(self) -> str:
+        # A libpq URL may carry a password: show the settings, never that.
+        url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", self.database_url or "")
+        url = re.sub(r"(password\s*=\s*)\S+", r"\1********", url)
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "database_url"}
+        return f"Config(database_url={url!r}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    __str__ = __repr__
+
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)

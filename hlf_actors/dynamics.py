@@ -20,6 +20,7 @@ secret.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ _ODATA_HEADERS = {
     "Accept": "application/json",
     "Content-Type": "application/json; charset=utf-8",
 }
+_RETRY_AFTER_CAP_S = 86_400.0
 # Refresh a token this long before the portal would reject it, so no request races its expiry.
 _TOKEN_MARGIN_S = 120.0
 
@@ -69,17 +71,16 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        # A portal asking for more than a day is not asking for anything we should plan around literally.
+        return min(float(value), _RETRY_AFTER_CAP_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return min(_RETRY_AFTER_CAP_S, max(0.0, (when - (now or datetime.now(UTC))).total_seconds()))
 
 
 def _portal_message(response: httpx.Response) -> str:
