@@ -108,7 +108,7 @@ class RequestBudget:
         self._limit = limit
         # The portal counts arrivals, we count starts: a margin keeps scheduling jitter from squeezing one request
         # too many into its window.
-        self._window_s = window_s + max(0.05, window_s * 0.02)
+        self._window_s = window_s + max(0.2, window_s * 0.02)
         self._starts: deque[float] = deque()
         self._lock = anyio.Lock()
 
