@@ -1,0 +1,480 @@
+"""The nightly certification-expiry check: reminders to coordinators, and the move to ``expired_cert``.
+
+Why it exists: a certificate that runs out must take its mentor off the public listing, and the coordinators should
+hear about it weeks before. Every night at HLF_NIGHTLY_AT (local time in HLF_TIMEZONE) the leader runs ``run_night``
+for that local date; ``hlf-actors check-expiry [--date D]`` runs the same thing by hand.
+
+    run_night(today)
+      ├─ one runner at a time: a session advisory lock; a second runner answers "already running"
+      ├─ hlf_job_runs ('cert_expiry', today) already 'ok'? answer "already done"
+      ├─ hlf_expire_certifications(today)     one UPDATE: active mentors without a certification valid today become
+      │                                       expired_cert (+ auto_transitioned); the mentors trigger appends
+      │                                       status_changed, so the service removes them from the portal at once
+      ├─ claim the reminders due              one INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING
+      ├─ push each claimed reminder           Alerting.deliver: alert_sent / alert_failed for every target
+      └─ after each batch of pushes           reminder_sent events and cert_expiry_reminders.pushed_at, set-based
+
+The rules:
+- A mentor's expiry is the latest ``expires_on`` of their certifications, valid through that day (the eligibility
+  rule: listed iff active and some ``expires_on >= today``); ``days_left = expiry − today``.
+- Thresholds are data: the organisation's ``reminder_days`` (default {30,14,7}; a trigger keeps them positive,
+  distinct and non-empty). A threshold ``t`` is crossed when ``0 <= days_left <= t``.
+- The reminder due is the smallest crossed threshold. It is sent once per (mentor, threshold, expiry): its row in
+  ``cert_expiry_reminders`` (unique on those three) is inserted first, and only a row this run inserted is pushed.
+- A missed night never skips a threshold and never sends a burst: a mentor found at 6 days left who got neither the
+  30-, 14- nor 7-day reminder gets one push (threshold 7, ``days_left`` 6), the most urgent, and 30 and 14 are
+  recorded as ``superseded`` so that later nights do not send them either.
+- A renewed certificate has a new expiry date, so its thresholds start afresh.
+- Only active mentors are reminded or expired. Paused mentors stay paused; an active mentor with no certification at
+  all is expired too (they are not eligible to be listed).
+- Out of scope: grace periods, and telling certification types apart (any certification counts).
+
+Crash safety: a row is claimed before its push and marked ``pushed_at`` after it, and the night is recorded 'ok' in
+``hlf_job_runs`` only at the end. A process that dies in between leaves the night unfinished; the next run (the
+scheduler re-runs an unfinished night on start) pushes the claimed-but-unpushed reminders. The worst case is a
+second push of the few reminders of the batch that was in flight, never a lost one.
+
+The scheduler (``nightly_forever``) keeps no state in memory: on start, and after every sleep, it asks the database
+whether the most recent night that should have run did, and runs it if not. So a process that was down at 02:00
+runs the missed night when it starts, and a standby that takes over does not run a night twice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time as _time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Literal
+from uuid import UUID
+from zoneinfo import ZoneInfo
+
+import anyio
+import msgspec
+import psycopg
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+
+from .alerting import Alerting
+from .alerts import Delivery
+from .clock import Clock
+from .config import Config
+from .events import ReminderSent, encode_payload
+
+__all__ = [
+    "JOB",
+    "NightReport",
+    "default_owner",
+    "last_due_night",
+    "next_run_after",
+    "nightly_forever",
+    "run_night",
+    "scheduled_at",
+]
+
+JOB = "cert_expiry"
+# One expiry check at a time, whatever the night: two nights run at once could each remind the same mentor.
+_LOCK = 0x484C_465F_4558_5059  # "HLF_EXPY"
+# Pushes are recorded (reminder_sent, pushed_at) after each batch: a crash repeats at most one batch.
+_BATCH = 500
+# The longest single sleep of the scheduler: a suspended host or a stepped clock costs at most this much lateness.
+_MAX_NAP_S = 900.0
+
+Outcome = Literal["done", "already_done", "already_running"]
+
+
+class NightReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What one run of the nightly check did."""
+
+    night: date
+    outcome: Outcome
+    reminders_sent: int = 0  # reminders pushed (to however many targets answered)
+    reminders_by_threshold: dict[int, int] = {}
+    reminders_undelivered: int = 0  # of those, pushes no target accepted (no devices, no topic, or all failed)
+    transitioned: int = 0  # mentors moved from active to expired_cert
+    skipped_already_done: int = 0  # mentors whose due reminder an earlier run already sent or superseded
+    superseded: int = 0  # larger thresholds marked done without a push because a smaller one was due (missed nights)
+    duration_s: float = 0.0
+    sql_s: float = 0.0  # of which in run_night's own statements; the rest is pushing (and Alerting's records of it)
+    queries: int = 0  # SQL statements run_night issued itself (each push's alert record is Alerting's, not counted)
+    holder: str | None = None  # for already_running / already_done: who ran it, and when
+
+    def describe(self) -> str:
+        if self.outcome == "already_running":
+            return f"night of {self.night}: already being checked by {self.holder or 'another process'}"
+        if self.outcome == "already_done":
+            return f"night of {self.night}: already checked ({self.holder or 'earlier'}); nothing done"
+        by = ", ".join(f"{t} days: {n}" for t, n in sorted(self.reminders_by_threshold.items(), reverse=True))
+        undelivered = f", {self.reminders_undelivered} undelivered" if self.reminders_undelivered else ""
+        return (
+            f"night of {self.night}: {self.reminders_sent} reminder(s) sent"
+            f"{f' ({by})' if by else ''}{undelivered}; {self.transitioned} mentor(s) moved to expired_cert; "
+            f"{self.skipped_already_done} already reminded; {self.duration_s:.2f} s ({self.sql_s:.2f} s SQL), "
+            f"{self.queries} queries"
+        )
+
+
+class _Due(msgspec.Struct, frozen=True):
+    mentor_id: UUID
+    organisation_id: UUID
+    threshold: int
+    days_left: int
+    expiry: date
+
+
+class _Claim(msgspec.Struct, frozen=True):
+    already: int
+    superseded: int
+    due: list[_Due]
+
+
+class _Targets(msgspec.Struct, frozen=True):
+    topic: str | None
+    tokens: tuple[str, ...]
+
+
+# -- SQL -------------------------------------------------------------------------------------------------------
+
+_START = """
+INSERT INTO hlf_job_runs (job, run_key, owner) VALUES (%(job)s, %(key)s, %(owner)s)
+ON CONFLICT (job, run_key) DO UPDATE
+    SET owner = EXCLUDED.owner, started_at = clock_timestamp(), finished_at = NULL, outcome = NULL,
+        attempts = hlf_job_runs.attempts + 1, detail = '{}'
+    WHERE hlf_job_runs.outcome IS DISTINCT FROM 'ok' OR %(rerun)s
+RETURNING attempts
+"""
+
+_FINISH = """
+UPDATE hlf_job_runs SET finished_at = clock_timestamp(), outcome = %s, detail = %s::jsonb
+WHERE job = %s AND run_key = %s
+"""
+
+_RUNNING = """
+SELECT run_key, owner, started_at FROM hlf_job_runs
+WHERE job = %s AND finished_at IS NULL ORDER BY started_at DESC LIMIT 1
+"""
+
+_DONE = "SELECT owner, finished_at FROM hlf_job_runs WHERE job = %s AND run_key = %s"
+
+# Claims every reminder due tonight in one statement and returns them as one JSON document:
+#   latest   active mentors whose latest expiry is today or later, with their organisation's thresholds
+#   crossed  one row per threshold with 0 <= days_left <= threshold (non-positive thresholds ignored, in case
+#            rows from before the validating trigger hold them)
+#   due      the smallest crossed threshold per mentor: the one reminder that may be sent
+#   known    each due reminder with its row in cert_expiry_reminders, if any
+#   claimed  for mentors whose due reminder has no row: a row for every crossed threshold, the due one to push, the
+#            larger ones superseded (ON CONFLICT: a larger one may have been reminded already)
+# Pushed tonight: the rows claimed for the due threshold, plus due rows an interrupted run claimed but never pushed.
+# (Rows inserted by `claimed` are invisible to the rest of the statement, so the two sets cannot overlap.)
+_CLAIM = """
+WITH latest AS (
+    SELECT m.id AS mentor_id, m.organisation_id, o.reminder_days, max(c.expires_on) AS expiry
+    FROM mentors m
+    JOIN organisations o ON o.id = m.organisation_id
+    JOIN certifications c ON c.mentor_id = m.id
+    WHERE m.status = 'active'
+    GROUP BY m.id, o.id
+    HAVING max(c.expires_on) >= %(today)s
+), crossed AS (
+    SELECT l.mentor_id, l.organisation_id, l.expiry, l.expiry - %(today)s AS days_left, t.day AS threshold
+    FROM latest l CROSS JOIN LATERAL unnest(l.reminder_days) AS t(day)
+    WHERE t.day > 0 AND l.expiry - %(today)s <= t.day
+), due AS (
+    SELECT mentor_id, organisation_id, expiry, days_left, min(threshold) AS threshold
+    FROM crossed GROUP BY mentor_id, organisation_id, expiry, days_left
+), known AS (
+    SELECT d.*, r.mentor_id IS NOT NULL AS on_record, r.pushed_at, coalesce(r.superseded, false) AS superseded
+    FROM due d
+    LEFT JOIN cert_expiry_reminders r
+        ON r.mentor_id = d.mentor_id AND r.threshold_day = d.threshold AND r.certification_expiry_date = d.expiry
+), claimed AS (
+    INSERT INTO cert_expiry_reminders (mentor_id, threshold_day, certification_expiry_date, superseded)
+    SELECT c.mentor_id, c.threshold, c.expiry, c.threshold <> k.threshold
+    FROM known k JOIN crossed c ON c.mentor_id = k.mentor_id
+    WHERE NOT k.on_record
+    ON CONFLICT DO NOTHING
+    RETURNING mentor_id, threshold_day, superseded
+), to_push AS (
+    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
+    FROM known k JOIN claimed c ON c.mentor_id = k.mentor_id AND c.threshold_day = k.threshold AND NOT c.superseded
+    UNION ALL
+    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
+    FROM known k WHERE k.on_record AND k.pushed_at IS NULL AND NOT k.superseded
+)
+SELECT json_build_object(
+    'already', (SELECT count(*) FROM known WHERE on_record AND (pushed_at IS NOT NULL OR superseded)),
+    'superseded', (SELECT count(*) FROM claimed WHERE superseded),
+    'due', coalesce((SELECT json_agg(p ORDER BY p.organisation_id, p.mentor_id) FROM to_push p), '[]')
+)::text
+"""
+
+_TARGETS = """
+SELECT o.id, o.alert_topic,
+       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+FROM organisations o LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
+WHERE o.id = ANY(%s)
+GROUP BY o.id
+"""
+
+# reminder_sent is not a projected kind: it goes straight to the log, like alert_sent, not through the inbox.
+_RECORD_EVENTS = """
+INSERT INTO event_log (mentor_id, kind, data)
+SELECT x.mentor_id, x.kind, x.data::jsonb
+FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS x(mentor_id, kind, data)
+"""
+
+_MARK_PUSHED = """
+UPDATE cert_expiry_reminders r SET pushed_at = clock_timestamp()
+FROM unnest(%s::uuid[], %s::int[], %s::date[]) AS x(mentor_id, threshold_day, expiry)
+WHERE r.mentor_id = x.mentor_id AND r.threshold_day = x.threshold_day AND r.certification_expiry_date = x.expiry
+"""
+
+
+# -- one night ------------------------------------------------------------------------------------------------
+
+
+class _Counted:
+    """The connection run_night talks through, counting the statements it sends."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+        self.queries = 0
+        self.seconds = 0.0
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.AsyncCursor[Any]:
+        self.queries += 1
+        started = _time.perf_counter()
+        try:
+            return await self.conn.execute(sql.encode(), params)
+        finally:
+            self.seconds += _time.perf_counter() - started
+
+
+def default_owner(role: str) -> str:
+    """Who holds a run, as hlf_job_runs.owner and the "already running" message show it."""
+    return f"{role} on {socket.gethostname()} (pid {os.getpid()})"
+
+
+async def run_night(
+    pool: AsyncConnectionPool[Any],
+    alerting: Alerting,
+    *,
+    today: date,
+    job_lock_owner: str,
+    rerun: bool = False,
+    push_concurrency: int = 8,
+) -> NightReport:
+    """Run the expiry check for the night of ``today`` (a local date): expire, then remind. Idempotent.
+
+    Returns ``already_running`` if another process is running the check, ``already_done`` if this night was
+    recorded 'ok' (unless ``rerun``: a rerun does only what is still missing). The pool must hand out autocommit
+    connections and have room for one more than ``push_concurrency`` (alert records use their own).
+    """
+    started = _time.perf_counter()
+    key = today.isoformat()
+    async with pool.connection() as raw:
+        db = _Counted(raw)
+        row = await (await db.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK,))).fetchone()
+        if not (row and row[0]):
+            running = await (await db.execute(_RUNNING, (JOB,))).fetchone()
+            holder = f"{running[1]}, night of {running[0]}, since {running[2]:%Y-%m-%d %H:%M:%S%z}" if running else None
+            return NightReport(night=today, outcome="already_running", holder=holder, queries=db.queries)
+        try:
+            params = {"job": JOB, "key": key, "owner": job_lock_owner, "rerun": rerun}
+            if await (await db.execute(_START, params)).fetchone() is None:
+                done = await (await db.execute(_DONE, (JOB, key))).fetchone()
+                holder = f"by {done[0]} at {done[1]:%Y-%m-%d %H:%M:%S%z}" if done else None
+                return NightReport(night=today, outcome="already_done", holder=holder, queries=db.queries)
+            try:
+                report = await _night(db, alerting, today, push_concurrency, started)
+            except BaseException as err:
+                with anyio.CancelScope(shield=True):
+                    await _record_failure(db, key, err)
+                raise
+            await db.execute(_FINISH, ("ok", msgspec.json.encode(report).decode(), JOB, key))
+            report = msgspec.structs.replace(report, queries=db.queries, sql_s=round(db.seconds, 3))
+            logger.bind(night=key).info("expiry check: {}", report.describe())
+            return report
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await raw.execute("SELECT pg_advisory_unlock(%s)", (_LOCK,))
+                except psycopg.Error:  # a broken connection has dropped the lock with it
+                    pass
+
+
+async def _record_failure(db: _Counted, key: str, err: BaseException) -> None:
+    detail = msgspec.json.encode({"error": f"{type(err).__name__}: {err}"[:500]}).decode()
+    try:
+        await db.execute(_FINISH, ("failed", detail, JOB, key))
+    except psycopg.Error:
+        pass  # the row stays unfinished, which the scheduler treats the same way
+
+
+async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int, started: float) -> NightReport:
+    log = logger.bind(night=today.isoformat())
+    # Expire first: the removals reach the portal while the reminders go out. The two sets cannot overlap (an
+    # expired mentor has no expiry >= today to be reminded about).
+    row = await (await db.execute("SELECT hlf_expire_certifications(%s)", (today,))).fetchone()
+    transitioned = int(row[0]) if row else 0
+    if transitioned:
+        log.info("{} mentor(s) with no valid certification moved to expired_cert", transitioned)
+
+    row = await (await db.execute(_CLAIM, {"today": today})).fetchone()
+    claim = msgspec.json.decode(row[0] if row else '{"already":0,"superseded":0,"due":[]}', type=_Claim)
+    targets: dict[UUID, _Targets] = {}
+    if claim.due:
+        orgs = sorted({d.organisation_id for d in claim.due})
+        for org_id, topic, tokens in await (await db.execute(_TARGETS, (orgs,))).fetchall():
+            targets[org_id] = _Targets(topic=topic or None, tokens=tuple(tokens))
+    unreachable = sorted({o for o, t in targets.items() if not t.tokens and not t.topic})
+    for org_id in unreachable:
+        log.warning("organisation {} has no coordinator devices and no alert_topic: its reminders reach no one", org_id)
+
+    by_threshold: dict[int, int] = {}
+    undelivered = 0
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+    for start in range(0, len(claim.due), _BATCH):
+        batch = claim.due[start : start + _BATCH]
+        outcomes = await _push(alerting, batch, targets, limiter)
+        events = [
+            encode_payload(
+                ReminderSent(
+                    threshold_day=due.threshold,
+                    days_left=due.days_left,
+                    certification_expiry_date=due.expiry,
+                    night=today,
+                    targets=len(deliveries),
+                    delivered=sum(1 for d in deliveries if d.ok),
+                )
+            ).decode()
+            for due, deliveries in zip(batch, outcomes, strict=True)
+        ]
+        # The reminders and every delivery of their pushes, in one statement (none of these kinds is projected).
+        rows = [(due.mentor_id, "reminder_sent", e) for due, e in zip(batch, events, strict=True)]
+        for due, deliveries in zip(batch, outcomes, strict=True):
+            data = _reminder_data(due)
+            rows.extend(
+                (due.mentor_id, ev.kind, encode_payload(ev.payload).decode())
+                for ev in Alerting.events(due.mentor_id, deliveries, data)
+            )
+        async with db.conn.transaction():
+            await db.execute(_RECORD_EVENTS, ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+            await db.execute(
+                _MARK_PUSHED, ([d.mentor_id for d in batch], [d.threshold for d in batch], [d.expiry for d in batch])
+            )
+        for due, deliveries in zip(batch, outcomes, strict=True):
+            by_threshold[due.threshold] = by_threshold.get(due.threshold, 0) + 1
+            undelivered += not any(d.ok for d in deliveries)
+    report = NightReport(
+        night=today,
+        outcome="done",
+        reminders_sent=len(claim.due),
+        reminders_by_threshold=by_threshold,
+        reminders_undelivered=undelivered,
+        transitioned=transitioned,
+        skipped_already_done=claim.already,
+        superseded=claim.superseded,
+        duration_s=round(_time.perf_counter() - started, 3),
+        sql_s=round(db.seconds, 3),
+        queries=db.queries,
+    )
+    return report
+
+
+def _reminder_data(due: _Due) -> dict[str, str]:
+    """The push payload of a reminder (INTERFACE.md): every value a string."""
+    return {"type": "cert_expiry_reminder", "mentor_id": str(due.mentor_id), "days_left": str(due.days_left)}
+
+
+async def _push(
+    alerting: Alerting, batch: Sequence[_Due], targets: dict[UUID, _Targets], limiter: anyio.CapacityLimiter
+) -> list[list[Delivery]]:
+    """One push per reminder to its organisation's coordinators; answers the deliveries in ``batch`` order."""
+    outcomes: list[list[Delivery]] = [[] for _ in batch]
+
+    async def one(i: int, due: _Due) -> None:
+        to = targets.get(due.organisation_id, _Targets(topic=None, tokens=()))
+        if not to.tokens and not to.topic:
+            return  # no one to tell: reminder_sent records targets=0
+        async with limiter:
+            outcomes[i] = await alerting.deliver(
+                _reminder_data(due), tokens=to.tokens, topic=to.topic, mentor_id=due.mentor_id, record=False
+            )
+
+    async with anyio.create_task_group() as tg:
+        for i, due in enumerate(batch):
+            tg.start_soon(one, i, due)
+    return outcomes
+
+
+# -- when ----------------------------------------------------------------------------------------------------------
+
+
+def scheduled_at(night: date, zone: ZoneInfo, at: time) -> datetime:
+    """The instant (UTC) of the run for ``night``: its local wall time ``at`` in ``zone``.
+
+    DST: a wall time that does not exist that night (02:30 when clocks jump from 02:00 to 03:00) runs at the
+    instant it would have been, 03:30 local; one that happens twice (clocks going back) runs the first time.
+    """
+    return datetime.combine(night, at, tzinfo=zone).astimezone(UTC)
+
+
+def last_due_night(now: datetime, zone: ZoneInfo, at: time) -> date:
+    """The most recent night whose scheduled run is at or before ``now``: the one that should have run by now."""
+    night = now.astimezone(zone).date()
+    if scheduled_at(night, zone, at) > now:
+        night -= timedelta(days=1)
+    return night
+
+
+def next_run_after(now: datetime, zone: ZoneInfo, at: time) -> datetime:
+    """The first scheduled run strictly after ``now`` (UTC)."""
+    night = now.astimezone(zone).date()
+    when = scheduled_at(night, zone, at)
+    while when <= now:
+        night += timedelta(days=1)
+        when = scheduled_at(night, zone, at)
+    return when
+
+
+async def _sleep_until(clock: Clock, when: datetime) -> None:
+    while (left := (when - clock.now()).total_seconds()) > 0:
+        await clock.sleep(min(left, _MAX_NAP_S))
+
+
+async def nightly_forever(
+    pool: AsyncConnectionPool[Any],
+    alerting: Alerting,
+    config: Config,
+    clock: Clock,
+    leadership_wait: Callable[[], Awaitable[None]],
+    *,
+    owner: str | None = None,
+    retry_s: float = 300.0,
+    busy_poll_s: float = 60.0,
+) -> None:
+    """Run the expiry check every night at ``config.nightly_at`` in ``config.zone``, while this process leads.
+
+    On start (and after each sleep) it runs the most recent night that should have run, unless hlf_job_runs says
+    it did. A failed night is tried again after ``retry_s``; a night another process is running is looked at again
+    after ``busy_poll_s`` (if that process dies, its lock goes and this one runs the night).
+    """
+    owner = owner or default_owner("scheduler")
+    zone, at = config.zone, config.nightly_at
+    logger.info("expiry check scheduled every night at {:%H:%M} {}", at, config.timezone)
+    while True:
+        await leadership_wait()
+        night = last_due_night(clock.now(), zone, at)
+        try:
+            report = await run_night(pool, alerting, today=night, job_lock_owner=owner)
+        except Exception as err:  # the sync path must go on; the night is tried again
+            logger.opt(exception=err).error("expiry check of {} failed: {}; again in {:.0f}s", night, err, retry_s)
+            await clock.sleep(retry_s)
+            continue
+        if report.outcome == "already_running":
+            logger.info("expiry check: {}", report.describe())
+            await clock.sleep(busy_poll_s)
+            continue
+        await _sleep_until(clock, next_run_after(clock.now(), zone, at))
