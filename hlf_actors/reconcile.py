@@ -1,0 +1,353 @@
+"""Reconciliation: compare the portal's listing with what the database says, and queue a sync for each mentor that
+differs.
+
+Why: the sync path is durable for every change the database sees, but the portal can drift without one: a record
+flipped by hand in Dynamics, a PATCH answered 204 but never applied, a record deleted behind our back. So every
+HLF_RECONCILE_EVERY the leader reads the whole listing (``GET …?$select=key,listed`` 5,000 rows a page, following
+@odata.nextLink; 100,000 records are 20 requests, paced by the client's service-protection budget) and the database
+in one streamed, set-based query, compares them in memory, and appends one ``sync_requested`` per divergent mentor.
+It sends nothing itself: the actors fix each mentor like any other change, with the usual retries, dead letters
+and alerts.
+
+Decision table, for every mentor with a portal_record_id (expected = hlf_is_eligible(mentor, today)):
+
+    portal record               expected  verdict                  action
+    present, listed == expected any       in sync                  nothing
+    present, listed != expected any       divergent                sync_requested
+    missing                     True      missing                  sync_requested: its PATCH will 404 and be
+                                                                   dead-lettered, and the coordinators alerted;
+                                                                   someone must recreate the portal record
+    missing                     False     absent, as it should be  nothing
+    present, owned by no mentor           orphan                   reported, never touched
+
+Mentors already pending or retrying are requested too: the actor reads the mentor's state *now*, so a duplicate
+request costs at most one PATCH, which is cheaper than reasoning about races. Dead-lettered mentors are not
+requested again: their coordinators were alerted already, and a request every period would push the same alert
+every 15 minutes; they are counted, and `hlf-actors dead-letters requeue` retries them.
+
+The portal is read first and the database second, so a change committed in between looks divergent while its actor
+is already on it: again at most one extra PATCH.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import date
+from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+import anyio
+import msgspec
+import psycopg
+from loguru import logger
+
+from . import db, projections
+from .actor import Portal, Runtime
+from .alerting import Alerting
+from .config import Config
+from .credentials import CheckablePortal, CredentialMonitor
+from .dynamics import ListingRow
+from .events import NewEvent, ReconcileFinished
+
+__all__ = [
+    "Divergence",
+    "ListingPortal",
+    "Orphan",
+    "ReconcileReport",
+    "RequestsOutcome",
+    "reconcile",
+    "reconcile_forever",
+    "render_report",
+    "run_cli",
+    "wait_for_requests",
+]
+
+PAGE_SIZE = 5000  # Dataverse's largest page
+_BATCH = 5000  # rows fetched, and sync requests appended, per round trip
+
+
+@runtime_checkable
+class ListingPortal(CheckablePortal, Protocol):
+    def listing(self, page_size: int = PAGE_SIZE) -> AsyncIterator[list[ListingRow]]: ...
+
+
+class Divergence(msgspec.Struct, frozen=True):
+    mentor_id: UUID
+    record_id: UUID
+    portal_listed: bool | None  # None: the portal has no such record
+    expected: bool
+    state: str | None  # the mentor's sync_status.state when read
+
+
+class Orphan(msgspec.Struct, frozen=True):
+    record_id: UUID
+    listed: bool | None
+
+
+class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
+    portal_records: int
+    mentors_checked: int
+    in_sync: int
+    divergent: list[Divergence]  # record present, listed flag wrong: requested
+    missing: list[Divergence]  # record gone, mentor should be listed: requested (will dead-letter)
+    absent_ok: int  # record gone, mentor should not be listed anyway
+    dead_lettered: list[Divergence]  # divergent or missing but dead-lettered: not requested again
+    orphans: list[Orphan]
+    requested: dict[UUID, int]  # mentor → seq of its sync_requested event
+    pages: int
+    portal_ms: float
+    database_ms: float
+    queue_ms: float
+    duration_ms: float
+
+    def finished(self) -> ReconcileFinished:
+        return ReconcileFinished(
+            portal_records=self.portal_records,
+            mentors_checked=self.mentors_checked,
+            divergent=len(self.divergent),
+            missing=len(self.missing),
+            orphans=len(self.orphans),
+            requests=len(self.requested),
+            pages=self.pages,
+            duration_ms=self.duration_ms,
+            absent_ok=self.absent_ok,
+            dead_lettered=len(self.dead_lettered),
+        )
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+async def reconcile(
+    conn: psycopg.AsyncConnection[Any], portal: ListingPortal, *, today: date, page_size: int = PAGE_SIZE
+) -> ReconcileReport:
+    """One reconciliation: read both sides, queue the fixes, record a reconcile_finished event."""
+    started = time.perf_counter()
+    listing: dict[UUID, bool | None] = {}
+    pages = 0
+    async for page in portal.listing(page_size):
+        pages += 1
+        for row in page:
+            listing[row.record_id] = row.listed
+    portal_ms = _ms(started)
+
+    db_started = time.perf_counter()
+    owned: set[UUID] = set()
+    divergent: list[Divergence] = []
+    missing: list[Divergence] = []
+    dead: list[Divergence] = []
+    checked = in_sync = absent_ok = 0
+    async with conn.transaction(), conn.cursor(name="hlf_reconcile") as cur:
+        await cur.execute(db.query("reconcile_mentors"), {"today": today})
+        while rows := await cur.fetchmany(_BATCH):
+            for mentor_id, record_id, eligible, state in rows:
+                checked += 1
+                owned.add(record_id)
+                expected = bool(eligible)
+                present = record_id in listing
+                listed = listing.get(record_id)
+                if present and listed == expected:
+                    in_sync += 1
+                elif not present and not expected:
+                    absent_ok += 1
+                else:
+                    found = Divergence(mentor_id, record_id, listed if present else None, expected, state)
+                    if state == "dead_lettered":
+                        dead.append(found)
+                    elif present:
+                        divergent.append(found)
+                    else:
+                        missing.append(found)
+    orphans = [Orphan(record_id, listed) for record_id, listed in listing.items() if record_id not in owned]
+    database_ms = _ms(db_started)
+
+    queue_started = time.perf_counter()
+    requested: dict[UUID, int] = {}
+    wanted = divergent + missing
+    for i in range(0, len(wanted), _BATCH):
+        batch = wanted[i : i + _BATCH]
+        # One statement per batch: hlf_append_event puts each request in the inbox, and the batch's NOTIFYs fold
+        # into one wake-up for the running service.
+        cur2 = await conn.execute(
+            db.query("reconcile_request"),
+            ([d.mentor_id for d in batch], [d.portal_listed for d in batch], [d.expected for d in batch]),
+        )
+        requested.update({row[0]: row[1] for row in await cur2.fetchall()})
+    queue_ms = _ms(queue_started)
+
+    report = ReconcileReport(
+        portal_records=len(listing),
+        mentors_checked=checked,
+        in_sync=in_sync,
+        divergent=divergent,
+        missing=missing,
+        absent_ok=absent_ok,
+        dead_lettered=dead,
+        orphans=orphans,
+        requested=requested,
+        pages=pages,
+        portal_ms=portal_ms,
+        database_ms=database_ms,
+        queue_ms=queue_ms,
+        duration_ms=_ms(started),
+    )
+    async with conn.transaction():
+        await projections.append(conn, [NewEvent(None, report.finished())])
+    return report
+
+
+def _summary_line(r: ReconcileReport) -> str:
+    return (
+        f"reconciled {r.portal_records} portal record(s) ({r.pages} page(s)) against {r.mentors_checked} mentor(s) "
+        f"in {r.duration_ms:.0f} ms: {len(r.divergent)} divergent, {len(r.missing)} missing, "
+        f"{len(r.orphans)} orphan(s); {len(r.requested)} sync(s) requested"
+    )
+
+
+async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal) -> None:
+    """The leader's periodic job: a credential check at start-up, then every HLF_RECONCILE_EVERY a credential
+    check followed by a reconciliation. A failed run logs one line and waits for the next period."""
+    if not isinstance(portal, ListingPortal):
+        logger.warning("reconciliation and credential checks are off: this portal client cannot read the listing")
+        return
+    config = runtime.config
+    monitor = CredentialMonitor(portal, runtime.pool, alerting)
+    runtime.on_credential_error = monitor.poke
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(monitor.serve_pokes, name="credential checks on demand")
+        await runtime.leadership.wait()
+        try:
+            await monitor.check("start-up")
+        except Exception as err:  # the database may be away; the next period tries again
+            logger.error("credential check at start-up failed: {}: {}", type(err).__name__, str(err)[:200])
+        while True:
+            await runtime.clock.sleep(config.reconcile_every_s)
+            await runtime.leadership.wait()
+            if runtime.stopping:
+                continue
+            try:
+                check = await monitor.check("scheduled")
+                if not check.ok:
+                    logger.warning("reconciliation skipped: {}", check.describe())
+                    continue
+                async with runtime.pool.connection() as conn:
+                    report = await reconcile(conn, portal, today=runtime.clock.today(config.zone))
+                logger.info(_summary_line(report))
+                for d in report.missing:
+                    logger.bind(mentor_id=str(d.mentor_id)).warning(
+                        "portal record {} is gone but the mentor should be listed: recreate it", d.record_id
+                    )
+            except Exception as err:  # one line, then the next period
+                logger.error("reconciliation failed: {}: {}", type(err).__name__, str(err)[:200])
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def _flag(value: bool | None) -> str:
+    return "absent" if value is None else ("listed" if value else "unlisted")
+
+
+def render_report(r: ReconcileReport, *, limit: int = 50) -> str:
+    lines = [
+        _summary_line(r),
+        f"  {'in sync':<36}{r.in_sync:>8}",
+        f"  {'divergent (listed flag wrong)':<36}{len(r.divergent):>8}   → sync requested",
+        f"  {'missing record, should be listed':<36}{len(r.missing):>8}"
+        + (
+            "   → sync requested; it will fail (404), be dead-lettered and alert the coordinators:"
+            " someone must recreate the portal record"
+            if r.missing
+            else ""
+        ),
+        f"  {'absent, as it should be':<36}{r.absent_ok:>8}",
+        f"  {'dead-lettered, not requested again':<36}{len(r.dead_lettered):>8}"
+        + ("   → see `hlf-actors dead-letters list`" if r.dead_lettered else ""),
+        f"  {'orphan records (no mentor owns them)':<36}{len(r.orphans):>8}"
+        + ("   → reported only, never touched" if r.orphans else ""),
+        f"  {'sync requests queued':<36}{len(r.requested):>8}",
+        f"  timings: portal {r.portal_ms:.0f} ms, database {r.database_ms:.0f} ms, queueing {r.queue_ms:.0f} ms",
+    ]
+    found = r.divergent + r.missing + r.dead_lettered
+    if found:
+        lines.append(f"{'MENTOR':36}  {'RECORD':36}  {'PORTAL':8}  {'SHOULD BE':9}  SYNC STATE WHEN READ")
+        for d in found[:limit]:
+            state = d.state or "-"
+            lines.append(
+                f"{d.mentor_id!s:36}  {d.record_id!s:36}  {_flag(d.portal_listed):8}  {_flag(d.expected):9}  {state}"
+            )
+        if len(found) > limit:
+            lines.append(f"… and {len(found) - limit} more")
+    if r.orphans:
+        lines.append(f"orphan records (never touched):\n{'RECORD':36}  PORTAL")
+        lines.extend(f"{o.record_id!s:36}  {_flag(o.listed)}" for o in r.orphans[:limit])
+        if len(r.orphans) > limit:
+            lines.append(f"… and {len(r.orphans) - limit} more")
+    return "\n".join(lines)
+
+
+class RequestsOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    fixed: list[UUID]
+    failed: list[UUID]  # dead-lettered after the request
+    open: list[UUID]
+    unprojected: int  # requests still in the inbox: nothing has even read them
+
+
+def wait_for_requests(
+    conn: psycopg.Connection[Any], requested: Mapping[UUID, int], *, timeout: float, poll_s: float = 0.1
+) -> RequestsOutcome:
+    """Poll sync_status until every requested mentor has an outcome that answers its request, or ``timeout``."""
+    mentors = list(requested)
+    seqs = [requested[m] for m in mentors]
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = conn.execute(db.query("reconcile_outcomes"), (mentors, seqs)).fetchall()
+        fixed = [m for m, verdict, _ in rows if verdict == "fixed"]
+        failed = [m for m, verdict, _ in rows if verdict == "failed"]
+        still = [m for m, verdict, _ in rows if verdict == "open"]
+        if not still or time.monotonic() >= deadline:
+            return RequestsOutcome(fixed=fixed, failed=failed, open=still, unprojected=sum(1 for r in rows if r[2]))
+        time.sleep(poll_s)
+
+
+def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: int = 50) -> int:
+    """`hlf-actors reconcile`: one reconciliation, its findings, then (``wait`` > 0) how the requests ended."""
+    from .clock import SystemClock
+    from .dynamics import DynamicsClient
+
+    url = config.require_database()
+    config.require_portal()
+
+    async def main() -> ReconcileReport:
+        portal = DynamicsClient(config)
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+            async with conn:
+                return await reconcile(conn, portal, today=SystemClock().today(config.zone), page_size=page_size)
+        finally:
+            await portal.aclose()
+
+    report = anyio.run(main)
+    print(render_report(report, limit=limit))
+    if not report.requested:
+        print("nothing to fix")
+        return 0
+    if wait <= 0:
+        print(f"{len(report.requested)} sync request(s) queued; `hlf-actors run` sends them")
+        return 0
+    print(f"waiting up to {wait:.0f}s for the service to fix {len(report.requested)} mentor(s)…")
+    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
+        outcome = wait_for_requests(conn, report.requested, timeout=wait)
+    print(f"fixed {len(outcome.fixed)} of {len(report.requested)}")
+    for mentor_id in outcome.failed[:limit]:
+        print(f"  dead-lettered: {mentor_id}  (see `hlf-actors status {mentor_id}`)")
+    for mentor_id in outcome.open[:limit]:
+        print(f"  still open:    {mentor_id}")
+    if outcome.unprojected:
+        print(
+            f"{outcome.unprojected} request(s) were never picked up: is `hlf-actors run` running? "
+            "They stay queued and are sent when it runs."
+        )
+    return 0 if not outcome.failed and not outcome.open else 1
