@@ -1,0 +1,821 @@
+"""Replay: rebuild every projection from event_log alone, while the service runs, and check or repair the live ones.
+
+The projections are ``sync_status`` and ``dead_letters`` (``projections.apply``) and ``duplicate_findings``
+(``duplicates.Detector``); ``fold_mentor`` runs both over one mentor's events in one pass, and is the only fold
+replay knows. A mentor's projected events are those in event_log and not in hlf_inbox, folded in seq order, after
+the mentor's projection_snapshots row if their oldest events were archived.
+
+    1. rebuild   REPEATABLE READ snapshot S0; stream event_log by (mentor, seq) through a server-side cursor, one
+                 row per mentor, so memory stays flat whatever the log's size; fold; write the rows into scratch
+                 tables (temporary: sync_status_rebuild, dead_letters_rebuild, duplicate_findings_rebuild)
+    2. catch up  one transaction: LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE, then
+                 fold again every mentor whose projected events changed since S0 — an event written by a
+                 transaction S0 did not see (``xid`` not visible in S0), or one in the inbox at S0 and drained since
+    3. compare   rows missing from, extra in, or different in the live tables
+       replay:   apply exactly those rows and raise the new duplicate findings, then commit
+       verify:   print them and roll back; nothing live is touched
+
+Why the lock makes step 2 exact: every writer of projected events or projection rows goes through a lock on
+sync_status first — ``projections.append`` loads its rows FOR UPDATE before appending, the drain loads them before
+writing, and duplicate raisers lock duplicate_findings before appending. Once EXCLUSIVE mode is granted, none is in
+flight and the next ones wait, so the log we fold is the log the live tables reflect. (A drain may have taken rows
+off the inbox and be waiting for its row locks: its transaction has not committed, so to us those events are still
+unprojected, and the live rows do not contain them either. After we commit it folds them on top of our rows.)
+The projector's DRAIN_LOCK is deliberately not taken: ``append`` takes it *after* its row locks when it creates a
+row, so taking it before the table lock would deadlock with such an append.
+
+Why a diff and not TRUNCATE + INSERT: EXCLUSIVE mode still lets readers read, and they see the old rows until the
+commit and the new ones after it — never a half-built projection — and a projection that was right is not
+rewritten. One replay or archival runs at a time (a session advisory lock).
+
+Archival (``archive``): events older than N days are folded into projection_snapshots and copied to
+event_log_archive; the snapshots are stored under the table locks, and then the archived rows are deleted from
+event_log in small transactions. Every reader — replay, the periodic duplicate check and the live re-fold of a late
+commit — folds a mentor's snapshot and only the events after its cut, so it is exact before, during and after the
+delete. The append-only triggers allow exactly that delete: rows already in the archive, of mentors whose snapshot
+covers them, with ``hlf.archiving`` set.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any, Literal, TextIO
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg import sql
+
+from . import db
+from .duplicates import DETECTED_KINDS, Detector, DuplicateState, Finding, FindingRow, raise_findings
+from .errors import HLFError
+from .events import Event, decode_event
+from .projections import PROJECTED_KINDS, DeadLetterRow, MentorProjection, SyncRow, apply
+
+__all__ = [
+    "REPLAY_LOCK",
+    "ArchiveRaced",
+    "ArchiveReport",
+    "DuplicateScan",
+    "MentorState",
+    "Progress",
+    "ReplayBusy",
+    "ReplayReport",
+    "archive",
+    "fold_mentor",
+    "render_archive",
+    "render_report",
+    "replay",
+]
+
+REPLAY_LOCK = 0x484C_465F_5245_504C  # "HLF_REPL": one replay or archival at a time (session lock)
+_ITERSIZE = 2_000  # mentors per fetch (about 20,000 events)
+_WRITE_BATCH = 5_000
+_STREAM_KINDS: tuple[str, ...] = (*PROJECTED_KINDS, *DETECTED_KINDS)
+
+
+class ReplayBusy(HLFError):
+    """Another replay or archival holds the replay lock."""
+
+
+class MentorState(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the log projects for one mentor; what projection_snapshots stores at an archive cut."""
+
+    projection: MentorProjection
+    duplicates: DuplicateState
+
+
+def fold_mentor(mentor_id: UUID, events: Sequence[Event], start: MentorState | None = None) -> MentorState:
+    """Fold a mentor's events (in seq order) into every projection. Pure; the live path folds with the same
+    ``projections.apply``, and the duplicate rules see the sync projection after each event."""
+    projection = start.projection if start is not None else MentorProjection(mentor_id=mentor_id)
+    detector = Detector(mentor_id, start.duplicates if start is not None else None)
+    for event in events:
+        projection = apply(projection, event)
+        detector.step(event, projection)
+    return MentorState(projection=projection, duplicates=detector.state())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading histories: one mentor at a time, in (mentor_id, seq) order, with flat memory.
+
+# One row per mentor: their events as one JSON array, in seq order. Rows per mentor rather than per event make the
+# client's per-row cost (the driver turning columns into objects dominated a profile) a tenth, and msgspec decodes the
+# array in one call. Built by concatenation: `kind` is [a-z_]+ (a CHECK), the rest are numbers, JSON and to_json, and
+# it costs the server a third less than json_agg(json_build_array(...)).
+_EVENTS = sql.SQL(
+    "SELECT mentor_id, '[' || string_agg('[' || seq || ',\"' || kind || '\",' || version || ',' "
+    "|| to_json(recorded_at)::text || ',' || xid::text || ',' || data::text || ']', ',' ORDER BY seq) || ']' "
+    "FROM event_log WHERE {} GROUP BY mentor_id ORDER BY mentor_id"
+)
+# For the whole log, a sequential scan and a sort (on disk past work_mem: the server's memory stays flat too) beat
+# walking the (mentor_id, seq) index, which reads every heap page about once per mentor on it, in random order: on a
+# million events 1.5 s against 3.5 s. The planner, costing a cursor for its first rows, would walk the index.
+_WHOLE_LOG_PLAN = "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off"
+_DEFAULT_PLAN = "RESET enable_indexscan; RESET enable_bitmapscan"
+_SNAPSHOTS = sql.SQL(
+    "SELECT mentor_id, projection::text, duplicates::text, cut_seq FROM projection_snapshots {} ORDER BY 1"
+)
+_INBOX = "SELECT i.seq, e.mentor_id FROM hlf_inbox i JOIN event_log e USING (seq)"
+_CHANGED_SINCE = (
+    "SELECT DISTINCT mentor_id FROM event_log "
+    "WHERE xid >= pg_snapshot_xmin(%(s)s::pg_snapshot) AND NOT pg_visible_in_snapshot(xid, %(s)s::pg_snapshot) "
+    "AND mentor_id IS NOT NULL"
+)
+
+
+class _Row(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    seq: int
+    kind: str
+    version: int
+    recorded_at: datetime
+    xid: int
+    data: msgspec.Raw  # decoded by decode_event, as for every other reader of the log
+
+
+_rows_decoder = msgspec.json.Decoder(list[_Row])
+_projection_decoder = msgspec.json.Decoder(MentorProjection)
+_duplicates_decoder = msgspec.json.Decoder(DuplicateState)
+
+History = tuple[UUID, MentorState | None, list[Event]]
+
+
+def _inbox(conn: psycopg.Connection[Any]) -> tuple[set[int], set[UUID]]:
+    """The unprojected events (seqs) and their mentors, in the caller's snapshot."""
+    seqs: set[int] = set()
+    mentors: set[UUID] = set()
+    for seq, mentor_id in conn.execute(_INBOX).fetchall():
+        seqs.add(seq)
+        if mentor_id is not None:
+            mentors.add(mentor_id)
+    return seqs, mentors
+
+
+def _histories(
+    conn: psycopg.Connection[Any],
+    *,
+    inbox: AbstractSet[int],
+    mentors: Sequence[UUID] | None = None,
+    kinds: Sequence[str] | None = _STREAM_KINDS,
+    upto: int | None = None,
+    on_events: Callable[[int], None] | None = None,
+) -> Iterator[History]:
+    """Each mentor's snapshot (if any) and projected events, mentor by mentor. Must run inside a transaction."""
+    where = [sql.SQL("mentor_id IS NOT NULL")]
+    params: dict[str, Any] = {}
+    if kinds is not None:
+        where.append(sql.SQL("kind = ANY(%(kinds)s)"))
+        params["kinds"] = list(kinds)
+    if mentors is not None:
+        where.append(sql.SQL("mentor_id = ANY(%(mentors)s)"))
+        params["mentors"] = list(mentors)
+    if upto is not None:
+        where.append(sql.SQL("seq <= %(upto)s"))
+        params["upto"] = upto
+    snap_where = sql.SQL("WHERE mentor_id = ANY(%(mentors)s)") if mentors is not None else sql.SQL("")
+    with (
+        conn.cursor(name="hlf_replay_events") as events_cur,
+        conn.cursor(name="hlf_replay_snapshots") as snaps_cur,
+    ):
+        if mentors is None:
+            conn.execute(_WHOLE_LOG_PLAN)
+        events_cur.execute(_EVENTS.format(sql.SQL(" AND ").join(where)), params)
+        if mentors is None:
+            conn.execute(_DEFAULT_PLAN)
+        snaps_cur.execute(_SNAPSHOTS.format(snap_where), {"mentors": params.get("mentors")})
+        rows = _prefetch(events_cur)
+        snaps = _fetch(snaps_cur)
+        try:
+            row = next(rows, None)
+            snap = next(snaps, None)
+            while row is not None or snap is not None:
+                start: MentorState | None = None
+                events: list[Event] = []
+                after = 0  # events up to the archive cut are in the snapshot, whether or not still in the log
+                if snap is not None and (row is None or snap[0] <= row[0]):
+                    mentor: UUID = snap[0]
+                    start = MentorState(
+                        projection=_projection_decoder.decode(snap[1]), duplicates=_duplicates_decoder.decode(snap[2])
+                    )
+                    after = snap[3]
+                    snap = next(snaps, None)
+                else:
+                    assert row is not None
+                    mentor = row[0]
+                if row is not None and row[0] == mentor:
+                    decoded = _rows_decoder.decode(row[1])
+                    if on_events is not None:
+                        on_events(len(decoded))
+                    events = [
+                        decode_event(r.seq, mentor, r.kind, r.version, bytes(r.data), r.recorded_at, r.xid)
+                        for r in decoded
+                        if r.seq > after and r.seq not in inbox
+                    ]
+                    row = next(rows, None)
+                yield mentor, start, events
+        finally:
+            rows.close()  # stop the fetching thread before the cursor closes
+
+
+def _fetch(cur: psycopg.ServerCursor[Any]) -> Iterator[Any]:
+    while batch := cur.fetchmany(_ITERSIZE):
+        yield from batch
+
+
+def _prefetch(cur: psycopg.ServerCursor[Any]) -> Generator[Any, None, None]:
+    """``_fetch`` with the next batch fetched by a thread while this one is folded.
+
+    A server-side cursor computes rows only when asked, so fetching in line would leave the server idle while we fold
+    and us idle while it aggregates; this overlaps the two. The driver waits for the network without the GIL.
+    """
+    batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            while not stop.is_set():
+                batch = cur.fetchmany(_ITERSIZE)
+                batches.put(batch if batch else None)
+                if not batch:
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            batches.put(err)
+
+    thread = threading.Thread(target=pump, name="hlf-replay-fetch", daemon=True)
+    thread.start()
+    try:
+        while (item := batches.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pump waiting to put, then let it end
+            with suppress(queue.Empty):
+                batches.get(timeout=0.05)
+        thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scratch tables.
+
+
+class _Table(msgspec.Struct, frozen=True):
+    live: str
+    key: str
+    columns: tuple[str, ...]  # the projected columns: what is rebuilt and compared
+    on_insert: tuple[tuple[str, str], ...] = ()  # (column, expression over the scratch row) for restored rows
+
+    @property
+    def scratch(self) -> str:
+        return f"{self.live}_rebuild"
+
+
+_SYNC_COLUMNS = tuple(SyncRow.__struct_fields__)
+_TABLES = (
+    _Table("sync_status", "mentor_id", _SYNC_COLUMNS),
+    _Table("dead_letters", "id", tuple(DeadLetterRow.__struct_fields__)),
+    # A finding restored by replay was raised by the live path, which owns its alert: it is not alerted again.
+    _Table("duplicate_findings", "key", tuple(FindingRow.__struct_fields__), (("alerted_at", "detected_at"),)),
+)
+_SYNC, _LETTERS, _FINDINGS = _TABLES
+
+
+def _create_scratch(conn: psycopg.Connection[Any]) -> None:
+    for table in _TABLES:
+        scratch = sql.Identifier("pg_temp", table.scratch)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(scratch))
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING ALL)").format(
+                sql.Identifier(table.scratch), sql.Identifier(table.live)
+            )
+        )
+
+
+class _Sink:
+    """Rows of the rebuilt projections, written to the scratch tables in batches, as one msgspec-encoded JSON array
+    per table and batch (json_populate_recordset): formatting values one by one for COPY cost more than the fold."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._rows: dict[str, list[msgspec.Struct]] = {t.live: [] for t in _TABLES}
+        self.mentors = 0
+
+    def add(self, state: MentorState) -> None:
+        if state.projection.sync is not None:
+            self._rows[_SYNC.live].append(state.projection.sync)
+            self.mentors += 1
+        self._rows[_LETTERS.live].extend(state.projection.dead_letters)
+        self._rows[_FINDINGS.live].extend(state.duplicates.raised)
+        if len(self._rows[_SYNC.live]) >= _WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        for table in _TABLES:
+            rows = self._rows[table.live]
+            if rows:
+                self._conn.execute(_insert_json(table), (msgspec.json.encode(rows).decode(),))
+                rows.clear()
+
+
+def _insert_json(table: _Table) -> sql.Composed:
+    scratch = sql.Identifier("pg_temp", table.scratch)
+    columns = sql.SQL(", ").join(map(sql.Identifier, table.columns))
+    return sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM json_populate_recordset(NULL::{t}, %s::json)").format(
+        t=scratch, c=columns
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress on stderr.
+
+
+class Progress:
+    """One line on a terminal, rewritten in place: events done, events/s and the time left. Silent elsewhere."""
+
+    def __init__(self, stream: TextIO | None = None, *, label: str = "replay", every_s: float = 0.25) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = self._stream.isatty()
+        self._label = label
+        self._every_s = every_s
+        self.total: int | None = None
+        self.done = 0
+        self.started = time.monotonic()
+        self._drawn = 0.0
+
+    def start(self, total: int | None) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self._tty and now - self._drawn >= self._every_s:
+            self._drawn = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        if self.total and self.total > self.done and rate > 0:
+            eta = f"ETA {(self.total - self.done) / rate:.0f}s"
+            of = f"/~{self.total:,}"
+        else:
+            eta, of = "", ""
+        self._stream.write(f"\r{self._label}: {self.done:,}{of} events  {rate:,.0f} events/s  {eta}\x1b[K")
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty and self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay and verify.
+
+
+class RowDiff(msgspec.Struct, frozen=True, kw_only=True):
+    table: str
+    key: str
+    kind: Literal["missing", "extra", "different"]  # missing from the live table / only in it / both, unequal
+    columns: dict[str, tuple[Any, Any]]  # column → (live, replayed); only the differing ones for "different"
+
+
+class TableDiff(msgspec.Struct, frozen=True, kw_only=True):
+    table: str
+    missing: int
+    extra: int
+    different: int
+    rows: tuple[RowDiff, ...]  # the first few, to print
+
+    @property
+    def total(self) -> int:
+        return self.missing + self.extra + self.different
+
+
+class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
+    applied: bool  # False for --verify
+    events: int
+    mentors: int
+    refolded: int  # mentors whose events changed during the rebuild, folded again under the lock
+    seconds: float
+    tables: tuple[TableDiff, ...]
+    raised: tuple[FindingRow, ...]  # findings this replay raised
+    unraised: tuple[Finding, ...]  # findings the log shows that nobody raised yet (verify only)
+
+    @property
+    def differences(self) -> int:
+        return sum(t.total for t in self.tables)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Built(msgspec.Struct, kw_only=True):
+    snapshot: str
+    inbox_mentors: set[UUID]
+    events: int
+    mentors: int
+    pending: dict[UUID, list[Finding]]
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True, **{**db.CONNECT_KWARGS, "application_name": "hlf-actors replay"})
+
+
+@contextmanager
+def _replay_lock(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (REPLAY_LOCK,)).fetchone()
+    if not row or not row[0]:
+        raise ReplayBusy("another replay or archival is running; try again when it has finished")
+    try:
+        yield
+    finally:
+        with suppress(psycopg.Error):  # a broken connection has released it already
+            conn.execute("SELECT pg_advisory_unlock(%s)", (REPLAY_LOCK,))
+
+
+def _estimate(conn: psycopg.Connection[Any]) -> int | None:
+    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'event_log'::regclass").fetchone()
+    return int(row[0]) if row and row[0] and row[0] > 0 else None
+
+
+def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], progress: Progress) -> _Built:
+    """Step 1: fold the whole log as of one snapshot into the scratch tables."""
+    _create_scratch(writer)
+    sink = _Sink(writer)
+    pending: dict[UUID, list[Finding]] = {}
+    progress.start(_estimate(reader))
+    reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    reader.read_only = True
+    with reader.transaction():
+        row = reader.execute("SELECT pg_current_snapshot()::text").fetchone()
+        assert row is not None
+        snapshot = str(row[0])
+        inbox, inbox_mentors = _inbox(reader)
+        for mentor_id, start, events in _histories(reader, inbox=inbox, on_events=progress.advance):
+            state = fold_mentor(mentor_id, events, start)
+            sink.add(state)
+            unraised = state.duplicates.unraised()
+            if unraised:
+                pending[mentor_id] = unraised
+    sink.flush()
+    progress.finish()
+    return _Built(
+        snapshot=snapshot, inbox_mentors=inbox_mentors, events=progress.done, mentors=sink.mentors, pending=pending
+    )
+
+
+def _refold(
+    conn: psycopg.Connection[Any], mentors: set[UUID], inbox: AbstractSet[int], pending: dict[UUID, list[Finding]]
+) -> None:
+    """Step 2: fold the given mentors again from the log as it is now, replacing their scratch rows."""
+    ids = sorted(mentors)
+    states = [fold_mentor(m, events, start) for m, start, events in _histories(conn, inbox=inbox, mentors=ids)]
+    for table in _TABLES:
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE mentor_id = ANY(%s)").format(sql.Identifier("pg_temp", table.scratch)),
+            (ids,),
+        )
+    sink = _Sink(conn)
+    for m in ids:
+        pending.pop(m, None)
+    for state in states:
+        sink.add(state)
+        unraised = state.duplicates.unraised()
+        if unraised:
+            pending[state.projection.mentor_id] = unraised
+    sink.flush()
+
+
+def _row_tuple(table: _Table, alias: str) -> sql.Composed:
+    return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(alias, c) for c in table.columns))
+
+
+def _differing(table: _Table) -> sql.Composed:
+    """FROM … WHERE … of the rows that differ between the live and the scratch table (l: live, r: replayed)."""
+    return sql.SQL("FROM {live} l FULL JOIN {scratch} r ON l.{key} = r.{key} WHERE {l} IS DISTINCT FROM {r}").format(
+        live=sql.Identifier(table.live),
+        scratch=sql.Identifier("pg_temp", table.scratch),
+        key=sql.Identifier(table.key),
+        l=_row_tuple(table, "l"),
+        r=_row_tuple(table, "r"),
+    )
+
+
+def _diff(conn: psycopg.Connection[Any], table: _Table, limit: int) -> TableDiff:
+    key = sql.Identifier(table.key)
+    counts = conn.execute(
+        sql.SQL(
+            "SELECT count(*) FILTER (WHERE l.{k} IS NULL), count(*) FILTER (WHERE r.{k} IS NULL), "
+            "count(*) FILTER (WHERE l.{k} IS NOT NULL AND r.{k} IS NOT NULL) {d}"
+        ).format(k=key, d=_differing(table))
+    ).fetchone()
+    assert counts is not None
+    missing, extra, different = (int(c) for c in counts)
+    rows: list[RowDiff] = []
+    if missing + extra + different and limit > 0:
+        n = len(table.columns)
+        cur = conn.execute(
+            sql.SQL("SELECT {l}, {r} {d} ORDER BY coalesce(l.{k}, r.{k}) LIMIT %s").format(
+                l=sql.SQL(", ").join(sql.Identifier("l", c) for c in table.columns),
+                r=sql.SQL(", ").join(sql.Identifier("r", c) for c in table.columns),
+                d=_differing(table),
+                k=key,
+            ),
+            (limit,),
+        )
+        key_index = table.columns.index(table.key)
+        for values in cur.fetchall():
+            live, replayed = values[:n], values[n:]
+            if live[key_index] is None:
+                kind: Literal["missing", "extra", "different"] = "missing"
+                cols = {c: (None, v) for c, v in zip(table.columns, replayed, strict=True)}
+            elif replayed[key_index] is None:
+                kind = "extra"
+                cols = {c: (v, None) for c, v in zip(table.columns, live, strict=True)}
+            else:
+                kind = "different"
+                cols = {c: (a, b) for c, a, b in zip(table.columns, live, replayed, strict=True) if a != b}
+            shown = live[key_index] if live[key_index] is not None else replayed[key_index]
+            rows.append(RowDiff(table=table.live, key=str(shown), kind=kind, columns=cols))
+    return TableDiff(table=table.live, missing=missing, extra=extra, different=different, rows=tuple(rows))
+
+
+def _apply(conn: psycopg.Connection[Any], table: _Table) -> None:
+    """Make the live table equal the scratch one, writing only the rows that differ."""
+    live, scratch, key = sql.Identifier(table.live), sql.Identifier("pg_temp", table.scratch), sql.Identifier(table.key)
+    conn.execute(
+        sql.SQL("DELETE FROM {live} l WHERE NOT EXISTS (SELECT 1 FROM {scratch} r WHERE r.{key} = l.{key})").format(
+            live=live, scratch=scratch, key=key
+        )
+    )
+    insert_cols = [*table.columns, *(c for c, _ in table.on_insert)]
+    select = [sql.Identifier("r", c) for c in table.columns] + [sql.Identifier("r", e) for _, e in table.on_insert]
+    updates = [sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in table.columns if c != table.key]
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {live} ({cols}) SELECT {select} FROM {scratch} r LEFT JOIN {live} l ON l.{key} = r.{key} "
+            "WHERE {l} IS DISTINCT FROM {r} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        ).format(
+            live=live,
+            cols=sql.SQL(", ").join(map(sql.Identifier, insert_cols)),
+            select=sql.SQL(", ").join(select),
+            scratch=scratch,
+            key=key,
+            l=_row_tuple(table, "l"),
+            r=_row_tuple(table, "r"),
+            updates=sql.SQL(", ").join(updates),
+        )
+    )
+
+
+def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bool, limit: int) -> ReplayReport:
+    """Steps 2 and 3, in one transaction under the table locks."""
+    writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    raised: list[FindingRow] = []
+    unraised: list[Finding] = []
+    with writer.transaction():
+        # LOCK takes no snapshot: the transaction's snapshot is taken by the next statement, after the lock.
+        writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
+        changed = {r[0] for r in writer.execute(_CHANGED_SINCE, {"s": built.snapshot}).fetchall()}
+        changed |= built.inbox_mentors
+        inbox, _ = _inbox(writer)
+        if changed:
+            _refold(writer, changed, inbox, built.pending)
+        tables = tuple(_diff(writer, t, limit) for t in _TABLES)
+        findings = [f for fs in built.pending.values() for f in fs]
+        if apply_changes:
+            for table, diff in zip(_TABLES, tables, strict=True):
+                if diff.total:
+                    _apply(writer, table)
+            raised = raise_findings(writer, findings)
+        else:
+            unraised = findings
+            raise psycopg.Rollback()  # verify: leave the live tables (and the scratch ones) as they were
+    return ReplayReport(
+        applied=apply_changes,
+        events=built.events,
+        mentors=built.mentors,
+        refolded=len(changed),
+        seconds=0.0,
+        tables=tables,
+        raised=tuple(raised),
+        unraised=tuple(unraised),
+    )
+
+
+def replay(url: str, *, verify: bool = False, progress: Progress | None = None, detail_limit: int = 20) -> ReplayReport:
+    """Rebuild every projection from the log; unless ``verify``, make the live tables equal to it."""
+    progress = progress if progress is not None else Progress()
+    started = time.monotonic()
+    with _connect(url) as writer, _connect(url) as reader, _replay_lock(writer):
+        built = _rebuild(reader, writer, progress)
+        report = _finish(writer, built, apply_changes=not verify, limit=detail_limit)
+    return msgspec.structs.replace(report, seconds=time.monotonic() - started)
+
+
+def render_report(report: ReplayReport) -> str:
+    lines = [
+        f"{'verified' if not report.applied else 'replayed'} {report.events:,} events of {report.mentors:,} "
+        f"mentors in {report.seconds:.1f}s ({report.events_per_s:,.0f} events/s); "
+        f"{report.refolded} mentor(s) changed meanwhile were folded again under the lock"
+    ]
+    for table in report.tables:
+        if not table.total:
+            lines.append(f"{table.table}: same as the log")
+            continue
+        verb = "corrected" if report.applied else "differ"
+        lines.append(
+            f"{table.table}: {table.total} row(s) {verb} — {table.missing} missing, {table.extra} extra, "
+            f"{table.different} different"
+        )
+        for row in table.rows:
+            if row.kind == "different":
+                cols = ", ".join(f"{c}: live {a!r} ≠ replayed {b!r}" for c, (a, b) in row.columns.items())
+            elif row.kind == "missing":
+                cols = "only in the replay"
+            else:
+                cols = "only in the live table"
+            lines.append(f"  {row.kind:9} {row.key}: {cols}")
+        if table.total > len(table.rows):
+            lines.append(f"  … and {table.total - len(table.rows)} more")
+    if report.raised:
+        lines.append(f"duplicates: {len(report.raised)} new finding(s) raised; the running service alerts ops")
+        lines.extend(f"  {f.key}" for f in report.raised)
+    if report.unraised:
+        lines.append(f"duplicates: {len(report.unraised)} finding(s) in the log not raised yet (replay raises them)")
+        lines.extend(f"  {f.key}: {f.detail}" for f in report.unraised)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Archival.
+
+
+class ArchiveReport(msgspec.Struct, frozen=True, kw_only=True):
+    cut_seq: int | None  # the newest archived event; None when nothing was old enough
+    archived: int
+    snapshots: int
+    seconds: float
+
+
+class ArchiveRaced(HLFError):
+    """An event older than the cut committed while the archival ran."""
+
+
+_SNAPSHOT_COLUMNS = ("mentor_id", "cut_seq", "projection", "duplicates")
+_CUT = (
+    "SELECT max(seq) FROM event_log WHERE recorded_at < now() - %s::interval",
+    "SELECT min(seq) FROM hlf_inbox",
+)
+_COUNT_UPTO = (
+    "SELECT count(*), (SELECT count(*) FROM hlf_inbox WHERE seq <= %(cut)s) FROM event_log WHERE seq <= %(cut)s"
+)
+# A snapshot never moves back: an archival with a shorter reach than an earlier one leaves those mentors as they were.
+_STORE_SNAPSHOTS = (
+    "INSERT INTO projection_snapshots AS s (mentor_id, cut_seq, projection, duplicates) "
+    "SELECT mentor_id, cut_seq, projection, duplicates FROM pg_temp.projection_snapshots_new "
+    "ON CONFLICT (mentor_id) DO UPDATE SET cut_seq = EXCLUDED.cut_seq, projection = EXCLUDED.projection, "
+    "duplicates = EXCLUDED.duplicates, taken_at = now() WHERE s.cut_seq < EXCLUDED.cut_seq"
+)
+_COPY_TO_ARCHIVE = (
+    "INSERT INTO event_log_archive (seq, mentor_id, kind, version, data, recorded_at, xid) "
+    "SELECT seq, mentor_id, kind, version, data, recorded_at, xid FROM event_log WHERE seq <= %(cut)s "
+    "ON CONFLICT (seq) DO NOTHING"
+)
+_DELETE_ARCHIVED = (
+    "SET LOCAL hlf.archiving = 'on'",
+    "DELETE FROM event_log WHERE seq > %(low)s AND seq <= %(high)s",
+)
+_DELETE_CHUNK = 50_000  # seqs per delete transaction
+
+
+def archive(url: str, *, older_than: timedelta, progress: Progress | None = None) -> ArchiveReport:
+    """Move events older than ``older_than`` to event_log_archive, keeping replay exact.
+
+    The cut is a seq: every event up to it is archived, and it stays below anything still in the inbox. Each
+    mentor's state at the cut is folded and the events are copied to the archive outside any lock (archived events
+    never change); the snapshots are stored in one transaction under the replay's table locks, so a live re-fold
+    (which holds its mentor's row lock) sees either the old snapshot and every event or the new one and the events
+    after it; then the archived events are deleted in chunks. A rerun after a crash carries on where it stopped.
+    """
+    progress = progress if progress is not None else Progress(label="archive")
+    started = time.monotonic()
+    with _connect(url) as writer, _connect(url) as reader, _replay_lock(writer):
+        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        reader.read_only = True
+        writer.execute("DROP TABLE IF EXISTS pg_temp.projection_snapshots_new")
+        writer.execute("CREATE TEMP TABLE projection_snapshots_new (LIKE projection_snapshots INCLUDING DEFAULTS)")
+        snapshots = 0
+        with reader.transaction():
+            newest = reader.execute(_CUT[0], (older_than,)).fetchone()
+            oldest_unprojected = reader.execute(_CUT[1]).fetchone()
+            cut: int | None = newest[0] if newest else None
+            if cut is not None and oldest_unprojected and oldest_unprojected[0] is not None:
+                cut = min(cut, int(oldest_unprojected[0]) - 1)
+            if cut is None or cut < 1:
+                return ArchiveReport(cut_seq=None, archived=0, snapshots=0, seconds=time.monotonic() - started)
+            counted = reader.execute(_COUNT_UPTO, {"cut": cut}).fetchone()
+            assert counted is not None
+            progress.start(int(counted[0]))
+            statement = sql.SQL("COPY pg_temp.projection_snapshots_new ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, _SNAPSHOT_COLUMNS))
+            )
+            with writer.cursor() as cur, cur.copy(statement) as copy:
+                for mentor_id, start, events in _histories(
+                    reader, inbox=frozenset(), kinds=None, upto=cut, on_events=progress.advance
+                ):
+                    state = fold_mentor(mentor_id, events, start)
+                    copy.write_row(
+                        (
+                            mentor_id,
+                            cut,
+                            msgspec.json.encode(state.projection).decode(),
+                            msgspec.json.encode(state.duplicates).decode(),
+                        )
+                    )
+                    snapshots += 1
+        progress.finish()
+        # Copies first, outside the locks: harmless on their own (replay reads event_log), and kept on a retry.
+        writer.execute(_COPY_TO_ARCHIVE, {"cut": cut})
+        with writer.transaction():
+            writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
+            now = writer.execute(_COUNT_UPTO, {"cut": cut}).fetchone()
+            assert now is not None
+            if int(now[0]) != int(counted[0]) or int(now[1]) != 0:
+                raise ArchiveRaced(
+                    f"an event at or below seq {cut} committed while archiving; nothing was deleted, run it again"
+                )
+            writer.execute(_STORE_SNAPSHOTS)
+        # From here on every reader folds a mentor's snapshot and only the events after its cut, so the archived
+        # rows can leave the log in small transactions, without the locks.
+        first = writer.execute("SELECT min(seq) FROM event_log").fetchone()
+        low = int(first[0]) - 1 if first and first[0] is not None else cut
+        while low < cut:
+            high = min(low + _DELETE_CHUNK, cut)
+            with writer.transaction():
+                writer.execute(_DELETE_ARCHIVED[0])
+                writer.execute(_DELETE_ARCHIVED[1], {"low": low, "high": high})
+            low = high
+    return ArchiveReport(cut_seq=cut, archived=int(counted[0]), snapshots=snapshots, seconds=time.monotonic() - started)
+
+
+def render_archive(report: ArchiveReport) -> str:
+    if report.cut_seq is None:
+        return "archive: no event old enough"
+    return (
+        f"archived {report.archived:,} events up to seq {report.cut_seq} into event_log_archive, "
+        f"{report.snapshots:,} mentor snapshot(s) stored at the cut, in {report.seconds:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The live service's periodic duplicate check.
+
+
+class DuplicateScan:
+    """Raise the duplicate findings of the mentors whose events committed since the previous scan (all mentors on
+    the first). Synchronous: the service runs it in a worker thread. Keeps the snapshot of its last scan."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._since: str | None = None
+        self._recheck: set[UUID] = set()
+
+    def run(self, stop: threading.Event | None = None) -> list[FindingRow]:
+        with psycopg.connect(
+            self._url, autocommit=True, **{**db.CONNECT_KWARGS, "application_name": "hlf-actors duplicates"}
+        ) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            found: list[Finding] = []
+            with conn.transaction():
+                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+                assert row is not None
+                snapshot = str(row[0])
+                inbox, inbox_mentors = _inbox(conn)
+                mentors: list[UUID] | None = None
+                if self._since is not None:
+                    changed = {r[0] for r in conn.execute(_CHANGED_SINCE, {"s": self._since}).fetchall()}
+                    mentors = sorted(changed | self._recheck)
+                if mentors is None or mentors:
+                    for mentor_id, start, events in _histories(conn, inbox=inbox, mentors=mentors):
+                        if stop is not None and stop.is_set():
+                            return []
+                        found.extend(fold_mentor(mentor_id, events, start).duplicates.unraised())
+            conn.isolation_level = None
+            conn.read_only = None
+            with conn.transaction():
+                raised = raise_findings(conn, found)
+        # Events still in the inbox were left out; their mentors are looked at again once they are drained.
+        self._since, self._recheck = snapshot, inbox_mentors
+        return raised
