@@ -193,6 +193,7 @@ class Runtime:
     stopping: bool = False
     crowded: Callable[[], bool] = lambda: False
     metrics: Metrics = field(default_factory=Metrics)
+    on_credential_error: Callable[[], None] = lambda: None  # asks for a credential check soon (debounced)
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,8 @@ class Actor:
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
             return
         except (TransientPortalError, CredentialError) as err:
+            if isinstance(err, CredentialError):
+                self._rt.on_credential_error()
             self._rt.metrics.attempts.labels("failed").inc()
             outage = probe or self._rt.circuit.is_open
             await self._rt.circuit.transient_failure(self.mentor_id)

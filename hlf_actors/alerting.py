@@ -81,7 +81,10 @@ class Alerting:
         topic: str | None,
         mentor_id: UUID | None,
         dead_letter_id: int | None = None,
+        record: bool = True,
     ) -> list[Delivery]:
+        """Send, retrying what FCM says may succeed later; record each delivery unless ``record`` is False (a
+        caller sending thousands records ``events(...)`` in batches of its own)."""
         # The sender answers one Delivery per target, device tokens first and the topic last.
         pending_tokens, pending_topic = list(tokens), topic
         final: list[Delivery] = []
@@ -102,18 +105,22 @@ class Alerting:
                 break
             assert delay is not None
             await anyio.sleep(delay)
-        await self._record(mentor_id, final, data, dead_letter_id)
+        if record:
+            await self._record(mentor_id, final, data, dead_letter_id)
+        else:
+            self._log(mentor_id, final, data)
         return final
 
-    async def _record(
-        self,
+    @staticmethod
+    def events(
         mentor_id: UUID | None,
         results: Sequence[Delivery],
         data: Mapping[str, str],
         dead_letter_id: int | None = None,
-    ) -> None:
+    ) -> list[NewEvent]:
+        """The alert_sent / alert_failed events that record these deliveries."""
         alert = data.get("type", "unknown")
-        events = [
+        return [
             NewEvent(
                 mentor_id,
                 AlertSent(alert=alert, target=r.target, message_id=r.message_id, dead_letter_id=dead_letter_id)
@@ -128,12 +135,26 @@ class Alerting:
             )
             for r in results
         ]
+
+    @staticmethod
+    def _log(mentor_id: UUID | None, results: Sequence[Delivery], data: Mapping[str, str]) -> None:
+        alert = data.get("type", "unknown")
+        log = logger.bind(mentor_id=str(mentor_id) if mentor_id else None)
         for r in results:
-            log = logger.bind(mentor_id=str(mentor_id) if mentor_id else None)
             if r.ok:
                 log.info("alert {} delivered to {}", alert, r.target)
             else:
                 log.warning("alert {} not delivered to {}: {}", alert, r.target, r.error)
+
+    async def _record(
+        self,
+        mentor_id: UUID | None,
+        results: Sequence[Delivery],
+        data: Mapping[str, str],
+        dead_letter_id: int | None = None,
+    ) -> None:
+        events = self.events(mentor_id, results, data, dead_letter_id)
+        self._log(mentor_id, results, data)
         if events:
             async with self._pool.connection() as conn, conn.transaction():
                 await projections.append(conn, events)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import date
 from typing import Any
 from uuid import UUID
 
@@ -44,6 +45,13 @@ def _uuid(text: str) -> UUID:
         return UUID(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a mentor id (a UUID): {text!r}") from None
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -150,6 +158,103 @@ def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
+    from psycopg_pool import AsyncConnectionPool
+
+    from .alerting import Alerting
+    from .alerts import AlertSender, Delivery, build_alert_sender
+    from .clock import SystemClock
+    from .expiry import NightReport, default_owner, run_night
+    from .logs import setup_logging
+
+    with _connect(config) as conn:
+        have = db.applied_migrations(conn)
+    missing = [f"{m.version:03d}_{m.name}" for m in db.migrations() if m.version not in have]
+    if missing:
+        raise MigrationError(f"the database lacks migrations {', '.join(missing)}: run `hlf-actors migrate` first")
+    today = args.date or SystemClock().today(config.zone)
+    setup_logging(level="WARNING")  # one line per push would drown the report; problems still show
+
+    class LazySender:
+        """Builds the configured sender at the first push: "already running" or "done" needs no FCM warning."""
+
+        def __init__(self) -> None:
+            self.real: AlertSender | None = None
+
+        async def send(self, data: Mapping[str, str], **targets: Any) -> list[Delivery]:
+            self.real = self.real or build_alert_sender(config.fcm_credentials, config.fcm_url)
+            return await self.real.send(data, **targets)
+
+        async def aclose(self) -> None:
+            if self.real is not None:
+                await self.real.aclose()
+
+    async def main() -> NightReport:
+        sender = LazySender()
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            config.require_database(),
+            min_size=1,
+            max_size=10,
+            kwargs={**db.CONNECT_KWARGS, "autocommit": True},
+            open=False,
+            name="hlf-check-expiry",
+        )
+        try:
+            await pool.open(wait=True, timeout=30)
+            alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
+            owner = default_owner("check-expiry")
+            return await run_night(pool, alerting, today=today, job_lock_owner=owner, rerun=args.again)
+        finally:
+            await pool.close()
+            await sender.aclose()
+
+    report = anyio.run(main)
+    if report.outcome == "already_running":
+        raise _Fail(report.describe(), 1)
+    print(report.describe())
+    return 0
+
+
+def cmd_reconcile(config: Config, args: argparse.Namespace) -> int:
+    from .reconcile import run_cli
+
+    return run_cli(config, wait=args.wait, page_size=args.page_size)
+
+
+def cmd_check_credentials(config: Config, _args: argparse.Namespace) -> int:
+    from .credentials import run_cli
+
+    return run_cli(config)
+
+
+def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from . import replay
+
+    with _connect(config) as conn:
+        have = db.applied_migrations(conn)
+    missing = [f"{m.version:03d}_{m.name}" for m in db.migrations() if m.version not in have]
+    if missing:
+        raise MigrationError(f"the database lacks migrations {', '.join(missing)}: run `hlf-actors migrate` first")
+    url = config.require_database()
+    if args.archive_before is not None:
+        archived = replay.archive(
+            url, older_than=timedelta(days=args.archive_before), progress=replay.Progress(label="archive")
+        )
+        print(replay.render_archive(archived))
+    progress = replay.Progress(label="verify" if args.verify else "replay")
+    report = replay.replay(url, verify=args.verify, progress=progress)
+    print(replay.render_report(report))
+    return 1 if args.verify and report.differences else 0
+
+
+def _days(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of days, at least 1: {text!r}")
+    return int(text)
+
+
 def cmd_demo(config: Config, args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -196,6 +301,32 @@ def _parser() -> argparse.ArgumentParser:
     dl_re.add_argument("id", nargs="?", type=int)
     dl_re.add_argument("--all", dest="all_open", action="store_true", help="every open dead letter")
     s.set_defaults(func=cmd_dead_letters)
+
+    s = sub.add_parser("check-expiry", help="run the nightly certification-expiry check now: reminders, expiries")
+    s.add_argument("--date", type=_date, default=None, help="the night to check, YYYY-MM-DD (default: today)")
+    s.add_argument("--again", action="store_true", help="check a night again that was already checked")
+    s.set_defaults(func=cmd_check_expiry)
+
+    s = sub.add_parser("reconcile", help="compare the portal's listing with the database and queue fixes")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the fixes (default 60; 0: don't)")
+    s.add_argument("--page-size", type=int, default=5000, help="listing rows per request (default 5000, the most)")
+    s.set_defaults(func=cmd_reconcile)
+
+    s = sub.add_parser("check-credentials", help="request a token and read WhoAmI; alert ops when they fail")
+    s.set_defaults(func=cmd_check_credentials)
+
+    s = sub.add_parser("replay", help="rebuild sync_status, dead_letters and duplicate findings from event_log")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--verify", action="store_true", help="only print how the live tables differ from the log (exit 1 if they do)"
+    )
+    mode.add_argument(
+        "--archive-before",
+        type=_days,
+        metavar="DAYS",
+        help="first move events older than DAYS days to event_log_archive (a snapshot at the cut keeps replay exact)",
+    )
+    s.set_defaults(func=cmd_replay)
     return p
 
 

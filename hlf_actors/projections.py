@@ -296,13 +296,21 @@ async def _write(
 
 
 async def _refold(conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID]) -> dict[UUID, MentorProjection]:
-    """Fold mentors again from every projected event of theirs, in seq order: what replay would compute."""
+    """Fold mentors again from every projected event of theirs, in seq order: what replay would compute. A mentor
+    whose oldest events were archived starts from their state at the cut, with the events after it
+    (hlf_actors/replay.py)."""
+    cur = await conn.execute(_ARCHIVE_SNAPSHOTS, (list(mentor_ids),))
+    starts = {row[0]: (row[1], msgspec.json.decode(row[2], type=MentorProjection)) for row in await cur.fetchall()}
     cur = await conn.execute(db.query("projected_events_of_mentors"), (list(mentor_ids), list(PROJECTED_KINDS)))
     by_mentor: dict[UUID, list[Event]] = defaultdict(list)
     for event in _events_from_rows(await cur.fetchall()):
         assert event.mentor_id is not None
-        by_mentor[event.mentor_id].append(event)
-    return {m: fold(m, by_mentor.get(m, ())) for m in mentor_ids}
+        if event.mentor_id not in starts or event.seq > starts[event.mentor_id][0]:
+            by_mentor[event.mentor_id].append(event)
+    return {m: fold(m, by_mentor.get(m, ()), start=starts[m][1] if m in starts else None) for m in mentor_ids}
+
+
+_ARCHIVE_SNAPSHOTS = "SELECT mentor_id, cut_seq, projection::text FROM projection_snapshots WHERE mentor_id = ANY(%s)"
 
 
 def _touches_letters(events: Iterable[Event]) -> bool:

@@ -90,3 +90,63 @@ JOIN organisations o ON o.id = m.organisation_id
 LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
 WHERE m.id = %s
 GROUP BY o.alert_topic;
+
+-- name: reconcile_mentors
+-- What the database says each mentor with a portal record should be (hlf_actors.reconcile), streamed.
+SELECT m.id, m.portal_record_id, hlf_is_eligible(m.id, %(today)s), s.state
+FROM mentors m
+LEFT JOIN sync_status s ON s.mentor_id = m.id
+WHERE m.portal_record_id IS NOT NULL;
+
+-- name: reconcile_request
+-- One sync_requested per divergent mentor, a batch in one statement; returns each request's seq.
+SELECT t.m, hlf_append_event(t.m, 'sync_requested',
+                             jsonb_build_object('reason', 'reconcile', 'portal_listed', t.l, 'expected', t.e))
+FROM unnest(%s::uuid[], %s::boolean[], %s::boolean[]) AS t(m, l, e);
+
+-- name: reconcile_outcomes
+-- Per requested mentor: 'fixed' (in sync with an outcome answering the request), 'failed' (dead-lettered since),
+-- else 'open'; and whether the request still waits in the inbox (nothing has read it).
+SELECT t.m,
+       CASE WHEN s.change_seq >= t.seq AND s.state = 'in_sync' THEN 'fixed'
+            WHEN s.change_seq >= t.seq AND s.state = 'dead_lettered' THEN 'failed'
+            ELSE 'open' END,
+       EXISTS (SELECT 1 FROM hlf_inbox i WHERE i.seq = t.seq)
+FROM unnest(%s::uuid[], %s::bigint[]) AS t(m, seq)
+LEFT JOIN sync_status s ON s.mentor_id = t.m;
+
+-- name: latest_credential_verdict
+-- Whether a credential incident is open: the newest credential check that reached a verdict.
+SELECT (data ->> 'ok')::boolean
+FROM event_log
+WHERE mentor_id IS NULL AND kind = 'credential_check' AND data ->> 'ok' IS NOT NULL
+ORDER BY seq DESC
+LIMIT 1;
+
+-- name: break_glass_all
+-- Every mentor break-glass re-syncs with --all: the mentors, and deleted mentors the portal may still list.
+SELECT id FROM mentors
+UNION
+SELECT s.mentor_id FROM sync_status s
+WHERE s.portal_record_id IS NOT NULL AND s.listed IS NOT FALSE
+  AND NOT EXISTS (SELECT 1 FROM mentors m WHERE m.id = s.mentor_id)
+ORDER BY 1;
+
+-- name: break_glass_work
+-- Like mentor_work, for a batch of mentors at once (hlf_actors.break_glass): what to send, and the snapshot that
+-- says which changes the sends answer. Mentors neither in `mentors` nor in sync_status are left out.
+SELECT t.id,
+       coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
+       hlf_is_eligible(t.id, %s) AS eligible,
+       greatest(s.change_seq, c.seq, 0) AS for_seq,
+       pg_current_snapshot()::text AS snapshot
+FROM unnest(%s::uuid[]) AS t(id)
+LEFT JOIN mentors m ON m.id = t.id
+LEFT JOIN sync_status s ON s.mentor_id = t.id
+LEFT JOIN LATERAL (
+    SELECT e.seq FROM event_log e
+    WHERE e.mentor_id = t.id AND e.kind IN ('status_changed', 'sync_requested')
+    ORDER BY e.seq DESC LIMIT 1
+) c ON true
+WHERE m.id IS NOT NULL OR s.mentor_id IS NOT NULL
+ORDER BY t.id;

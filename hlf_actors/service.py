@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, duplicates, expiry, projections
 from .actor import Circuit, Dispatcher, Leadership, Portal, Runtime
 from .alerting import Alerting
 from .alerts import AlertSender
@@ -37,6 +37,7 @@ from .config import Config
 from .errors import MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .metrics import Health, Metrics, serve_http
+from .reconcile import reconcile_forever
 from .retry import default_jitter
 
 __all__ = ["Service", "ServiceState"]
@@ -157,6 +158,17 @@ class Service:
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(self._sweep_forever, name="sweeper")
+                tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
+                tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
+                tg.start_soon(
+                    duplicates.watch,
+                    self._url,
+                    pool,
+                    alerting,
+                    runtime.leadership.wait,
+                    self.config.sweep_interval_s,
+                    name="duplicate check",
+                )
                 if self.config.http_port:
                     self.state.http_port = await tg.start(
                         serve_http, self.config.http_host, self.config.http_port, self.health, self.metrics

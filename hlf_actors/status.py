@@ -40,6 +40,10 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     last_event_at: datetime | None
     last_success_at: datetime | None
     circuit_open: bool
+    credentials: str = "unknown"  # "ok" / "FAILED since <time>: <error>" / "unknown" (newest check with a verdict)
+    credentials_checked_at: datetime | None = None  # the newest check, verdict or not
+    last_reconcile_at: datetime | None = None
+    last_reconcile: dict[str, Any] | None = None  # the counts of that reconcile_finished event
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +103,39 @@ def summary(conn: psycopg.Connection[Any]) -> Summary:
         last_event_at=row[4],
         last_success_at=row[5],
         circuit_open=bool(row[6]),
+        **_checks(conn),
     )
+
+
+def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
+    row = conn.execute(
+        """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
+                    ORDER BY seq DESC LIMIT 1),
+                  (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
+                      AND data ->> 'ok' IS NOT NULL ORDER BY seq DESC LIMIT 1),
+                  (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
+                      AND data ->> 'transition' = 'failed' ORDER BY seq DESC LIMIT 1),
+                  (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'reconcile_finished'
+                    ORDER BY seq DESC LIMIT 1),
+                  (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'reconcile_finished'
+                    ORDER BY seq DESC LIMIT 1)"""
+    ).fetchone()
+    assert row is not None
+    checked_at, verdict, failed_since, reconciled_at, counts = row
+    if verdict is None:
+        credentials = "unknown"
+    elif verdict.get("ok"):
+        credentials = "ok"
+    else:
+        since = f"{failed_since:%Y-%m-%d %H:%M:%S %Z}" if failed_since else "unknown"
+        credentials = f"FAILED since {since}: {verdict.get('error')}"
+    return {
+        "credentials": credentials,
+        "credentials_checked_at": checked_at,
+        "last_reconcile_at": reconciled_at,
+        "last_reconcile": counts,
+    }
 
 
 def _ago(at: datetime | None) -> str:
@@ -131,9 +167,18 @@ def render_summary(s: Summary) -> str:
         + ("  (see `hlf-actors dead-letters list`)" if s.open_dead_letters else ""),
         f"  portal                    {'OUTAGE: circuit open, sending paused' if s.circuit_open else 'answering'}",
         f"  last successful sync      {_ago(s.last_success_at)}",
+        f"  credentials               {s.credentials}  (last checked {_ago(s.credentials_checked_at)})",
+        f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
         f"  last event                {_ago(s.last_event_at)}",
     ]
     return "\n".join(lines)
+
+
+def _reconcile_counts(counts: dict[str, Any] | None) -> str:
+    if not counts:
+        return ""
+    shown = ("divergent", "missing", "orphans", "requests")
+    return ": " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown) + f" of {counts.get('mentors_checked', 0)}"
 
 
 def render_summary_json(s: Summary) -> str:

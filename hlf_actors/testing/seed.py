@@ -13,7 +13,7 @@ import psycopg
 
 from .fake_portal import FakePortal
 
-__all__ = ["add_device", "add_mentor", "add_organisation", "set_status"]
+__all__ = ["add_certification", "add_device", "add_mentor", "add_organisation", "set_status"]
 
 
 def add_organisation(
@@ -73,3 +73,12 @@ def add_mentor(
 
 def set_status(conn: psycopg.Connection[Any], mentor_id: UUID, status: str) -> None:
     conn.execute("UPDATE mentors SET status = %s WHERE id = %s", (status, mentor_id))
+
+
+def add_certification(conn: psycopg.Connection[Any], mentor_id: UUID, expires_on: date) -> UUID:
+    """Another certification for a mentor, e.g. a renewal with a later expiry."""
+    row = conn.execute(
+        "INSERT INTO certifications (mentor_id, expires_on) VALUES (%s, %s) RETURNING id", (mentor_id, expires_on)
+    ).fetchone()
+    assert row is not None
+    return UUID(str(row[0]))
