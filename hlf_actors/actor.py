@@ -210,6 +210,31 @@ class _Work:
     read_at: float  # perf_counter() when it was read
 
 
+def _failed(
+    work: _Work,
+    operation: Operation,
+    attempt: int,
+    err: PortalError,
+    *,
+    delay_ms: int | None,
+    retryable: bool = True,
+    throttled: bool = False,
+    error: str | None = None,
+) -> AttemptFailed:
+    """The attempt_failed event for a failure of the PATCH computed from ``work``."""
+    return AttemptFailed(
+        operation=operation,
+        attempt=attempt,
+        http_status=err.http_status,
+        retryable=retryable,
+        delay_ms=delay_ms,
+        error=error if error is not None else str(err),
+        for_seq=work.change_seq,
+        snapshot=work.snapshot,
+        throttled=throttled,
+    )
+
+
 class Actor:
     """The one task that talks to the portal about one mentor."""
 
@@ -307,19 +332,7 @@ class Actor:
         except ThrottledError as err:
             delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
             self._rt.metrics.attempts.labels("throttled").inc()
-            await self._record(
-                AttemptFailed(
-                    operation=operation,
-                    attempt=attempt,
-                    http_status=err.http_status,
-                    retryable=True,
-                    delay_ms=delay,
-                    error=str(err),
-                    for_seq=work.change_seq,
-                    snapshot=work.snapshot,
-                    throttled=True,
-                )
-            )
+            await self._record(_failed(work, operation, attempt, err, delay_ms=delay, throttled=True))
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
             return
         except (TransientPortalError, CredentialError) as err:
@@ -360,17 +373,7 @@ class Actor:
             # The portal is down for everyone: wait like a throttle, spend nothing, keep the backoff where it was.
             delay = throttle_delay_ms(retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
             await self._record(
-                AttemptFailed(
-                    operation=operation,
-                    attempt=attempt,
-                    http_status=err.http_status,
-                    retryable=True,
-                    delay_ms=delay,
-                    error=f"portal outage: {err}",
-                    for_seq=work.change_seq,
-                    snapshot=work.snapshot,
-                    throttled=True,
-                )
+                _failed(work, operation, attempt, err, delay_ms=delay, throttled=True, error=f"portal outage: {err}")
             )
             return
         if attempt >= cfg.max_attempts:
@@ -383,18 +386,7 @@ class Actor:
             retry_after_s=retry_after,
             jitter=self._rt.jitter,
         )
-        await self._record(
-            AttemptFailed(
-                operation=operation,
-                attempt=attempt,
-                http_status=err.http_status,
-                retryable=True,
-                delay_ms=delay,
-                error=str(err),
-                for_seq=work.change_seq,
-                snapshot=work.snapshot,
-            )
-        )
+        await self._record(_failed(work, operation, attempt, err, delay_ms=delay))
         self._log.warning("{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, delay)
 
     async def _dead_letter(
@@ -402,16 +394,7 @@ class Actor:
     ) -> None:
         error = str(err)
         appended = await self._record(
-            AttemptFailed(
-                operation=operation,
-                attempt=attempt,
-                http_status=err.http_status,
-                retryable=retryable,
-                delay_ms=None,
-                error=error,
-                for_seq=work.change_seq,
-                snapshot=work.snapshot,
-            ),
+            _failed(work, operation, attempt, err, delay_ms=None, retryable=retryable),
             DeadLettered(
                 operation=operation,
                 attempts=attempt,
