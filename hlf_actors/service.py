@@ -104,6 +104,8 @@ class Service:
         self._catch_up = True
         self._stop = anyio.Event()
         self._was_leader = False
+        self._alerts_in_flight = 0
+        self._alerts_done: anyio.Event | None = None
         self.runtime: Runtime | None = None
         self.dispatcher: Dispatcher | None = None
         self.metrics = Metrics()
@@ -228,12 +230,16 @@ class Service:
             metrics=self.metrics,
         )
 
-    @staticmethod
-    async def _guarded(job: Awaitable[None], what: str) -> None:
+    async def _guarded(self, job: Awaitable[None], what: str) -> None:
+        self._alerts_in_flight += 1
         try:
             await job
         except Exception as err:  # an alert that cannot be sent must never take the service down
             logger.opt(exception=err).error("{} failed: {}", what, err)
+        finally:
+            self._alerts_in_flight -= 1
+            if not self._alerts_in_flight and self._alerts_done is not None:
+                self._alerts_done.set()
 
     # -- listener and leadership --------------------------------------------------------------------------------
 
@@ -384,8 +390,16 @@ class Service:
         busy = dispatcher.alive
         if busy:
             logger.info("stopping: waiting up to {:.0f}s for {} actor(s) to finish", self._grace_s, busy)
+        deadline = anyio.current_time() + self._grace_s
         if not await dispatcher.drained(self._grace_s):
             logger.warning(
                 "stopping: {} actor(s) still busy after the grace period; their work stays pending", dispatcher.alive
             )
+        # An alert cut off between its push and its record would be pushed again by the next leader.
+        with anyio.move_on_at(deadline):
+            while self._alerts_in_flight:
+                self._alerts_done = anyio.Event()
+                await self._alerts_done.wait()
+        if self._alerts_in_flight:
+            logger.warning("stopping: {} alert(s) unfinished; the next leader sends them", self._alerts_in_flight)
         logger.info("stopped")
