@@ -31,6 +31,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 from datetime import date
 from pathlib import Path
 from typing import Any, TextIO
@@ -383,42 +384,47 @@ def _summary(run: _Run, total: int, seconds: float, out: TextIO) -> None:
 
 async def _main(args: argparse.Namespace, config: Config, out: TextIO, err: TextIO) -> int:
     url = config.require_database()
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        url,
-        min_size=1,
-        max_size=config.portal_concurrency + 2,
-        kwargs={**db.CONNECT_KWARGS, "autocommit": True},
-        open=False,
-        name="hlf-break-glass",
-    )
     portal = DynamicsClient(config) if not args.dry_run else None
     try:
-        try:
-            await pool.open(wait=True, timeout=15)
-        except psycopg.OperationalError:
-            raise _Fail("cannot reach the database (HLF_DATABASE_URL)", 3) from None
-        targets = await _targets(pool, args)
-        today = SystemClock().today(config.zone)
-        if portal is None:
-            return await _dry_run(_Run(config, pool, None, today), targets, out)
-        ok, error, ms = await probe(portal)
-        if not ok:
-            raise _Fail(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
-        print(f"credentials OK (token + WhoAmI in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
-        run = _Run(config, pool, portal, today)
-        progress = _Progress(len(targets), err)
-        started = time.monotonic()
-        for i in range(0, len(targets), _BATCH):
-            if run.stopped:
-                run.not_attempted += len(targets) - i
-                break
-            await run.batch(targets[i : i + _BATCH], progress)
-        _summary(run, len(targets), time.monotonic() - started, out)
-        return 0 if not run.stopped and all(r.ok for r in run.results) else 1
+        async with AsyncExitStack() as stack:
+            try:
+                pool = await stack.enter_async_context(
+                    db.pool(url, name="hlf-break-glass", max_size=config.portal_concurrency + 2, open_timeout=15)
+                )
+            except psycopg.OperationalError:
+                raise _Fail("cannot reach the database (HLF_DATABASE_URL)", 3) from None
+            return await _resync(args, config, pool, portal, out, err)
     finally:
         if portal is not None:
             await portal.aclose()
-        await pool.close()
+
+
+async def _resync(
+    args: argparse.Namespace,
+    config: Config,
+    pool: AsyncConnectionPool[Any],
+    portal: DynamicsClient | None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    targets = await _targets(pool, args)
+    today = SystemClock().today(config.zone)
+    if portal is None:
+        return await _dry_run(_Run(config, pool, None, today), targets, out)
+    ok, error, ms = await probe(portal)
+    if not ok:
+        raise _Fail(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
+    print(f"credentials OK (token + WhoAmI in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
+    run = _Run(config, pool, portal, today)
+    progress = _Progress(len(targets), err)
+    started = time.monotonic()
+    for i in range(0, len(targets), _BATCH):
+        if run.stopped:
+            run.not_attempted += len(targets) - i
+            break
+        await run.batch(targets[i : i + _BATCH], progress)
+    _summary(run, len(targets), time.monotonic() - started, out)
+    return 0 if not run.stopped and all(r.ok for r in run.results) else 1
 
 
 def main(

@@ -159,7 +159,6 @@ def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
-    from psycopg_pool import AsyncConnectionPool
 
     from .alerting import Alerting
     from .alerts import AlertSender, Delivery, build_alert_sender
@@ -191,21 +190,12 @@ def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
 
     async def main() -> NightReport:
         sender = LazySender()
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            config.require_database(),
-            min_size=1,
-            max_size=10,
-            kwargs={**db.CONNECT_KWARGS, "autocommit": True},
-            open=False,
-            name="hlf-check-expiry",
-        )
         try:
-            await pool.open(wait=True, timeout=30)
-            alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
-            owner = default_owner("check-expiry")
-            return await run_night(pool, alerting, today=today, job_lock_owner=owner, rerun=args.again)
+            async with db.pool(config.require_database(), name="hlf-check-expiry", max_size=10) as pool:
+                alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
+                owner = default_owner("check-expiry")
+                return await run_night(pool, alerting, today=today, job_lock_owner=owner, rerun=args.again)
         finally:
-            await pool.close()
             await sender.aclose()
 
     report = anyio.run(main)

@@ -196,20 +196,13 @@ def run_cli(config: Config) -> int:
                 ok, error, duration_ms = await probe(portal)
                 return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, recorded=False)
             sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                config.database_url,
-                min_size=1,
-                max_size=2,
-                kwargs={**db.CONNECT_KWARGS, "autocommit": True},
-                open=False,
-                name="hlf-check-credentials",
-            )
             try:
-                await pool.open(wait=True, timeout=15)
-                alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
-                return await check_credentials(portal, pool, alerting, trigger="check-credentials")
+                async with db.pool(
+                    config.database_url, name="hlf-check-credentials", max_size=2, open_timeout=15
+                ) as pool:
+                    alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
+                    return await check_credentials(portal, pool, alerting, trigger="check-credentials")
             finally:
-                await pool.close()
                 await sender.aclose()
         finally:
             await portal.aclose()

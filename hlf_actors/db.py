@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
+import anyio
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from .errors import MigrationError
 
-__all__ = ["CONNECT_KWARGS", "Migration", "applied_migrations", "migrate", "migrations", "query"]
+__all__ = ["CONNECT_KWARGS", "Migration", "applied_migrations", "migrate", "migrations", "pool", "query"]
 
 # Dead peers must not hold a connection (and the leadership lock on it) for hours: libpq keepalives and a TCP
 # user timeout make the kernel give up on a silent host within about half a minute. Ignored on Unix sockets.
@@ -32,6 +36,30 @@ CONNECT_KWARGS: dict[str, Any] = {
     "connect_timeout": 10,
     "application_name": "hlf-actors",
 }
+
+
+@asynccontextmanager
+async def pool(
+    url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0
+) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    """An open pool of autocommit connections with the service's connection settings, closed on the way out
+    (even when cancelled). Opening waits for ``min_size`` connections and raises if the database cannot be
+    reached within ``open_timeout``."""
+    connections: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={**CONNECT_KWARGS, "autocommit": True},
+        open=False,
+        name=name,
+    )
+    try:
+        await connections.open(wait=True, timeout=open_timeout)
+        yield connections
+    finally:
+        with anyio.CancelScope(shield=True):
+            await connections.close()
+
 
 _MIGRATION_LOCK = 0x484C_465F_4D49_4752  # "HLF_MIGR"
 

@@ -137,16 +137,9 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            self._url,
-            min_size=2,
-            max_size=self.config.portal_concurrency + 4,
-            kwargs={**db.CONNECT_KWARGS, "autocommit": True},
-            open=False,
-            name="hlf-actors",
-        )
-        await pool.open(wait=True, timeout=30)
-        try:
+        async with db.pool(
+            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4
+        ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
             async with anyio.create_task_group() as tg:
@@ -179,9 +172,6 @@ class Service:
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
                 tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):  # even when cancelled, give the connections back
-                await pool.close()
 
     async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
         async with pool.connection() as conn:
