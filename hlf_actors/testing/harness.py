@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
+from uuid import UUID
 
 import anyio
+import psycopg
 
 from ..alerts import AlertSender, RecordingAlertSender
 from ..config import Config, load_config
@@ -19,7 +21,7 @@ from ..dynamics import DynamicsClient
 from ..service import Service
 from .fake_portal import FakePortal
 
-__all__ = ["eventually", "running_service", "test_config"]
+__all__ = ["eventually", "running_service", "sync_state", "test_config"]
 
 
 def test_config(db_url: str, portal: FakePortal, **overrides: str) -> Config:
@@ -59,6 +61,12 @@ async def running_service(
             service.request_stop()
     finally:
         await client.aclose()
+
+
+def sync_state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
+    """The mentor's sync_status.state as a user would read it (None before the first projection)."""
+    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
+    return str(row[0]) if row else None
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "the condition") -> Any:

@@ -13,7 +13,7 @@ import pytest
 
 from hlf_actors.break_glass import main
 from hlf_actors.testing.fake_portal import FakePortal
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
@@ -27,10 +27,6 @@ def linked(conn: psycopg.Connection[Any], org: UUID, portal: FakePortal, **kwarg
     assert record is not None
     return mentor, record
 
-
-def state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def event_count(conn: psycopg.Connection[Any]) -> int:
@@ -53,7 +49,7 @@ async def test_break_glass_with_new_credentials_repairs_every_mentor_and_keeps_p
     paused = [linked(conn, org, portal, status="paused", listed=False) for _ in range(2)]
     unlinked, _ = add_mentor(conn, org, status="paused", record=False)
     async with running_service(db_url, portal):
-        await eventually(lambda: all(state(conn, m) == "in_sync" for m, _ in active + paused + [(unlinked, None)]))
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in active + paused + [(unlinked, None)]))
     # The service is down. Changes pile up in the inbox, the portal drifts, and the old secret is revoked.
     set_status(conn, active[0][0], "paused")
     set_status(conn, paused[0][0], "active")
@@ -91,7 +87,7 @@ async def test_break_glass_with_new_credentials_repairs_every_mentor_and_keeps_p
         "SELECT DISTINCT data ->> 'reason' FROM event_log WHERE seq > %s AND kind = 'sync_requested'", (before,)
     ).fetchall()
     assert reasons == [("break_glass",)]
-    assert all(state(conn, _owner(conn, record)) == "in_sync" for record in expected)
+    assert all(sync_state(conn, _owner(conn, record)) == "in_sync" for record in expected)
 
     # The service comes back with the new secret: the projections were true, so it has nothing to send.
     portal.clear_requests()
@@ -135,8 +131,8 @@ async def test_break_glass_prompts_for_the_secret_and_reports_what_failed(
     code, out, err = await break_glass([str(fine), str(gone)], env, prompt=prompt)
     assert code == 1
     assert prompts == [f"new client secret for {portal.client_id} (not echoed): "]
-    assert portal.listed(fine_record) is True and state(conn, fine) == "in_sync"
-    assert state(conn, gone) == "dead_lettered"
+    assert portal.listed(fine_record) is True and sync_state(conn, fine) == "in_sync"
+    assert sync_state(conn, gone) == "dead_lettered"
     assert "failed                         1" in out and f"FAILED {gone}  restore" in out and "404" in out
     assert NEW_SECRET not in out + err
 

@@ -12,15 +12,10 @@ import pytest
 from hlf_actors.events import decode_event
 from hlf_actors.projections import PROJECTED_KINDS, fold, sync_row_from_db
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
-
-
-def state_of(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def replayed_equals_live(conn: psycopg.Connection[Any], mentor_id: UUID) -> None:
@@ -48,7 +43,7 @@ async def test_transactions_committing_out_of_seq_order_are_both_delivered(
     first, first_rec = add_mentor(conn, org, portal=portal)
     second, second_rec = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
-        await eventually(lambda: state_of(conn, first) == "in_sync" and state_of(conn, second) == "in_sync")
+        await eventually(lambda: sync_state(conn, first) == "in_sync" and sync_state(conn, second) == "in_sync")
         with psycopg.connect(db_url) as slow:
             # The slow transaction takes the lower seq, then commits after the fast one.
             slow.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (first,))
@@ -60,7 +55,7 @@ async def test_transactions_committing_out_of_seq_order_are_both_delivered(
             assert portal.listed(first_rec) is True
             slow.commit()
         await eventually(lambda: portal.listed(first_rec) is False, what="the late transaction's removal")
-        await eventually(lambda: state_of(conn, first) == "in_sync")
+        await eventually(lambda: sync_state(conn, first) == "in_sync")
     replayed_equals_live(conn, first)
     replayed_equals_live(conn, second)
 
@@ -71,16 +66,16 @@ async def test_a_late_commit_for_a_mentor_already_synced_is_refolded_and_sent(
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
-        await eventually(lambda: state_of(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         with psycopg.connect(db_url) as slow:
             slow.execute("UPDATE certifications SET expires_on = current_date - 1 WHERE mentor_id = %s", (mentor,))
             conn.execute("SELECT hlf_force_sync(%s)", (mentor,))  # a later seq, committed first
             await eventually(lambda: len(portal.patches(record)) == 2, what="the forced PATCH")
-            await eventually(lambda: state_of(conn, mentor) == "in_sync")
+            await eventually(lambda: sync_state(conn, mentor) == "in_sync")
             assert portal.listed(record) is True
             slow.commit()
         await eventually(lambda: portal.listed(record) is False, what="the removal after the late commit")
-        await eventually(lambda: state_of(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
     replayed_equals_live(conn, mentor)
 
 
@@ -92,7 +87,9 @@ async def test_changes_made_while_the_service_is_down_are_caught_up(
     for mentor, _ in mentors[:3]:
         set_status(conn, mentor, "paused")
     async with running_service(db_url, portal):
-        await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors), what="every mentor caught up")
+        await eventually(
+            lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors), what="every mentor caught up"
+        )
     assert [portal.listed(r) for _, r in mentors] == [False, False, False, True, True]
     assert len(portal.patches()) == 5
 
@@ -103,7 +100,7 @@ async def test_killed_mid_patch_the_next_process_finishes_the_work(
     org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(4)]
     async with running_service(db_url, portal):
-        await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors))
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors))
     for _, record in mentors:
         portal.script(record, Reply(status=204, delay_s=30.0, apply=False))
     with anyio.CancelScope() as scope:
@@ -112,9 +109,9 @@ async def test_killed_mid_patch_the_next_process_finishes_the_work(
                 set_status(conn, mentor, "paused")
             await eventually(lambda: len(portal.patches()) == 8, what="four PATCHes in flight")
             scope.cancel()  # the process dies: no outcome is recorded for the hanging PATCHes
-    assert all(state_of(conn, m) == "pending" for m, _ in mentors)
+    assert all(sync_state(conn, m) == "pending" for m, _ in mentors)
     async with running_service(db_url, portal):
-        await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors), what="the catch-up")
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors), what="the catch-up")
     assert all(portal.listed(r) is False for _, r in mentors)
 
 
@@ -124,7 +121,7 @@ async def test_listener_backend_terminated_reconnects_and_catches_up(
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal, standby_poll_s=0.05) as service:
-        await eventually(lambda: state_of(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         killed = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
@@ -144,7 +141,7 @@ async def test_a_second_process_waits_as_standby_and_takes_over(
     org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(6)]
     async with running_service(db_url, portal, standby_poll_s=0.05) as leader:
-        await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors))
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors))
         from hlf_actors.alerts import RecordingAlertSender
         from hlf_actors.dynamics import DynamicsClient
         from hlf_actors.service import Service
@@ -160,7 +157,7 @@ async def test_a_second_process_waits_as_standby_and_takes_over(
             portal.clear_requests()
             for mentor, _ in mentors[:3]:
                 set_status(conn, mentor, "paused")
-            await eventually(lambda: all(state_of(conn, m) == "in_sync" for m, _ in mentors[:3]))
+            await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors[:3]))
             await anyio.sleep(0.2)
             assert len(portal.patches()) == 3  # no double sends
             leader.request_stop()

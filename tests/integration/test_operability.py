@@ -8,7 +8,6 @@ import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
-from uuid import UUID
 
 import httpx
 import psycopg
@@ -19,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from hlf_actors.cli import main
 from hlf_actors.logs import setup_logging
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.proxy import TcpProxy
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
@@ -31,10 +30,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 @pytest.fixture
@@ -55,7 +50,7 @@ async def test_healthz_flips_when_the_database_goes_away_and_back(
     env = {"HLF_HTTP_PORT": str(port)}
     async with running_service(url, portal, env=env) as service, httpx.AsyncClient() as http:
         health = f"http://127.0.0.1:{port}/healthz"
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         answer = await http.get(health)
         assert answer.status_code == 200 and answer.json()["role"] == "leader"
         proxy.refuse(True)
@@ -79,9 +74,9 @@ async def test_metrics_count_a_sync_and_its_latency(
     mentor, _ = add_mentor(conn, org, portal=portal)
     port = free_port()
     async with running_service(db_url, portal, env={"HLF_HTTP_PORT": str(port)}), httpx.AsyncClient() as http:
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         set_status(conn, mentor, "paused")
-        await eventually(lambda: state(conn, mentor) == "in_sync" and len(portal.patches()) == 2)
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync" and len(portal.patches()) == 2)
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
         assert (await http.get(f"http://127.0.0.1:{port}/nope")).status_code == 404
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line[:1] != "#"}
@@ -109,7 +104,7 @@ async def test_status_json_has_the_operators_fields(
     assert summary["states"] == {"pending": 0, "retrying": 0, "in_sync": 0, "dead_lettered": 0}
     assert summary["mentors_known"] == 1 and summary["open_dead_letters"] == 0
     async with running_service(db_url, portal):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
     assert main(["status", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["states"]["in_sync"] == 1 and summary["unprojected_events"] == 0
@@ -129,7 +124,7 @@ async def test_stop_lets_the_in_flight_patch_finish_and_leaves_the_rest_pending(
     second, second_rec = add_mentor(conn, org, portal=portal)
     env = {"HLF_PORTAL_CONCURRENCY": "1"}
     async with running_service(db_url, portal, env=env) as service:
-        await eventually(lambda: state(conn, first) == "in_sync" and state(conn, second) == "in_sync")
+        await eventually(lambda: sync_state(conn, first) == "in_sync" and sync_state(conn, second) == "in_sync")
         portal.script(first_rec, Reply(status=204, delay_s=1.0))
         portal.script(second_rec, Reply(status=204, delay_s=1.0))
         with conn.transaction():
@@ -137,11 +132,11 @@ async def test_stop_lets_the_in_flight_patch_finish_and_leaves_the_rest_pending(
             set_status(conn, second, "paused")
         await eventually(lambda: len(portal.patches()) == 3, what="one PATCH in flight")
         service.request_stop()
-    states = {state(conn, first), state(conn, second)}
+    states = {sync_state(conn, first), sync_state(conn, second)}
     assert states == {"in_sync", "pending"}  # the in-flight one finished and was recorded; the other waits
     assert len(portal.patches()) == 3
     async with running_service(db_url, portal):
-        await eventually(lambda: state(conn, first) == "in_sync" and state(conn, second) == "in_sync")
+        await eventually(lambda: sync_state(conn, first) == "in_sync" and sync_state(conn, second) == "in_sync")
     assert portal.listed(first_rec) is False and portal.listed(second_rec) is False
 
 
@@ -156,11 +151,11 @@ async def test_no_secret_reaches_logs_events_or_status(
         setup_logging(stream=captured, json=True, level="DEBUG", secrets=[secret])
         try:
             async with running_service(db_url, portal, env={"HLF_MAX_ATTEMPTS": "2"}):
-                await eventually(lambda: state(conn, mentor) == "in_sync")
+                await eventually(lambda: sync_state(conn, mentor) == "in_sync")
                 portal.revoke_tokens()
                 portal.rotate_secret("a-new-secret-the-service-does-not-know")  # 401s, then invalid_client
                 set_status(conn, mentor, "paused")
-                await eventually(lambda: state(conn, mentor) == "dead_lettered", timeout=15)
+                await eventually(lambda: sync_state(conn, mentor) == "dead_lettered", timeout=15)
                 # A portal that echoes our own secret back in an error body: it must not reach the log either.
                 portal.rotate_secret(secret)
                 echo = b'{"error":{"message":"echo ' + secret.encode() + b'"}}'

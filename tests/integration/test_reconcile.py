@@ -15,7 +15,7 @@ from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.reconcile import reconcile
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio
@@ -27,10 +27,6 @@ def linked(conn: psycopg.Connection[Any], org: UUID, portal: FakePortal, **kwarg
     assert record is not None
     return mentor, record
 
-
-def state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def use_cli(monkeypatch: pytest.MonkeyPatch, db_url: str, portal: FakePortal) -> None:
@@ -51,7 +47,7 @@ async def test_a_drifted_portal_is_repaired_by_one_reconcile(
     everyone = active + paused
     use_cli(monkeypatch, db_url, portal)
     async with running_service(db_url, portal):
-        await eventually(lambda: all(state(conn, m) == "in_sync" for m, _ in everyone))
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in everyone))
         # Behind the service's back: three records flipped, two deleted, two records nobody owns.
         portal.add_record(active[0][1], listed=False)
         portal.add_record(active[1][1], listed=False)
@@ -72,10 +68,10 @@ async def test_a_drifted_portal_is_repaired_by_one_reconcile(
         assert str(orphan_listed) in out and str(orphan_unlisted) in out
         assert "fixed 3 of 4" in out and f"dead-lettered: {active[2][0]}" in out
     for mentor, record in (active[0], active[1], active[3]):
-        assert portal.listed(record) is True and state(conn, mentor) == "in_sync"
+        assert portal.listed(record) is True and sync_state(conn, mentor) == "in_sync"
     for mentor, record in (paused[0], paused[2]):
-        assert portal.listed(record) is False and state(conn, mentor) == "in_sync"
-    assert portal.listed(active[2][1]) is None and state(conn, active[2][0]) == "dead_lettered"
+        assert portal.listed(record) is False and sync_state(conn, mentor) == "in_sync"
+    assert portal.listed(active[2][1]) is None and sync_state(conn, active[2][0]) == "dead_lettered"
     assert portal.listed(paused[1][1]) is None  # never recreated: PATCH only ever updates
     assert portal.listed(orphan_listed) is True and portal.listed(orphan_unlisted) is False
     patched = sorted(str(p.record_id) for p in portal.patches())
@@ -161,7 +157,7 @@ async def test_force_sync_of_an_in_sync_mentor_sends_one_patch_and_prints_the_ou
     other, _ = linked(conn, org, portal)
     use_cli(monkeypatch, db_url, portal)
     async with running_service(db_url, portal):
-        await eventually(lambda: state(conn, mentor) == "in_sync" and state(conn, other) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync" and sync_state(conn, other) == "in_sync")
         await anyio.sleep(0.1)
         portal.clear_requests()
         code = await anyio.to_thread.run_sync(main, ["force-sync", str(mentor), "--wait", "10"])
@@ -172,4 +168,4 @@ async def test_force_sync_of_an_in_sync_mentor_sends_one_patch_and_prints_the_ou
     assert [(p.record_id, p.json(), p.status) for p in portal.patches()] == [
         (str(record), {"hlf_publiclisting": True}, 204)
     ]
-    assert state(conn, mentor) == "in_sync"
+    assert sync_state(conn, mentor) == "in_sync"

@@ -30,7 +30,7 @@ from hlf_actors.duplicates import DuplicateState, Finding, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
@@ -46,10 +46,6 @@ def quiet() -> replay.Progress:
 def verify(db_url: str) -> replay.ReplayReport:
     return replay.replay(db_url, verify=True, progress=quiet())
 
-
-def state_of(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def settled(conn: psycopg.Connection[Any], mentors: list[UUID]) -> bool:
@@ -304,7 +300,7 @@ async def test_verify_reports_a_corrupted_projection_and_replay_fixes_it(
         await eventually(lambda: settled(conn, [good, refused]))
         portal.always(Reply(status=403), record_id=record)
         set_status(conn, refused, "active")
-        await eventually(lambda: state_of(conn, refused) == "dead_lettered")
+        await eventually(lambda: sync_state(conn, refused) == "dead_lettered")
     monkeypatch.setenv("HLF_DATABASE_URL", db_url)
     assert main(["replay", "--verify"]) == 0
     capsys.readouterr()
@@ -325,13 +321,13 @@ async def test_verify_reports_a_corrupted_projection_and_replay_fixes_it(
         f"different {refused}: state: live 'in_sync' ≠ replayed 'dead_lettered', attempts: live 99 ≠ replayed 1" in out
     )
     assert "dead_letters: 1 row(s) differ — 1 missing, 0 extra, 0 different" in out
-    assert state_of(conn, refused) == "in_sync"  # verify touched nothing
+    assert sync_state(conn, refused) == "in_sync"  # verify touched nothing
 
     assert main(["replay"]) == 0
     assert "sync_status: 2 row(s) corrected" in capsys.readouterr().out
-    assert state_of(conn, refused) == "dead_lettered"
+    assert sync_state(conn, refused) == "dead_lettered"
     assert conn.execute("SELECT count(*) FROM dead_letters WHERE mentor_id = %s", (refused,)).fetchone() == (1,)
-    assert state_of(conn, UUID("00000000-0000-0000-0000-00000000dead")) is None
+    assert sync_state(conn, UUID("00000000-0000-0000-0000-00000000dead")) is None
     # Only the rows that differed were written: the good one is the very same row version.
     assert conn.execute("SELECT xmin::text, * FROM sync_status WHERE mentor_id = %s", (good,)).fetchone() == before
 
@@ -393,7 +389,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
             (mentor, json.dumps({"cause": "something_new", "shape": [1, 2]})),
         )
         await drain()
-    assert state_of(conn, mentor) == "in_sync"
+    assert sync_state(conn, mentor) == "in_sync"
     assert verify(db_url).differences == 0
 
     # A release that bumps sync_requested to version 2 still replays the version-1 rows, through the upgrade.
@@ -411,7 +407,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
     upgraded = decode_event(*row).payload
     assert isinstance(upgraded, events.SyncRequested) and upgraded.reason == "v1:force_sync"
     assert verify(db_url).differences == 0
-    assert state_of(conn, mentor) == "pending"
+    assert sync_state(conn, mentor) == "pending"
 
 
 # -- duplicates -------------------------------------------------------------------------------------------------
@@ -597,7 +593,7 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
             slow.execute("UPDATE certifications SET expires_on = current_date - 1 WHERE mentor_id = %s", (mentor,))
             conn.execute("SELECT hlf_force_sync(%s)", (mentor,))
             await eventually(lambda: len(portal.patches(record)) == sent + 1, what="the forced PATCH")
-            await eventually(lambda: state_of(conn, mentor) == "in_sync")
+            await eventually(lambda: sync_state(conn, mentor) == "in_sync")
             slow.commit()
         await eventually(lambda: len(portal.patches(record)) == sent + 2, what="the PATCH after the late commit")
         await eventually(lambda: settled(conn, ids))

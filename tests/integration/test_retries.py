@@ -16,7 +16,7 @@ import pytest
 from hlf_actors.alerts import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_device, add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
@@ -35,10 +35,6 @@ def sender(fcm: FakeFCM, tmp_path: Path) -> FirebaseAlertSender:
     env = fcm.env(tmp_path / "service-account.json")
     return FirebaseAlertSender(env["HLF_FCM_CREDENTIALS"], fcm_url=env["HLF_FCM_URL"], app_name=f"t-{uuid4()}")
 
-
-def state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def events(conn: psycopg.Connection[Any], mentor_id: UUID, kind: str) -> list[dict[str, Any]]:
@@ -62,11 +58,11 @@ async def test_always_503_dead_letters_after_max_attempts_and_alerts_once(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender, env={"HLF_MAX_ATTEMPTS": "4"}):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         portal.clear_requests()
         portal.always(Reply(status=503), record_id=record)
         set_status(conn, mentor, "active")
-        await eventually(lambda: state(conn, mentor) == "dead_lettered", what="the dead letter")
+        await eventually(lambda: sync_state(conn, mentor) == "dead_lettered", what="the dead letter")
         await eventually(lambda: len(fcm.messages()) == 1, what="the push alert")
         await anyio.sleep(0.2)  # nothing more may arrive
     patches = portal.patches(record)
@@ -97,11 +93,11 @@ async def test_fail_twice_then_succeed_retries_without_alert(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         portal.clear_requests()
         portal.fail_then_succeed(record, failures=2, status=503)
         set_status(conn, mentor, "active")
-        await eventually(lambda: portal.listed(record) is True and state(conn, mentor) == "in_sync")
+        await eventually(lambda: portal.listed(record) is True and sync_state(conn, mentor) == "in_sync")
         await anyio.sleep(0.2)
     assert [p.status for p in portal.patches(record)] == [503, 503, 204]
     assert events(conn, mentor, "attempt_succeeded")[-1]["attempt"] == 3
@@ -114,11 +110,11 @@ async def test_403_is_dead_lettered_at_once(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         portal.clear_requests()
         portal.always(Reply(status=403), record_id=record)
         set_status(conn, mentor, "active")
-        await eventually(lambda: state(conn, mentor) == "dead_lettered")
+        await eventually(lambda: sync_state(conn, mentor) == "dead_lettered")
         await eventually(lambda: len(fcm.messages()) == 1)
     assert len(portal.patches(record)) == 1
     failed = events(conn, mentor, "attempt_failed")
@@ -130,12 +126,12 @@ async def test_429_retry_after_is_honoured_without_spending_an_attempt(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, env={"HLF_MAX_ATTEMPTS": "1"}):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         portal.clear_requests()
         portal.throttle(record, retry_after_s=1, times=2)
         set_status(conn, mentor, "active")
         await eventually(lambda: portal.listed(record) is True, timeout=10, what="the PATCH after throttling")
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
     patches = portal.patches(record)
     assert [p.status for p in patches] == [429, 429, 204]
     assert patches[1].at - patches[0].at >= 1.0 and patches[2].at - patches[1].at >= 1.0
@@ -149,12 +145,12 @@ async def test_401_fetches_a_fresh_token_once_and_succeeds(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         assert len(portal.token_requests()) == 1
         portal.revoke_tokens()
         portal.clear_requests()
         set_status(conn, mentor, "active")
-        await eventually(lambda: portal.listed(record) is True and state(conn, mentor) == "in_sync")
+        await eventually(lambda: portal.listed(record) is True and sync_state(conn, mentor) == "in_sync")
     assert [p.status for p in portal.patches(record)] == [401, 204]
     assert len(portal.token_requests()) == 1
     assert events(conn, mentor, "attempt_succeeded")[-1]["attempt"] == 1
@@ -166,7 +162,7 @@ async def test_one_mentors_failure_never_delays_another(
     org, refused, refused_rec = paused_mentor(conn, portal)
     fine, fine_rec = add_mentor(conn, org, portal=portal, status="paused")
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: state(conn, refused) == "in_sync" and state(conn, fine) == "in_sync")
+        await eventually(lambda: sync_state(conn, refused) == "in_sync" and sync_state(conn, fine) == "in_sync")
         portal.always(Reply(status=403, delay_s=0.5), record_id=refused_rec)
         started = time.perf_counter()
         with conn.transaction():
@@ -174,8 +170,8 @@ async def test_one_mentors_failure_never_delays_another(
             set_status(conn, fine, "active")
         await eventually(lambda: portal.listed(fine_rec) is True, timeout=0.4, what="the healthy mentor first")
         fine_took = time.perf_counter() - started
-        await eventually(lambda: state(conn, refused) == "dead_lettered")
-        await eventually(lambda: state(conn, fine) == "in_sync")
+        await eventually(lambda: sync_state(conn, refused) == "dead_lettered")
+        await eventually(lambda: sync_state(conn, fine) == "in_sync")
         await eventually(lambda: len(fcm.messages()) == 1, what="the refused mentor's alert")
     assert fine_took < 0.4
     assert fcm.data_messages() == [{"type": "hlf_sync_failure", "mentor_id": str(refused), "operation": "restore"}]
@@ -189,7 +185,7 @@ async def test_portal_outage_for_many_mentors_opens_the_circuit_not_an_alert_sto
     mentors = [add_mentor(conn, org, portal=portal, status="paused") for _ in range(200)]
     env = {"HLF_MAX_ATTEMPTS": "3", "HLF_OPS_TOPIC": "ops"}
     async with running_service(db_url, portal, sender=sender, env=env):
-        await eventually(lambda: all(state(conn, m) == "in_sync" for m, _ in mentors), timeout=30)
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors), timeout=30)
         portal.always(Reply(status=503))
         conn.execute("UPDATE mentors SET status = 'active'")
         await eventually(
@@ -228,16 +224,16 @@ async def test_requeue_after_the_portal_recovers_reaches_in_sync(
 
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: state(conn, mentor) == "in_sync")
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         portal.always(Reply(status=404), record_id=record)
         set_status(conn, mentor, "active")
-        await eventually(lambda: state(conn, mentor) == "dead_lettered")
+        await eventually(lambda: sync_state(conn, mentor) == "dead_lettered")
         monkeypatch.setenv("HLF_DATABASE_URL", db_url)
         assert await anyio.to_thread.run_sync(main, ["dead-letters", "list"]) == 0
         assert "restore" in capsys.readouterr().out
         portal.always(None, record_id=record)
         assert await anyio.to_thread.run_sync(main, ["dead-letters", "requeue", "--all"]) == 0
-        await eventually(lambda: state(conn, mentor) == "in_sync" and portal.listed(record) is True)
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync" and portal.listed(record) is True)
         assert await anyio.to_thread.run_sync(main, ["dead-letters", "requeue", "--all"]) == 0
         assert "no open dead letters" in capsys.readouterr().out
     requeued = conn.execute("SELECT requeued_at IS NOT NULL FROM dead_letters WHERE mentor_id = %s", (mentor,))
@@ -260,7 +256,7 @@ async def test_unregistered_device_is_reported_and_an_fcm_outage_never_blocks_sy
     other, other_rec = add_mentor(conn, org, portal=portal, status="paused")
     fcm.unregister("uninstalled-app-token-0002")
     async with running_service(db_url, portal, sender=sender, alert_retry_delays_s=(0.05,)):
-        await eventually(lambda: state(conn, refused) == "in_sync" and state(conn, other) == "in_sync")
+        await eventually(lambda: sync_state(conn, refused) == "in_sync" and sync_state(conn, other) == "in_sync")
         portal.always(Reply(status=403), record_id=refused_rec)
         set_status(conn, refused, "active")
         await eventually(
@@ -275,7 +271,7 @@ async def test_unregistered_device_is_reported_and_an_fcm_outage_never_blocks_sy
         set_status(conn, refused, "paused")
         await eventually(lambda: len(events(conn, refused, "dead_lettered")) == 2)
         set_status(conn, other, "active")  # syncing goes on while FCM is down
-        await eventually(lambda: portal.listed(other_rec) is True and state(conn, other) == "in_sync")
+        await eventually(lambda: portal.listed(other_rec) is True and sync_state(conn, other) == "in_sync")
         await eventually(lambda: len(events(conn, refused, "alert_failed")) == 3, what="the failed alerts recorded")
     assert {f["unregistered"] for f in events(conn, refused, "alert_failed")[1:]} == {False}
 
@@ -288,7 +284,7 @@ async def test_a_backlog_is_paced_inside_the_service_protection_limit_without_42
     portal.enforce_service_protection(max_requests=25, window_s=1.0, max_concurrent=52)
     started = time.perf_counter()
     async with running_service(db_url, portal, env={"HLF_PORTAL_RATE_LIMIT": "25/1s"}):
-        await eventually(lambda: all(state(conn, m) == "in_sync" for m, _ in mentors), timeout=30)
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors), timeout=30)
     took = time.perf_counter() - started
     assert portal.throttled_count == 0
     assert len(portal.patches()) == 60

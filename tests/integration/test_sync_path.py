@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from hlf_actors.testing.fake_portal import FakePortal
-from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
@@ -20,10 +20,6 @@ def kinds(conn: psycopg.Connection[Any], mentor_id: UUID) -> list[str]:
     rows = conn.execute("SELECT kind FROM event_log WHERE mentor_id = %s ORDER BY seq", (mentor_id,)).fetchall()
     return [r[0] for r in rows]
 
-
-def sync_state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
-    return row[0] if row else None
 
 
 def bodies(portal: FakePortal, record_id: UUID | None) -> list[Any]:
