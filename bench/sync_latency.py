@@ -92,6 +92,12 @@ def _seed(conn: psycopg.Connection[Any], portal: FakePortal, n: int) -> list[Any
     return rows
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -154,12 +160,14 @@ def main() -> None:
 
             # 3. stream: one writer as fast as it can while the service runs
             portal.clear_requests()
+            cpu_before = _cpu_s(proc.pid)
             started = time.perf_counter()
             for mentor_id, _ in mentors:
                 conn.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (mentor_id,))
             writer_s = time.perf_counter() - started
             _wait_for(portal, len(mentors), 300)
             stream_total = time.perf_counter() - started
+            stream_cpu_ms = (_cpu_s(proc.pid) - cpu_before) * 1000 / len(mentors)
             time.sleep(0.3)
             streamed = len(portal.patches())
         finally:
@@ -174,6 +182,7 @@ def main() -> None:
           f"{len(mentors) / drain_s:.0f} changes/s ({drain_s:.2f} s), {drained} PATCHes |")
     print(f"| stream of {len(mentors)} from one writer | {len(mentors) / stream_total:.0f} changes/s "
           f"({stream_total:.2f} s; the writer alone took {writer_s:.2f} s), {streamed} PATCHes |")
+    print(f"| service CPU per sync during the stream | {stream_cpu_ms:.2f} ms |")
 
 
 if __name__ == "__main__":

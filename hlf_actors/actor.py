@@ -244,6 +244,7 @@ class Actor:
         self._rt = runtime
         self._log = logger.bind(mentor_id=str(mentor_id))
         self.cancel_scope = anyio.CancelScope()
+        self._open = True  # whether the last outcome recorded left the mentor's sync unfinished
 
     async def run(self) -> None:
         """Serve wake-ups until idle. Any error is logged and retried later: it never ends the service."""
@@ -299,11 +300,17 @@ class Actor:
             await self._rt.leadership.wait()
             if self._rt.stopping:
                 return
+            self._open = True
             await self._attempt(work)
+            if not self._open:
+                return  # the outcome settled the mentor; a newer change wakes the mailbox, so no read is needed
 
     async def _record(self, *payloads: Payload) -> list[Event]:
-        async with self._rt.pool.connection() as conn, conn.transaction():
-            appended, _ = await projections.append(conn, [NewEvent(self.mentor_id, p) for p in payloads])
+        # Pipeline mode: BEGIN, the row lock and the inserts travel together, then the projection and COMMIT.
+        async with self._rt.pool.connection() as conn, conn.pipeline(), conn.transaction():
+            appended, projected = await projections.append(conn, [NewEvent(self.mentor_id, p) for p in payloads])
+        mine = projected.get(self.mentor_id)
+        self._open = mine is None or mine.sync is None or mine.sync.state in projections.OPEN_STATES
         return appended
 
     async def _attempt(self, work: _Work) -> None:

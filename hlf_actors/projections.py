@@ -257,17 +257,46 @@ async def _load(
 ) -> dict[UUID, MentorProjection]:
     """Current projections of the mentors; ``lock`` takes their rows FOR UPDATE. Without ``letters`` the dead
     letters are left out: only safe when no event about to be folded creates or changes one."""
+    pending = await _send_load(conn, mentor_ids, lock=lock, letters=letters)
+    return await pending.collect()
+
+
+class _PendingLoad:
+    """A load whose statements are sent but whose rows are not read yet: in pipeline mode, what is sent after it
+    travels in the same round trip."""
+
+    def __init__(
+        self,
+        ids: list[UUID],
+        syncs: psycopg.AsyncCursor[Any],
+        letters: psycopg.AsyncCursor[Any] | None,
+    ) -> None:
+        self._ids, self._syncs, self._letters = ids, syncs, letters
+
+    async def collect(self) -> dict[UUID, MentorProjection]:
+        syncs = {row[0]: sync_row_from_db(row) for row in await self._syncs.fetchall()}
+        found: dict[UUID, list[DeadLetterRow]] = defaultdict(list)
+        if self._letters is not None:
+            for row in await self._letters.fetchall():
+                letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
+                found[letter.mentor_id].append(letter)
+        return {
+            m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ())))
+            for m in self._ids
+        }
+
+
+async def _send_load(
+    conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID], *, lock: bool, letters: bool
+) -> _PendingLoad:
     ids = sorted(set(mentor_ids))
-    sync_sql = db.query("load_sync_rows_for_update" if lock else "load_sync_rows")
-    cur = await conn.execute(sync_sql, (ids,))
-    syncs = {row[0]: sync_row_from_db(row) for row in await cur.fetchall()}
-    found: dict[UUID, list[DeadLetterRow]] = defaultdict(list)
+    syncs = conn.cursor()
+    await syncs.execute(db.query("load_sync_rows_for_update" if lock else "load_sync_rows"), (ids,))
+    found = None
     if letters:
-        cur = await conn.execute(db.query("load_dead_letters"), (ids,))
-        for row in await cur.fetchall():
-            letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
-            found[letter.mentor_id].append(letter)
-    return {m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ()))) for m in ids}
+        found = conn.cursor()
+        await found.execute(db.query("load_dead_letters"), (ids,))
+    return _PendingLoad(ids, syncs, found)
 
 
 async def _write(
@@ -356,34 +385,35 @@ async def append(
 ) -> tuple[list[Event], dict[UUID, MentorProjection]]:
     """Append events and fold them into the projections, in the caller's transaction.
 
-    Used for the service's own events (attempt outcomes, alerts). Rows of the mentors concerned are locked first,
-    so their seq is allocated after every event already folded into them.
+    Used for the service's own events (attempt outcomes, alerts). The rows of the mentors concerned are locked
+    FOR UPDATE and the events inserted in the same flight of statements (one round trip when the caller's
+    connection is in pipeline mode); an event whose seq turns out to be below what its row already folded is
+    handled like any late event, by re-folding the mentor from the log.
     """
     mentors = sorted({e.mentor_id for e in events if e.mentor_id is not None and is_projected(e)})
-    current: dict[UUID, MentorProjection] | None = None
-    if mentors:
-        letters = any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
-        current = await _load(conn, mentors, lock=True, letters=letters)
-        if any(p.sync is None for p in current.values()):
-            # New projection rows are only ever created under the drain lock.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
-            current = await _load(conn, mentors, lock=True, letters=letters)
-    async with conn.cursor() as cur:
-        rows: list[tuple[int, datetime, int]] = []
-        for new in events:
-            await cur.execute(
-                db.query("insert_event"),
-                (new.mentor_id, new.kind, encode_payload(new.payload).decode()),
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            rows.append((row[0], row[1], row[2]))
+    letters = any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
+    load = await _send_load(conn, mentors, lock=True, letters=letters) if mentors else None
+    inserts: list[psycopg.AsyncCursor[Any]] = []
+    for new in events:
+        cur = conn.cursor()
+        await cur.execute(db.query("insert_event"), (new.mentor_id, new.kind, encode_payload(new.payload).decode()))
+        inserts.append(cur)
+    current = await load.collect() if load is not None else None
+    rows: list[tuple[int, datetime, int]] = []
+    for cur in inserts:
+        row = await cur.fetchone()
+        assert row is not None
+        rows.append((row[0], row[1], row[2]))
     appended = [
         Event(seq=seq, mentor_id=new.mentor_id, kind=new.kind, version=1, recorded_at=at, payload=new.payload, xid=xid)
         for (seq, at, xid), new in zip(rows, events, strict=True)
     ]
-    if not mentors:
+    if current is None:
         return appended, {}
+    if any(p.sync is None for p in current.values()):
+        # New projection rows are only ever created under the drain lock.
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
+        current = await _load(conn, mentors, lock=True, letters=letters)
     return appended, await _project(conn, appended, current)
 
 
