@@ -321,7 +321,10 @@ class Actor:
             return
         probe = await self._rt.circuit.admit()
         try:
-            await self._send(work, operation, attempt, probe)
+            # The slot is held until the outcome is recorded, not just for the PATCH: a crash then leaves at most
+            # HLF_PORTAL_CONCURRENCY PATCHes sent but unrecorded, so at most that many are sent twice after it.
+            async with self._rt.limiter:
+                await self._send(work, operation, attempt, probe)
         finally:
             if probe:
                 self._rt.circuit.release_probe()
@@ -331,11 +334,10 @@ class Actor:
         cfg = self._rt.config
         started = time.perf_counter()
         try:
-            async with self._rt.limiter:
-                if self._rt.stopping:  # stop means no new sends: this mentor stays pending for the next process
-                    return
-                with self._rt.metrics.in_flight.track_inprogress():
-                    status = await self._rt.portal.set_listed(work.portal_record_id, operation == "restore")
+            if self._rt.stopping:  # stop means no new sends: this mentor stays pending for the next process
+                return
+            with self._rt.metrics.in_flight.track_inprogress():
+                status = await self._rt.portal.set_listed(work.portal_record_id, operation == "restore")
         except ThrottledError as err:
             delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
             self._rt.metrics.attempts.labels("throttled").inc()
