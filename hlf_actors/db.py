@@ -23,7 +23,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from .errors import MigrationError
 
-__all__ = ["CONNECT_KWARGS", "Migration", "applied_migrations", "migrate", "migrations", "pool", "query"]
+__all__ = [
+    "CONNECT_KWARGS",
+    "Migration",
+    "applied_migrations",
+    "configure_session",
+    "migrate",
+    "migrations",
+    "pool",
+    "query",
+]
 
 # Dead peers must not hold a connection (and the leadership lock on it) for hours: libpq keepalives and a TCP
 # user timeout make the kernel give up on a silent host within about half a minute. Ignored on Unix sockets.
@@ -38,6 +47,20 @@ CONNECT_KWARGS: dict[str, Any] = {
 }
 
 
+# The same limits for the server's end of each connection. libpq's settings only make *our* side give up; the
+# server keeps a vanished client's session — with the leadership lock and any transaction lock it held — until its
+# own keepalive fails, two hours by default. These are per-session settings any role may set.
+_SERVER_KEEPALIVES = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false), set_config('tcp_keepalives_interval', '5', false),"
+    " set_config('tcp_keepalives_count', '3', false), set_config('tcp_user_timeout', '30000', false)"
+)
+
+
+async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Give an autocommit connection's server side the keepalive limits of CONNECT_KWARGS (no-op on Unix sockets)."""
+    await conn.execute(_SERVER_KEEPALIVES)
+
+
 @asynccontextmanager
 async def pool(
     url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0
@@ -50,6 +73,7 @@ async def pool(
         min_size=min_size,
         max_size=max_size,
         kwargs={**CONNECT_KWARGS, "autocommit": True},
+        configure=configure_session,
         open=False,
         name=name,
     )

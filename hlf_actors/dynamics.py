@@ -24,6 +24,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -101,27 +102,44 @@ def _portal_message(response: httpx.Response) -> str:
 
 
 class RequestBudget:
-    """At most ``limit`` requests started in any sliding ``window_s``: Dataverse's service-protection limit, kept
-    on our side so that a backlog of thousands is paced instead of answered with 429s."""
+    """At most ``limit`` requests reaching the portal in any sliding ``window_s``: Dataverse's service-protection
+    limit, kept on our side so that a backlog of thousands is paced instead of answered with 429s.
+
+    The portal counts arrivals, which we cannot see; we count a request from the moment it starts until one window
+    after its answer came back, which is always later than its arrival. That bounds arrivals exactly, however late
+    a request leaves after it was scheduled (a scheduling margin on start times let a 429 through under load).
+    """
 
     def __init__(self, limit: int, window_s: float) -> None:
         self._limit = limit
-        # The portal counts arrivals, we count starts: a margin keeps scheduling jitter from squeezing one request
-        # too many into its window.
-        self._window_s = window_s + max(0.2, window_s * 0.02)
-        self._starts: deque[float] = deque()
+        self._window_s = window_s
+        self._in_flight = 0
+        self._answered: deque[float] = deque()  # when each answer came back, oldest first
         self._lock = anyio.Lock()
+        self._freed = anyio.Event()
 
-    async def take(self) -> None:
+    def _used(self, now: float) -> int:
+        while self._answered and now - self._answered[0] >= self._window_s:
+            self._answered.popleft()
+        return self._in_flight + len(self._answered)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait until one more request fits in the window, and count it until a window after it is answered."""
         async with self._lock:
-            while True:
-                now = time.monotonic()
-                while self._starts and now - self._starts[0] >= self._window_s:
-                    self._starts.popleft()
-                if len(self._starts) < self._limit:
-                    self._starts.append(now)
-                    return
-                await anyio.sleep(self._starts[0] + self._window_s - now)
+            while self._used(time.monotonic()) >= self._limit:
+                if self._answered:
+                    await anyio.sleep(self._answered[0] + self._window_s - time.monotonic())
+                else:  # every counted request is still in flight: wait for one to be answered
+                    self._freed = anyio.Event()
+                    await self._freed.wait()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._answered.append(time.monotonic())
+            self._freed.set()
 
 
 class DynamicsClient:
@@ -214,9 +232,9 @@ class DynamicsClient:
         for _ in range(2):
             bearer = await self._bearer(fresh=fresh)
             headers = {**_ODATA_HEADERS, **kwargs.pop("headers", {}), "Authorization": f"Bearer {bearer}"}
-            await self._budget.take()
             try:
-                response = await self._http.request(method, url, headers=headers, **kwargs)
+                async with self._budget.slot():
+                    response = await self._http.request(method, url, headers=headers, **kwargs)
             except httpx.TimeoutException:
                 raise TransientPortalError(f"{method} timed out") from None
             except httpx.TransportError as err:

@@ -7,7 +7,9 @@ the one value we know is secret.
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
@@ -17,6 +19,33 @@ if TYPE_CHECKING:  # loguru's Record type exists only in its stubs
     from loguru import Record
 
 __all__ = ["setup_logging"]
+
+# Libraries that log through the standard library (psycopg's pool: "error connecting", "discarding closed
+# connection"): one line per message template per this many seconds, so a database outage stays readable.
+_LIBRARY_REPEAT_S = 10.0
+
+
+class _ToLoguru(logging.Handler):
+    """Send standard-library log records into loguru (same format, same secret filter), repeats thinned out."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self._last: dict[tuple[str, str], float] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        if now - self._last.get(key, -_LIBRARY_REPEAT_S) < _LIBRARY_REPEAT_S:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        message = record.getMessage()
+        if dropped:
+            message += f" ({dropped} more like it in the last {_LIBRARY_REPEAT_S:.0f}s)"
+        level = record.levelname if record.levelname in {"WARNING", "ERROR", "CRITICAL"} else "WARNING"
+        logger.log(level, "{}: {}", record.name, message)
 
 
 def setup_logging(
@@ -47,3 +76,6 @@ def setup_logging(
         backtrace=False,
         diagnose=False,
     )
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _ToLoguru)]
+    root.addHandler(_ToLoguru())
