@@ -23,6 +23,7 @@ How a PATCH is answered, first match wins::
     scripted queue of this record            -> its next Reply      script(), fail_then_succeed(), throttle()
     scripted queue of all records            -> its next Reply      throttle() without a record
     standing reply of this record            -> that Reply          always(reply, record_id)
+    a draw from the random mix               -> that Reply          random_replies(mix, seed=...)
     standing reply of all records            -> that Reply          always(reply)
     no such record                           -> 404, code 0x80040217
     otherwise                                -> 204, record updated
@@ -31,8 +32,10 @@ Scripted behaviours, all through ``Reply``: any status, headers and body (garbag
 a correct Content-Length); ``delay_s`` (the handler thread sleeps, other connections carry on); ``reset``
 (the socket is closed with an RST instead of an answer); ``apply`` (whether the record changes - by default
 only for a 2xx - so "applied, but the client timed out" and "answered 204 without applying" are both
-scriptable). Credentials: ``rotate_secret``, ``revoke_tokens``, ``fail_token_endpoint`` and token expiry
-after ``token_lifetime_s``.
+scriptable). ``random_replies`` answers each PATCH with a seeded random draw from weighted Replies (chaos runs:
+204 mixed with 429, 5xx, 403, slow answers, resets, garbage). Credentials: ``rotate_secret``, ``revoke_tokens``,
+``fail_token_endpoint``, ``random_token_failures`` (the token endpoint fails sometimes) and token expiry after
+``token_lifetime_s``.
 
 Timing: a request is recorded as soon as its answer is decided; a scripted Reply's record change happens
 after its delay, just before the answer is written. ``stop()`` severs open connections and ``start()`` again
@@ -45,6 +48,7 @@ import contextlib
 import inspect
 import json
 import math
+import random
 import re
 import secrets
 import socket
@@ -54,7 +58,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,7 +67,7 @@ from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from uuid import UUID, uuid4
 
-__all__ = ["FakePortal", "RecordedRequest", "Reply"]
+__all__ = ["FakePortal", "RecordedRequest", "Reply", "chaos_mix", "token_chaos_mix"]
 
 _API = "/api/data/v9.2/"
 _MAX_PAGE_SIZE = 5000  # Dataverse pages at most this many rows, whatever the client prefers
@@ -105,6 +109,44 @@ class Reply:
         if self.apply is not None:
             return self.apply
         return not self.reset and 200 <= self.status < 300
+
+
+def chaos_mix(slow_s: float) -> list[tuple[float, Reply | None]]:
+    """A misbehaving portal for ``random_replies``: about half the PATCHes answered normally, the rest 429 with
+    Retry-After, 500/502/503/504, a permanent 403 or 404, answers after ``slow_s`` (set it past the client's
+    timeout; some of them applied all the same), connection resets (some after applying), garbage bodies and
+    bodies cut short of their Content-Length."""
+    garbage = b"<html><body>\x00\xff\xfe upstream exploded"
+    return [
+        (50.0, None),  # an ordinary 204
+        (6.0, Reply(429, {"Retry-After": "1"})),
+        (4.0, Reply(500)),
+        (4.0, Reply(502)),
+        (4.0, Reply(503, {"Retry-After": "1"})),
+        (4.0, Reply(504)),
+        (1.5, Reply(403)),
+        (1.5, Reply(404)),
+        (3.0, Reply(204, delay_s=slow_s, apply=False)),
+        (2.0, Reply(204, delay_s=slow_s, apply=True)),  # the client gave up, the portal applied it anyway
+        (4.0, Reply(204, reset=True)),
+        (2.0, Reply(204, reset=True, apply=True)),  # applied, then the connection reset before the answer
+        (4.0, Reply(502, {"Content-Type": "text/html"}, garbage)),
+        (3.0, Reply(200, {"Content-Type": "application/json"}, b"\x89PNG not json")),  # garbage, but a 2xx
+        (3.0, Reply(200, {"Content-Length": "200", "Connection": "close"}, b'{"hlf_publiclisting": tr')),
+        (2.0, Reply(503, {"Content-Length": "300", "Connection": "close"}, b'{"error": {"message": "Serv')),
+    ]
+
+
+def token_chaos_mix() -> list[tuple[float, Reply | None]]:
+    """A token endpoint that fails sometimes, for ``random_token_failures``: 5xx, 429, garbage, resets."""
+    return [
+        (70.0, None),
+        (8.0, Reply(503)),
+        (6.0, Reply(500)),
+        (4.0, Reply(429, {"Retry-After": "1"})),
+        (4.0, Reply(200, {"Content-Type": "application/json"}, b"garbage, not a token")),
+        (4.0, Reply(500, reset=True)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -164,6 +206,20 @@ class _Limits:
     max_concurrent: int
 
 
+class _Mix:
+    """Weighted random Replies; ``None`` stands for "answer as if there were no mix". Drawn under the portal's lock."""
+
+    def __init__(self, mix: Sequence[tuple[float, Reply | None]], seed: int | None) -> None:
+        if not mix or any(weight < 0 for weight, _ in mix) or sum(weight for weight, _ in mix) <= 0:
+            raise ValueError("a random mix needs (weight, Reply) pairs with non-negative weights and a positive sum")
+        self._weights = [weight for weight, _ in mix]
+        self._replies = [reply for _, reply in mix]
+        self._rng = random.Random(seed)
+
+    def draw(self) -> Reply | None:
+        return self._rng.choices(self._replies, self._weights)[0]
+
+
 @dataclass
 class _Row:
     listed: bool
@@ -207,6 +263,8 @@ class FakePortal:
         self._standing_all: Reply | None = None
         self._tokens: dict[str, float] = {}  # token -> time.monotonic() when issued
         self._token_failure: Reply | None = None
+        self._mix: _Mix | None = None
+        self._token_mix: _Mix | None = None
         self._limits: _Limits | None = None
         self._window: deque[float] = deque()
         self._in_flight = 0
@@ -361,6 +419,13 @@ class FakePortal:
             else:
                 self._standing[_key(record_id)] = reply
 
+    def random_replies(self, mix: Sequence[tuple[float, Reply | None]] | None, *, seed: int | None = None) -> None:
+        """Answer each PATCH that no script or standing reply of its record answers with a random draw from
+        ``mix``, (weight, Reply) pairs where ``None`` means an ordinary answer; seeded for reproducible runs.
+        ``None`` instead of a mix turns it off."""
+        with self._lock:
+            self._mix = None if mix is None else _Mix(mix, seed)
+
     def fail_then_succeed(self, record_id: str | UUID, failures: int = 2, status: int = 503) -> None:
         self.script(record_id, *[Reply(status=status)] * failures)
 
@@ -410,6 +475,14 @@ class FakePortal:
     def fail_token_endpoint(self, reply: Reply | None) -> None:
         with self._lock:
             self._token_failure = reply
+
+    def random_token_failures(
+        self, mix: Sequence[tuple[float, Reply | None]] | None, *, seed: int | None = None
+    ) -> None:
+        """Answer each token request with a random draw from ``mix`` ((weight, Reply) pairs; ``None`` issues a
+        token as usual): a token endpoint that fails sometimes. ``fail_token_endpoint`` still wins."""
+        with self._lock:
+            self._token_mix = None if mix is None else _Mix(mix, seed)
 
     # -- answering (called by _Handler) ------------------------------------------------------------
 
@@ -560,7 +633,10 @@ class FakePortal:
             return reply
         if self._script_all:
             return self._script_all.popleft()
-        return self._standing.get(record_id, self._standing_all)
+        if record_id in self._standing:
+            return self._standing[record_id]
+        drawn = self._mix.draw() if self._mix is not None else None
+        return drawn if drawn is not None else self._standing_all
 
     def _scripted(self, reply: Reply, record_id: str, listed: bool) -> _Answer:
         answer = _from_reply(reply, _ODATA, _odata_error_body)
@@ -632,8 +708,11 @@ class FakePortal:
     # -- token endpoint ----------------------------------------------------------------------------
 
     def _token(self, request: _Incoming) -> _Answer:
-        if self._token_failure is not None:
-            return _from_reply(self._token_failure, {}, _aad_error_body)
+        failure = self._token_failure
+        if failure is None and self._token_mix is not None:
+            failure = self._token_mix.draw()
+        if failure is not None:
+            return _from_reply(failure, {}, _aad_error_body)
         form = dict(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
         refused = self._refuse_grant(form)
         if refused is not None:

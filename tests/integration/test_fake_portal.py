@@ -321,6 +321,44 @@ def test_always_precedence_script_beats_record_beats_global(portal: FakePortal, 
     assert portal.listed(b) is False
 
 
+def test_random_replies_draw_a_seeded_mix_after_the_records_own_script(
+    portal: FakePortal, client: httpx.Client
+) -> None:
+    a, b = uuid4(), uuid4()
+    portal.add_record(a)
+    portal.add_record(b, listed=True)
+    mix: list[tuple[float, Reply | None]] = [(1.0, Reply(503)), (1.0, None), (1.0, Reply(429, {"Retry-After": "2"}))]
+    portal.random_replies(mix, seed=7)
+    portal.always(Reply(403), record_id=b)  # a standing reply of the record beats the mix
+
+    first = [patch(portal, client, a, False).status_code for _ in range(30)]
+    portal.random_replies(mix, seed=7)
+    again = [patch(portal, client, a, True).status_code for _ in range(30)]
+
+    assert first == again  # the same seed, the same answers
+    assert set(first) == {503, 204, 429}  # None answers as if there were no mix: an ordinary, applied 204
+    assert patch(portal, client, b, False).status_code == 403
+    assert portal.listed(a) is True and portal.listed(b) is True
+    portal.random_replies(None)
+    assert [patch(portal, client, a, False).status_code for _ in range(5)] == [204] * 5
+
+
+def test_random_token_failures_fail_some_token_requests(portal: FakePortal, client: httpx.Client) -> None:
+    portal.random_token_failures([(1.0, Reply(503)), (1.0, None), (1.0, Reply(500, reset=True))], seed=3)
+
+    statuses: list[int | str] = []
+    for _ in range(30):
+        try:
+            statuses.append(client.post(portal.token_url, data=token_form(portal)).status_code)
+        except httpx.TransportError:
+            statuses.append("reset")
+
+    assert set(statuses) == {200, 503, "reset"}
+    assert [r.status for r in portal.token_requests()] == [0 if s == "reset" else s for s in statuses]
+    portal.random_token_failures(None)
+    assert client.post(portal.token_url, data=token_form(portal)).status_code == 200
+
+
 def test_scripted_reply_can_apply_without_success_or_succeed_without_applying(
     portal: FakePortal, client: httpx.Client
 ) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure hlf_actors (and, in ``bench.peers``, its peers); not part of the package."""
