@@ -260,7 +260,7 @@ class Actor:
                 failures = 0
             except Exception as err:  # the loop must survive anything one mentor's work throws
                 failures += 1
-                delay = min(30.0, 0.1 * 2**failures)
+                delay = min(5.0, 0.1 * 2**failures)  # mostly a database outage: be back soon after it ends
                 self._log.opt(exception=err if not isinstance(err, psycopg.Error) else None).error(
                     "sync step failed ({}: {}); trying again in {:.1f}s", type(err).__name__, err, delay
                 )

@@ -17,7 +17,7 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -241,6 +241,7 @@ class Service:
             try:
                 conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
                 async with _closing(conn):
+                    await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
                     await self._become_leader(conn, dispatcher)
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.listening = True
@@ -316,6 +317,10 @@ class Service:
                     "projector could not reach the database ({}); retrying in {:.2f}s", str(err).strip()[:160], delay
                 )
                 self._catch_up = True
+                if isinstance(err, psycopg.OperationalError):
+                    # The pool would hand out the other connections the outage broke, one failed try each.
+                    with suppress(psycopg.Error):
+                        await pool.check()
                 await anyio.sleep(delay)
                 self._wake.set()
 
