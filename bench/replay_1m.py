@@ -1,20 +1,23 @@
 """Replay of a 1,000,000-event log: events/s and peak RSS (targets: ≥ 100,000 events/s, < 200 MB).
 
-    .venv/bin/python bench/replay_1m.py [--events 1000000] [--per-mentor 10] [--keep]
+    .venv/bin/python bench/replay_1m.py [--events 1000000] [--per-mentor 10] [--keep] [--database NAME]
 
-Creates its own database (`hlf_bench_replay`) on HLF_DATABASE_URL's server, else 127.0.0.1:5432 as postgres,
-and fills event_log set-based (INSERT … SELECT generate_series) with a realistic history: each mentor is created,
-certified, synced, paused, removed after a 503 and a retry, reinstated, restored; one in ten is refused with a 403
-and dead-lettered (and re-queued, half of them), one in ten gets a reminder and a force sync. A mentor's events are
-spread over the whole log, as they are in a real one (event k of mentor m has seq ≈ k·mentors + m), so the replay
-cannot lean on locality. Every tenth of the log is written in its own transaction, so outcomes carry snapshots.
+Creates its own database (`hlf_bench_replay`, or NAME: keep one per log size with --keep while iterating) on
+HLF_DATABASE_URL's server, else 127.0.0.1:5432 as postgres, and fills event_log set-based (INSERT … SELECT
+generate_series) with a realistic history: each mentor is created, certified, synced, paused, removed after a 503
+and a retry, reinstated, restored; one in ten is refused with a 403 and dead-lettered (and re-queued, half of them),
+one in ten gets a reminder and a force sync. A mentor's events are spread over the whole log, as they are in a real
+one (event k of mentor m has seq ≈ k·mentors + m), so the replay cannot lean on locality. Every tenth of the log is
+written in its own transaction, so outcomes carry snapshots.
 
 Then, in this process, it times
   1. replay into empty live tables (what a first replay after a disaster does: every row is "missing"),
   2. replay again (the everyday case: the rebuilt projection equals the live one, nothing is written),
   3. replay --verify,
-and prints events/s for each and the process's peak RSS (ru_maxrss). Run it under py-spy to see where time goes:
-    .venv/bin/py-spy record -o /tmp/replay.svg -- .venv/bin/python bench/replay_1m.py --keep
+and prints events/s for each and the process's peak RSS (ru_maxrss). The server does half the work (formatting and
+sorting the log, in parallel workers; the COPY into the scratch tables), so on a shared machine compare runs made
+one after the other. Run it under py-spy to see where the client's time goes (-g: only samples holding the GIL):
+    .venv/bin/py-spy record -g -o /tmp/replay.svg -- .venv/bin/python bench/replay_1m.py --keep
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from hlf_actors import db, replay
@@ -77,28 +81,28 @@ SELECT md5('mentor' || m)::uuid,
                                            '2027-03-01', 'night', '2027-01-30', 'targets', 2, 'delivered', 2)
                    ELSE jsonb_build_object('alert', 'cert_expiry_reminder', 'target', 'topic:org-alerts',
                                            'message_id', 'projects/hlf/messages/' || g) END
-           ELSE CASE WHEN mod(m, 20) = 0 THEN jsonb_build_object('dead_letter_id', g - %(mentors)s + 1)
+           ELSE CASE WHEN mod(m, 20) = 0 THEN jsonb_build_object('dead_letter_id', g - %(mentors)s::bigint + 1)
                      WHEN mod(m, 10) = 1 THEN jsonb_build_object('reason', 'force_sync')
                      ELSE jsonb_build_object('alert', 'hlf_sync_failure', 'target', 'topic:org-alerts',
                                              'message_id', 'projects/hlf/messages/' || g) END
        END
-FROM generate_series(%(first)s, %(last)s) AS g,
-     LATERAL (SELECT g / %(mentors)s AS k, mod(g, %(mentors)s) AS m) AS step,
+FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
+     LATERAL (SELECT g / %(mentors)s::bigint AS k, mod(g, %(mentors)s::bigint) AS m) AS step,
      LATERAL (SELECT (pg_current_xact_id()::text::bigint + 1)::text || ':'
                      || (pg_current_xact_id()::text::bigint + 1)::text || ':' AS snap) AS s
 ORDER BY g
 """
 
 
-def _database(keep: bool) -> tuple[str, bool]:
+def _database(name: str, keep: bool) -> tuple[str, bool]:
     base = os.environ.get("HLF_DATABASE_URL") or make_conninfo(host="127.0.0.1", user="postgres", dbname="postgres")
-    url = make_conninfo(base, dbname=_DB)
+    url = make_conninfo(base, dbname=name)
     with psycopg.connect(base, autocommit=True) as admin:
-        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (_DB,)).fetchone() is not None
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
         if exists and keep:
             return url, False
-        admin.execute(f"DROP DATABASE IF EXISTS {_DB}")
-        admin.execute(f"CREATE DATABASE {_DB}")
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     with psycopg.connect(url) as conn:
         db.migrate(conn)
     return url, True
@@ -127,8 +131,9 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--per-mentor", type=int, default=10, choices=[10])
     parser.add_argument("--keep", action="store_true", help="reuse the database of a previous run if it is there")
+    parser.add_argument("--database", default=_DB, help=f"name of the benchmark's database (default {_DB})")
     args = parser.parse_args()
-    url, fresh = _database(args.keep)
+    url, fresh = _database(args.database, args.keep)
     if fresh:
         _fill(url, args.events, args.per_mentor)
     else:

@@ -305,7 +305,17 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-credentials", help="request a token and read WhoAmI; alert ops when they fail")
     s.set_defaults(func=cmd_check_credentials)
 
-    s = sub.add_parser("replay", help="rebuild sync_status, dead_letters and duplicate findings from event_log")
+    s = sub.add_parser(
+        "replay",
+        help="rebuild sync_status, dead_letters and duplicate findings from event_log",
+        description=(
+            "Rebuild sync_status, dead_letters and the duplicate findings from event_log alone, while the service "
+            "runs, and correct the live rows that differ from them. With --archive-before, old events are archived "
+            "first: copied to event_log_archive, each mentor's projected state at the cut (the newest archived "
+            "event) kept in projection_snapshots, then deleted from event_log. Replay starts every mentor from its "
+            "snapshot and folds only the events after the cut, so its result does not change."
+        ),
+    )
     mode = s.add_mutually_exclusive_group()
     mode.add_argument(
         "--verify", action="store_true", help="only print how the live tables differ from the log (exit 1 if they do)"
@@ -314,7 +324,8 @@ def _parser() -> argparse.ArgumentParser:
         "--archive-before",
         type=_days,
         metavar="DAYS",
-        help="first move events older than DAYS days to event_log_archive (a snapshot at the cut keeps replay exact)",
+        help="first archive the events older than DAYS days to event_log_archive, keeping a snapshot of every "
+        "mentor's projections at the cut (projection_snapshots) so that replay stays exact",
     )
     s.set_defaults(func=cmd_replay)
     return p

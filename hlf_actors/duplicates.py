@@ -16,12 +16,12 @@ senders answering the same change: a standby that did not stand by, or a bug. An
 certification date (the mentor never had one) has no period and is not compared.
 
 The findings are a projection like ``sync_status``: ``Detector`` folds a mentor's events into a ``DuplicateState``
-(what the rules found, and which findings duplicate_detected events already raised), beside ``projections.apply``
-in the same pass (``hlf_actors.replay.fold_mentor``). Raising appends a duplicate_detected event and inserts its
-``duplicate_findings`` row in one transaction, under a lock on that table and only for a key not there yet: once per
-finding, however many replays or periodic checks find it. The ops alert is sent from that row — ``alerted_at`` is
-its outbox — by the live service's leader (``watch``), so a finding raised by ``hlf-actors replay`` is pushed by the
-running service within one sweep interval.
+(what the rules found, and which findings duplicate_detected events already raised), beside
+``projections.MentorFold`` in the same pass (``hlf_actors.replay.fold_mentor``). Raising appends a
+duplicate_detected event and inserts its ``duplicate_findings`` row in one transaction, under a lock on that table
+and only for a key not there yet: once per finding, however many replays or periodic checks find it. The ops
+alert is sent from that row — ``alerted_at`` is its outbox — by the live service's leader (``watch``), so a finding
+raised by ``hlf-actors replay`` is pushed by the running service within one sweep interval.
 """
 
 from __future__ import annotations
@@ -42,17 +42,20 @@ from psycopg_pool import AsyncConnectionPool
 from . import db
 from .alerting import Alerting
 from .events import (
+    AttemptFailed,
     AttemptSucceeded,
     AutoTransitioned,
+    DeadLettered,
     DuplicateDetected,
     Event,
     ReminderSent,
+    Requeued,
     StatusChanged,
     SyncRequested,
+    SyncSkipped,
     UnknownPayload,
     encode_payload,
 )
-from .projections import MentorProjection
 
 __all__ = [
     "DETECTED_KINDS",
@@ -74,7 +77,7 @@ DETECTED_KINDS: tuple[str, ...] = ("reminder_sent", "auto_transitioned", "duplic
 DETECT_EVERY_S = 600.0
 
 
-class Finding(msgspec.Struct, frozen=True, kw_only=True):
+class Finding(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What a rule found: the key is deterministic, so the same duplicate is the same finding on every run."""
 
     key: str
@@ -84,7 +87,7 @@ class Finding(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
 
 
-class FindingRow(msgspec.Struct, frozen=True, kw_only=True):
+class FindingRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A ``duplicate_findings`` row as its duplicate_detected event defines it (``alerted_at`` is not projected)."""
 
     key: str
@@ -95,7 +98,7 @@ class FindingRow(msgspec.Struct, frozen=True, kw_only=True):
     detected_at: datetime
 
 
-class DuplicateState(msgspec.Struct, frozen=True, kw_only=True):
+class DuplicateState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One mentor's duplicate detection, folded up to some event; stored in projection_snapshots at an archive cut."""
 
     reminders: dict[str, int] = {}  # "threshold_day/expiry" → seq of the first reminder
@@ -112,7 +115,7 @@ class DuplicateState(msgspec.Struct, frozen=True, kw_only=True):
         return [f for f in self.found if f.key not in done]
 
 
-_EMPTY = DuplicateState()
+_OTHER_PROJECTED = frozenset({AttemptFailed, DeadLettered, Requeued, SyncSkipped})
 
 
 class Detector:
@@ -124,19 +127,31 @@ class Detector:
     __slots__ = ("_armed_op", "_armed_seq", "_found", "_mentor", "_raised", "_reminders", "_transitions")
 
     def __init__(self, mentor_id: UUID, start: DuplicateState | None = None) -> None:
-        s = start if start is not None else _EMPTY
         self._mentor = mentor_id
-        self._reminders = dict(s.reminders)
-        self._transitions = dict(s.transitions)
-        self._armed_seq = s.armed_seq
-        self._armed_op = s.armed_operation
-        self._found = list(s.found)
-        self._raised = list(s.raised)
+        if start is None:  # most of replay's mentors: no copies to make
+            self._reminders: dict[str, int] = {}
+            self._transitions: dict[str, int] = {}
+            self._armed_seq: int | None = None
+            self._armed_op: str | None = None
+            self._found: list[Finding] = []
+            self._raised: list[FindingRow] = []
+            return
+        self._reminders = dict(start.reminders)
+        self._transitions = dict(start.transitions)
+        self._armed_seq = start.armed_seq
+        self._armed_op = start.armed_operation
+        self._found = list(start.found)
+        self._raised = list(start.raised)
 
-    def step(self, event: Event, projection: MentorProjection) -> None:
-        """Fold one event; ``projection`` is the mentor's sync projection *after* it (``projections.apply``)."""
+    def step(self, event: Event, sync_state: str | None) -> None:
+        """Fold one event; ``sync_state`` is the mentor's sync state *after* it (``projections.MentorFold``)."""
+        # Exact type checks, not isinstance: payload classes have no subclasses, and isinstance against a msgspec
+        # Struct class that is not the object's own goes through the metaclass, once per event of replay.
         payload = event.payload
-        if isinstance(payload, AttemptSucceeded):
+        cls = type(payload)
+        if cls in _OTHER_PROJECTED:
+            return  # nothing for these rules
+        if type(payload) is AttemptSucceeded:
             if self._armed_seq is not None and self._armed_op == payload.operation:
                 self._find(
                     "patch_succeeded_twice",
@@ -145,12 +160,11 @@ class Detector:
                     event.seq,
                     f"{payload.operation} PATCH succeeded twice with no change or sync request between",
                 )
-            sync = projection.sync
-            if sync is not None and sync.state == "in_sync":
+            if sync_state == "in_sync":
                 self._armed_seq, self._armed_op = event.seq, payload.operation
             else:
                 self._armed_seq = self._armed_op = None
-        elif isinstance(payload, StatusChanged | SyncRequested):
+        elif cls is StatusChanged or cls is SyncRequested:
             self._armed_seq = self._armed_op = None
         elif event.kind == "reminder_sent":
             threshold = _field(payload, "threshold_day")
@@ -178,7 +192,7 @@ class Detector:
                         event.seq,
                         f"auto-transitioned twice for the certification expiring {expiry}",
                     )
-        elif isinstance(payload, DuplicateDetected):
+        elif type(payload) is DuplicateDetected:
             self._raised.append(
                 FindingRow(
                     key=payload.finding,
@@ -197,12 +211,12 @@ class Detector:
 
     def state(self) -> DuplicateState:
         return DuplicateState(
-            reminders=dict(self._reminders),
-            transitions=dict(self._transitions),
+            reminders=dict(self._reminders) if self._reminders else {},
+            transitions=dict(self._transitions) if self._transitions else {},
             armed_seq=self._armed_seq,
             armed_operation=self._armed_op,
-            found=tuple(self._found),
-            raised=tuple(self._raised),
+            found=tuple(self._found) if self._found else (),
+            raised=tuple(self._raised) if self._raised else (),
         )
 
 

@@ -1,13 +1,13 @@
 """Replay: rebuild every projection from event_log alone, while the service runs, and check or repair the live ones.
 
-The projections are ``sync_status`` and ``dead_letters`` (``projections.apply``) and ``duplicate_findings``
-(``duplicates.Detector``); ``fold_mentor`` runs both over one mentor's events in one pass, and is the only fold
-replay knows. A mentor's projected events are those in event_log and not in hlf_inbox, folded in seq order, after
-the mentor's projection_snapshots row if their oldest events were archived.
+The projections are ``sync_status`` and ``dead_letters`` (``projections.MentorFold``, what ``apply`` runs) and
+``duplicate_findings`` (``duplicates.Detector``); ``fold_mentor`` runs both over one mentor's events in one pass, and
+is the only fold replay knows. A mentor's projected events are those in event_log and not in hlf_inbox, folded in
+seq order, after the mentor's projection_snapshots row if their oldest events were archived.
 
-    1. rebuild   REPEATABLE READ snapshot S0; stream event_log by (mentor, seq) through a server-side cursor, one
-                 row per mentor, so memory stays flat whatever the log's size; fold; write the rows into scratch
-                 tables (temporary: sync_status_rebuild, dead_letters_rebuild, duplicate_findings_rebuild)
+    1. rebuild   REPEATABLE READ snapshot S0; stream event_log by (mentor, seq), one row per mentor, a few
+                 thousand rows at a time, so memory stays flat whatever the log's size; fold; COPY the rows into
+                 scratch tables (temporary: sync_status_rebuild, dead_letters_rebuild, duplicate_findings_rebuild)
     2. catch up  one transaction: LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE, then
                  fold again every mentor whose projected events changed since S0 — an event written by a
                  transaction S0 did not see (``xid`` not visible in S0), or one in the inbox at S0 and drained since
@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, suppress
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal, TextIO
 from uuid import UUID
 
@@ -56,8 +56,8 @@ from psycopg import sql
 from . import db
 from .duplicates import DETECTED_KINDS, Detector, DuplicateState, Finding, FindingRow, raise_findings
 from .errors import HLFError
-from .events import Event, decode_event
-from .projections import PROJECTED_KINDS, DeadLetterRow, MentorProjection, SyncRow, apply
+from .events import Event, decode_events
+from .projections import PROJECTED_KINDS, DeadLetterRow, MentorFold, MentorProjection, SyncRow
 
 __all__ = [
     "REPLAY_LOCK",
@@ -77,6 +77,7 @@ __all__ = [
 
 REPLAY_LOCK = 0x484C_465F_5245_504C  # "HLF_REPL": one replay or archival at a time (session lock)
 _ITERSIZE = 2_000  # mentors per fetch (about 20,000 events)
+_PREFETCH = 4  # fetches read ahead: on a busy machine the server and we are not always running at the same time
 _WRITE_BATCH = 5_000
 _STREAM_KINDS: tuple[str, ...] = (*PROJECTED_KINDS, *DETECTED_KINDS)
 
@@ -85,7 +86,7 @@ class ReplayBusy(HLFError):
     """Another replay or archival holds the replay lock."""
 
 
-class MentorState(msgspec.Struct, frozen=True, kw_only=True):
+class MentorState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything the log projects for one mentor; what projection_snapshots stores at an archive cut."""
 
     projection: MentorProjection
@@ -94,34 +95,38 @@ class MentorState(msgspec.Struct, frozen=True, kw_only=True):
 
 def fold_mentor(mentor_id: UUID, events: Sequence[Event], start: MentorState | None = None) -> MentorState:
     """Fold a mentor's events (in seq order) into every projection. Pure; the live path folds with the same
-    ``projections.apply``, and the duplicate rules see the sync projection after each event."""
-    projection = start.projection if start is not None else MentorProjection(mentor_id=mentor_id)
+    ``projections.MentorFold`` (through ``apply``), and the duplicate rules see the sync state after each event."""
+    folding = MentorFold(mentor_id, start.projection if start is not None else None)
     detector = Detector(mentor_id, start.duplicates if start is not None else None)
+    step, detect = folding.step, detector.step
     for event in events:
-        projection = apply(projection, event)
-        detector.step(event, projection)
-    return MentorState(projection=projection, duplicates=detector.state())
+        step(event)
+        detect(event, folding.state)
+    return MentorState(projection=folding.projection(), duplicates=detector.state())
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading histories: one mentor at a time, in (mentor_id, seq) order, with flat memory.
+# Reading histories: one mentor at a time, with flat memory.
 
-# One row per mentor: their events as one JSON array, in seq order. Rows per mentor rather than per event make the
-# client's per-row cost (the driver turning columns into objects dominated a profile) a tenth, and msgspec decodes the
-# array in one call. Built by concatenation: `kind` is [a-z_]+ (a CHECK), the rest are numbers, JSON and to_json, and
-# it costs the server a third less than json_agg(json_build_array(...)).
-_EVENTS = sql.SQL(
-    "SELECT mentor_id, '[' || string_agg('[' || seq || ',\"' || kind || '\",' || version || ',' "
-    "|| to_json(recorded_at)::text || ',' || xid::text || ',' || data::text || ']', ',' ORDER BY seq) || ']' "
-    "FROM event_log WHERE {} GROUP BY mentor_id ORDER BY mentor_id"
-)
-# For the whole log, a sequential scan and a sort (on disk past work_mem: the server's memory stays flat too) beat
-# walking the (mentor_id, seq) index, which reads every heap page about once per mentor on it, in random order: on a
-# million events 1.5 s against 3.5 s. The planner, costing a cursor for its first rows, would walk the index.
-_WHOLE_LOG_PLAN = "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off"
-_DEFAULT_PLAN = "RESET enable_indexscan; RESET enable_bitmapscan"
-_SNAPSHOTS = sql.SQL(
-    "SELECT mentor_id, projection::text, duplicates::text, cut_seq FROM projection_snapshots {} ORDER BY 1"
+# One row per mentor: their events as one JSON array of [kind, seq, version, recorded_at, xid, data] in seq order
+# (``events.decode_events`` decodes it in one call), and their snapshot if they have one. Rows per mentor rather than
+# per event cut the client's per-row cost (the driver turning columns into objects) to a tenth. Each event's JSON is
+# built by concatenation (`kind` is [a-z_]+, a CHECK; the rest are numbers, JSON and to_json: a third cheaper than
+# json_build_array) below the sort, so that for the whole log the parallel workers scan, format and sort it
+# together. That takes a plain query, streamed (``Cursor.stream``), not a server-side cursor, whose plan is never
+# parallel: on a million events the query takes about 3.5 s instead of 6 (the same CPU, on every core). The
+# aggregate takes the events in the order the sorted subquery hands them over (a subquery with ORDER BY is never
+# flattened) rather than with ORDER BY seq, which PostgreSQL 15 would sort again mentor by mentor; should a plan ever
+# differ, ``decode_events`` puts them back in seq order.
+_HISTORIES = sql.SQL(
+    "SELECT mentor_id, e.events, s.projection::text, s.duplicates::text, s.cut_seq "
+    "FROM (SELECT mentor_id, '[' || string_agg(event, ',') || ']' AS events "
+    "      FROM (SELECT mentor_id, '[\"' || kind || '\",' || seq || ',' || version || ',' "
+    "            || to_json(recorded_at)::text || ',' || xid::text || ',' || data::text || ']' AS event "
+    "            FROM event_log WHERE {events} ORDER BY mentor_id, seq) AS ordered "
+    "      GROUP BY mentor_id) AS e "
+    "FULL JOIN (SELECT mentor_id, projection, duplicates, cut_seq FROM projection_snapshots {snapshots}) AS s "
+    "USING (mentor_id)"
 )
 _INBOX = "SELECT i.seq, e.mentor_id FROM hlf_inbox i JOIN event_log e USING (seq)"
 _CHANGED_SINCE = (
@@ -131,16 +136,6 @@ _CHANGED_SINCE = (
 )
 
 
-class _Row(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    seq: int
-    kind: str
-    version: int
-    recorded_at: datetime
-    xid: int
-    data: msgspec.Raw  # decoded by decode_event, as for every other reader of the log
-
-
-_rows_decoder = msgspec.json.Decoder(list[_Row])
 _projection_decoder = msgspec.json.Decoder(MentorProjection)
 _duplicates_decoder = msgspec.json.Decoder(DuplicateState)
 
@@ -167,7 +162,10 @@ def _histories(
     upto: int | None = None,
     on_events: Callable[[int], None] | None = None,
 ) -> Iterator[History]:
-    """Each mentor's snapshot (if any) and projected events, mentor by mentor. Must run inside a transaction."""
+    """Each mentor's snapshot (if any) and projected events, mentor by mentor, in no particular order of mentors.
+
+    Must run inside a transaction. Leaving it before the end cancels the query, which aborts that transaction.
+    """
     where = [sql.SQL("mentor_id IS NOT NULL")]
     params: dict[str, Any] = {}
     if kinds is not None:
@@ -180,73 +178,55 @@ def _histories(
         where.append(sql.SQL("seq <= %(upto)s"))
         params["upto"] = upto
     snap_where = sql.SQL("WHERE mentor_id = ANY(%(mentors)s)") if mentors is not None else sql.SQL("")
-    with (
-        conn.cursor(name="hlf_replay_events") as events_cur,
-        conn.cursor(name="hlf_replay_snapshots") as snaps_cur,
-    ):
-        if mentors is None:
-            conn.execute(_WHOLE_LOG_PLAN)
-        events_cur.execute(_EVENTS.format(sql.SQL(" AND ").join(where)), params)
-        if mentors is None:
-            conn.execute(_DEFAULT_PLAN)
-        snaps_cur.execute(_SNAPSHOTS.format(snap_where), {"mentors": params.get("mentors")})
-        rows = _prefetch(events_cur)
-        snaps = _fetch(snaps_cur)
-        try:
-            row = next(rows, None)
-            snap = next(snaps, None)
-            while row is not None or snap is not None:
-                start: MentorState | None = None
-                events: list[Event] = []
-                after = 0  # events up to the archive cut are in the snapshot, whether or not still in the log
-                if snap is not None and (row is None or snap[0] <= row[0]):
-                    mentor: UUID = snap[0]
-                    start = MentorState(
-                        projection=_projection_decoder.decode(snap[1]), duplicates=_duplicates_decoder.decode(snap[2])
-                    )
-                    after = snap[3]
-                    snap = next(snaps, None)
-                else:
-                    assert row is not None
-                    mentor = row[0]
-                if row is not None and row[0] == mentor:
-                    decoded = _rows_decoder.decode(row[1])
-                    if on_events is not None:
-                        on_events(len(decoded))
-                    events = [
-                        decode_event(r.seq, mentor, r.kind, r.version, bytes(r.data), r.recorded_at, r.xid)
-                        for r in decoded
-                        if r.seq > after and r.seq not in inbox
-                    ]
-                    row = next(rows, None)
-                yield mentor, start, events
-        finally:
-            rows.close()  # stop the fetching thread before the cursor closes
+    query = _HISTORIES.format(events=sql.SQL(" AND ").join(where), snapshots=snap_where)
+    rows = _prefetch(conn.cursor().stream(query, params, size=_ITERSIZE))
+    try:
+        for mentor, events_json, projection, duplicates, cut_seq in rows:
+            start: MentorState | None = None
+            after = 0  # events up to the archive cut are in the snapshot, whether or not still in the log
+            if projection is not None:
+                start = MentorState(
+                    projection=_projection_decoder.decode(projection), duplicates=_duplicates_decoder.decode(duplicates)
+                )
+                after = cut_seq
+            events: list[Event] = []
+            if events_json is not None:
+                events = decode_events(mentor, events_json)  # in seq order, whatever the server's plan did
+                if on_events is not None:
+                    on_events(len(events))
+                if after or inbox:
+                    events = [e for e in events if e.seq > after and e.seq not in inbox]
+            yield mentor, start, events
+    finally:
+        rows.close()  # stop the fetching thread, and the query with it
 
 
-def _fetch(cur: psycopg.ServerCursor[Any]) -> Iterator[Any]:
-    while batch := cur.fetchmany(_ITERSIZE):
-        yield from batch
+def _prefetch(rows: Iterator[Any]) -> Generator[Any, None, None]:
+    """The rows, read by a thread a few thousand ahead of the consumer.
 
-
-def _prefetch(cur: psycopg.ServerCursor[Any]) -> Generator[Any, None, None]:
-    """``_fetch`` with the next batch fetched by a thread while this one is folded.
-
-    A server-side cursor computes rows only when asked, so fetching in line would leave the server idle while we fold
-    and us idle while it aggregates; this overlaps the two. The driver waits for the network without the GIL.
+    The server sends rows only as fast as we take them, so reading in line would leave the server idle while we
+    fold and us idle while it works; this overlaps the two. The driver waits for the network without the GIL.
     """
-    batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=2)
+    batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=_PREFETCH)
     stop = threading.Event()
 
     def pump() -> None:
         try:
-            while not stop.is_set():
-                batch = cur.fetchmany(_ITERSIZE)
-                batches.put(batch if batch else None)
-                if not batch:
-                    return
+            batch: list[Any] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= _ITERSIZE:
+                    batches.put(batch)
+                    batch = []
+                    if stop.is_set():
+                        return
+            batches.put(batch)
+            batches.put(None)
         except BaseException as err:  # handed to the consumer, which raises it
             batches.put(err)
+        finally:
+            if isinstance(rows, Generator):
+                rows.close()  # ends the query early if the consumer stopped
 
     thread = threading.Thread(target=pump, name="hlf-replay-fetch", daemon=True)
     thread.start()
@@ -289,47 +269,80 @@ _SYNC, _LETTERS, _FINDINGS = _TABLES
 
 
 def _create_scratch(conn: psycopg.Connection[Any]) -> None:
+    """Empty scratch tables shaped like the live ones, without their indexes: they are filled first and indexed once
+    at the end (``_index_scratch``), which costs the server less than keeping eight indexes up to date row by row."""
     for table in _TABLES:
         scratch = sql.Identifier("pg_temp", table.scratch)
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(scratch))
         conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING ALL)").format(
+            sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
                 sql.Identifier(table.scratch), sql.Identifier(table.live)
             )
         )
 
 
+def _index_scratch(conn: psycopg.Connection[Any]) -> None:
+    """The keys the comparison joins on, and statistics: without them the planner guesses a temp table's size."""
+    for table in _TABLES:
+        scratch = sql.Identifier("pg_temp", table.scratch)
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(scratch, sql.Identifier(table.key)))
+        conn.execute(sql.SQL("ANALYZE {}").format(scratch))
+
+
+_COLUMN_TYPES = (
+    "SELECT a.atttypid, t.typcategory = 'A' FROM unnest(%s::text[]) WITH ORDINALITY AS c (name, n) "
+    "JOIN pg_attribute a ON a.attrelid = %s::regclass AND a.attname = c.name "
+    "JOIN pg_type t ON t.oid = a.atttypid ORDER BY c.n"
+)
+
+
 class _Sink:
-    """Rows of the rebuilt projections, written to the scratch tables in batches, as one msgspec-encoded JSON array
-    per table and batch (json_populate_recordset): formatting values one by one for COPY cost more than the fold."""
+    """Rows of the rebuilt projections, written to the scratch tables in batches by binary COPY: the driver formats
+    the values in C, and the server reads them without parsing text (JSON through json_populate_recordset cost the
+    server three times as much)."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
         self._rows: dict[str, list[msgspec.Struct]] = {t.live: [] for t in _TABLES}
+        self._types: dict[str, list[int]] = {}
+        self._arrays: dict[str, tuple[int, ...]] = {}  # positions of the array columns: tuples, sent as lists
+        for table in _TABLES:
+            types = conn.execute(_COLUMN_TYPES, (list(table.columns), table.live)).fetchall()
+            self._types[table.live] = [oid for oid, _ in types]
+            self._arrays[table.live] = tuple(i for i, (_, array) in enumerate(types) if array)
         self.mentors = 0
 
     def add(self, state: MentorState) -> None:
         if state.projection.sync is not None:
             self._rows[_SYNC.live].append(state.projection.sync)
             self.mentors += 1
-        self._rows[_LETTERS.live].extend(state.projection.dead_letters)
-        self._rows[_FINDINGS.live].extend(state.duplicates.raised)
+        if state.projection.dead_letters:
+            self._rows[_LETTERS.live].extend(state.projection.dead_letters)
+        if state.duplicates.raised:
+            self._rows[_FINDINGS.live].extend(state.duplicates.raised)
         if len(self._rows[_SYNC.live]) >= _WRITE_BATCH:
             self.flush()
 
     def flush(self) -> None:
+        astuple = msgspec.structs.astuple
         for table in _TABLES:
             rows = self._rows[table.live]
-            if rows:
-                self._conn.execute(_insert_json(table), (msgspec.json.encode(rows).decode(),))
-                rows.clear()
+            if not rows:
+                continue
+            arrays = self._arrays[table.live]
+            with self._conn.cursor() as cur, cur.copy(_copy_into(table)) as copy:
+                copy.set_types(self._types[table.live])
+                for row in rows:
+                    values = list(astuple(row))
+                    for i in arrays:
+                        values[i] = list(values[i])
+                    copy.write_row(values)
+            rows.clear()
 
 
-def _insert_json(table: _Table) -> sql.Composed:
-    scratch = sql.Identifier("pg_temp", table.scratch)
-    columns = sql.SQL(", ").join(map(sql.Identifier, table.columns))
-    return sql.SQL("INSERT INTO {t} ({c}) SELECT {c} FROM json_populate_recordset(NULL::{t}, %s::json)").format(
-        t=scratch, c=columns
+def _copy_into(table: _Table) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier("pg_temp", table.scratch), sql.SQL(", ").join(map(sql.Identifier, table.columns))
     )
 
 
@@ -468,6 +481,7 @@ def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], p
             if unraised:
                 pending[mentor_id] = unraised
     sink.flush()
+    _index_scratch(writer)
     progress.finish()
     return _Built(
         snapshot=snapshot, inbox_mentors=inbox_mentors, events=progress.done, mentors=sink.mentors, pending=pending

@@ -621,3 +621,12 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
     assert main(["replay", "--archive-before", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("archive: no event old enough\nreplayed ") and "sync_status: same as the log" in out
+
+
+def test_replay_help_says_what_archiving_keeps(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--archive-before DAYS" in text and "event_log_archive" in text
+    assert "projected state at the cut" in text and "projection_snapshots" in text

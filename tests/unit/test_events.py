@@ -1,4 +1,5 @@
-"""``decode_event``: every kind round-trips, and bad rows become ``UnknownPayload`` instead of stopping replay."""
+"""``decode_event``: every kind round-trips, and bad rows become ``UnknownPayload`` instead of stopping replay.
+``decode_events`` (replay's batch of one mentor's rows) decodes exactly as ``decode_event`` does row by row."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ from hlf_actors.events import (
     SyncSkipped,
     UnknownPayload,
     decode_event,
+    decode_events,
     encode_payload,
+    not_visible_in,
+    visible_in,
 )
 
 MENTOR = UUID("6f1c2b1e-0000-4000-8000-000000000001")
@@ -204,3 +208,76 @@ def test_a_version_older_than_any_known_is_kept_raw(version: int) -> None:
     # event_log.version is a bare smallint (no CHECK >= 1) and hlf_append_event takes it from the caller.
     data = {"cause": "mentor_created"}
     assert _decodes_to_unknown("status_changed", version, data).raw == data
+
+
+# -- decode_events: one mentor's rows as replay reads them ------------------------------------------------------
+
+
+def _row(kind: str, seq: int, data: str, *, version: int = 1, at: str = "2025-03-01T12:00:00.25+01:00") -> str:
+    """One row of replay's array: [kind, seq, version, recorded_at, xid, data], as the query builds it."""
+    return f'["{kind}",{seq},{version},"{at}",{seq * 10},{data}]'
+
+
+def _one_by_one(rows: list[str]) -> list[Any]:
+    """What decode_event makes of the same rows: the reference."""
+    out = []
+    for row in rows:
+        kind, seq, version, at, xid, data = msgspec.json.decode(row)
+        out.append(
+            decode_event(seq, MENTOR, kind, version, msgspec.json.encode(data), datetime.fromisoformat(at), xid=xid)
+        )
+    return out
+
+
+def test_a_batch_of_every_kind_decodes_as_each_row_does() -> None:
+    rows = [_row(kind, seq, encode_payload(EXAMPLES[kind]).decode()) for seq, kind in enumerate(sorted(EXAMPLES), 1)]
+    events = decode_events(MENTOR, "[" + ",".join(rows) + "]")
+
+    assert events == _one_by_one(rows)
+    assert [type(e.payload) for e in events] == [type(EXAMPLES[k]) for k in sorted(EXAMPLES)]
+    assert events[0].recorded_at == datetime(2025, 3, 1, 11, 0, 0, 250000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        _row("status_changed", 2, '{"cause": "mentor_created"}', version=0),  # an old version
+        _row("attempt_failed", 2, encode_payload(EXAMPLES["attempt_failed"]).decode(), version=2),  # a newer one
+        _row("teleported", 2, '{"colour": "blue"}'),  # a kind this code does not know
+        _row("requeued", 2, '{"dead_letter_id": [1, 2]}'),  # data its struct refuses
+    ],
+)
+def test_a_batch_with_an_odd_row_decodes_every_row_as_decode_event_does(odd: str) -> None:
+    rows = [_row("status_changed", 1, '{"cause": "mentor_created"}'), odd, _row("requeued", 3, '{"dead_letter_id": 1}')]
+    events = decode_events(MENTOR, "[" + ",".join(rows) + "]")
+
+    assert events == _one_by_one(rows)
+    assert isinstance(events[1].payload, UnknownPayload)
+    assert events[2].payload == Requeued(dead_letter_id=1)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_a_batch_comes_back_in_seq_order_whatever_order_it_was_sent_in(odd: bool) -> None:
+    version = 0 if odd else 1  # through the general path too
+    rows = [_row("requeued", seq, f'{{"dead_letter_id": {seq}}}', version=version) for seq in (5, 2, 9, 7)]
+    events = decode_events(MENTOR, "[" + ",".join(rows) + "]")
+
+    assert [e.seq for e in events] == [2, 5, 7, 9]
+    assert sorted(_one_by_one(rows), key=lambda e: e.seq) == events
+
+
+# -- which transactions a snapshot saw ----------------------------------------------------------------------------
+
+
+def _reference_visible(xid: int, snapshot: str) -> bool:
+    """pg_visible_in_snapshot, spelled out: below xmin committed, from xmax on not, in between unless running."""
+    xmin, xmax, running = snapshot.split(":")
+    return xid < int(xmin) or (xid < int(xmax) and str(xid) not in running.split(","))
+
+
+@pytest.mark.parametrize("snapshot", ["90:90:", "141:141:", "100:120:105,110", "95:130:100,101,120", "5:10:5,7,9"])
+def test_not_visible_in_leaves_exactly_the_transactions_a_snapshot_did_not_see(snapshot: str) -> None:
+    for xid in range(0, 160):
+        assert visible_in(xid, snapshot) == _reference_visible(xid, snapshot), xid
+    for xids in [(), (1,), (95,), (100, 105, 121), (4, 5, 6, 7, 8, 9, 10, 11), (89, 90, 91, 140, 141, 142)]:
+        assert not_visible_in(xids, snapshot) == tuple(x for x in xids if not _reference_visible(x, snapshot))

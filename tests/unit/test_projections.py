@@ -380,3 +380,14 @@ def test_folding_incrementally_equals_folding_in_one_go(events: list[Event], cut
     first_change = next((e.seq for e in events if isinstance(e.payload, StatusChanged | SyncRequested)), None)
     letters = [e.seq for e in events if isinstance(e.payload, DeadLettered) and first_change and e.seq > first_change]
     assert [dl.id for dl in batch.dead_letters] == letters
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(events=_histories())
+def test_applying_one_event_at_a_time_equals_folding_them_all(events: list[Event]) -> None:
+    # The live path folds a few events at a time onto the row it loaded; replay folds a mentor's whole history in one
+    # MentorFold. Every prefix goes through the frozen projection and back here.
+    state = MentorProjection(mentor_id=MENTOR)
+    for event in events:
+        state = apply(state, event)
+    assert state == fold(MENTOR, events)
