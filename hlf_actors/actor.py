@@ -194,6 +194,8 @@ class Runtime:
     crowded: Callable[[], bool] = lambda: False
     metrics: Metrics = field(default_factory=Metrics)
     on_credential_error: Callable[[], None] = lambda: None  # asks for a credential check soon (debounced)
+    # Told of every successful PATCH (the public listing probe); must not block.
+    on_synced: Callable[[UUID, Operation, Event], None] = lambda mentor_id, operation, succeeded: None
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,7 @@ class Actor:
         if work.change_age_s is not None:
             self._rt.metrics.latency.observe(work.change_age_s + time.perf_counter() - work.read_at)
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        await self._record(
+        appended = await self._record(
             AttemptSucceeded(
                 operation=operation,
                 attempt=attempt,
@@ -371,6 +373,7 @@ class Actor:
                 duration_ms=duration_ms,
             )
         )
+        self._rt.on_synced(self.mentor_id, operation, appended[0])
         self._log.info("{} sent (attempt {}, {} ms)", operation, attempt, duration_ms)
 
     async def _transient(

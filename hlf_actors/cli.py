@@ -113,7 +113,9 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
                 raise _Fail(f"no mentor {args.mentor} and no events about them", 1)
             print(status.render_story_json(story) if args.json else status.render_story(story))
         else:
-            summary = status.summary(conn)
+            summary = status.summary(
+                conn, probe_on=config.public_listing_url is not None, deadline_s=config.public_listing_deadline_s
+            )
             print(status.render_summary_json(summary) if args.json else status.render_summary(summary))
     return 0
 

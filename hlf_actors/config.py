@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -71,6 +72,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = "0.0.0.0"
     public_listing_url: str | None = None
     public_listing_deadline_s: float = 1200.0
+    public_listing_match: Literal["portal_record_id", "full_name"] = "portal_record_id"
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
@@ -250,6 +252,10 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
             f"HLF_PORTAL_RATE_LIMIT: expected requests/window such as 6000/5m, got {rate_raw!r}"
         ) from None
 
+    match_raw = read.text("HLF_PUBLIC_LISTING_MATCH") or "portal_record_id"
+    if match_raw not in {"portal_record_id", "full_name"}:
+        raise ConfigError(f"HLF_PUBLIC_LISTING_MATCH: expected portal_record_id or full_name, got {match_raw!r}")
+
     jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
@@ -278,6 +284,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         http_host=read.text("HLF_HTTP_HOST") or "0.0.0.0",
         public_listing_url=read.url("HLF_PUBLIC_LISTING_URL"),
         public_listing_deadline_s=read.duration("HLF_PUBLIC_LISTING_DEADLINE", 1200.0),
+        public_listing_match="full_name" if match_raw == "full_name" else "portal_record_id",
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),

@@ -36,6 +36,8 @@ __all__ = [
     "NewEvent",
     "Operation",
     "Payload",
+    "PublicListingConfirmed",
+    "PublicListingStale",
     "ReconcileFinished",
     "ReminderSent",
     "Requeued",
@@ -200,6 +202,25 @@ class DuplicateDetected(_Payload, frozen=True, kw_only=True):
     detail: str = ""
 
 
+class PublicListingConfirmed(_Payload, frozen=True, kw_only=True):
+    """The public website agrees with a successful sync (``hlf_actors.listing_probe``). Not projected."""
+
+    operation: Operation
+    for_seq: int  # the attempt_succeeded it confirms
+    delay_ms: int  # from that success to the first fetch of the listing that agreed: the website's cache
+    exposure_ms: int  # from the change the sync answered to that fetch: what the public actually saw
+    fetches: int  # listing fetches made while waiting
+
+
+class PublicListingStale(_Payload, frozen=True, kw_only=True):
+    """The public website still disagreed with a successful sync at HLF_PUBLIC_LISTING_DEADLINE. Not projected."""
+
+    operation: Operation
+    for_seq: int
+    waited_ms: int
+    reason: str
+
+
 class UnknownPayload(_Payload, frozen=True, kw_only=True, gc=True):
     """A kind (or version) this code does not know. Kept so the log can be shown, ignored by projections."""
 
@@ -223,6 +244,8 @@ Payload = (
     | ReconcileFinished
     | CredentialCheck
     | DuplicateDetected
+    | PublicListingConfirmed
+    | PublicListingStale
     | UnknownPayload
 )
 
@@ -243,6 +266,8 @@ _KINDS: dict[str, type[_Payload]] = {
     "reminder_sent": ReminderSent,
     "auto_transitioned": AutoTransitioned,
     "duplicate_detected": DuplicateDetected,
+    "public_listing_confirmed": PublicListingConfirmed,
+    "public_listing_stale": PublicListingStale,
 }
 _KIND_OF: dict[type[_Payload], str] = {v: k for k, v in _KINDS.items()}
 

@@ -48,6 +48,15 @@ class Metrics:
         )
         self.leader = Gauge("hlf_leader", "1 while this process is the leader", registry=r)
         self.circuit_open = Gauge("hlf_portal_circuit_open", "1 while the portal is considered down", registry=r)
+        self.public_exposure = Histogram(
+            "hlf_public_exposure_seconds",
+            "From a change to the public website showing it (the listing probe)",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600),
+            registry=r,
+        )
+        self.public_stale = Counter(
+            "hlf_public_listing_stale", "Syncs the public website still disagreed with at the deadline", registry=r
+        )
         self.before_render: Callable[[], None] | None = None
         self.open_dead_letters = Gauge(
             "hlf_dead_letters_open", "Dead letters not re-queued (as of the last sweep)", registry=r

@@ -36,6 +36,7 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .errors import MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .listing_probe import ListingProbe
 from .metrics import Health, Metrics, serve_http
 from .reconcile import reconcile_forever
 from .retry import default_jitter
@@ -108,6 +109,7 @@ class Service:
         self._alerts_done: anyio.Event | None = None
         self.runtime: Runtime | None = None
         self.dispatcher: Dispatcher | None = None
+        self.probe: ListingProbe | None = None  # the public listing probe, when HLF_PUBLIC_LISTING_URL is set
         self.metrics = Metrics()
         self.metrics.before_render = self._refresh_gauges
 
@@ -154,6 +156,10 @@ class Service:
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(self._sweep_forever, name="sweeper")
                 tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
+                if self.config.public_listing_url:
+                    self.probe = ListingProbe(self.config, pool, alerting, self.metrics)
+                    runtime.on_synced = self.probe.watch
+                    tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
                 tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
                 tg.start_soon(
                     duplicates.watch,

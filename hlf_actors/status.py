@@ -44,6 +44,9 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     credentials_checked_at: datetime | None = None  # the newest check, verdict or not
     last_reconcile_at: datetime | None = None
     last_reconcile: dict[str, Any] | None = None  # the counts of that reconcile_finished event
+    # The listing probe over the last 24 h: probe on/off, confirmed/stale counts, exposure and cache delay
+    # p50/p95/max in ms, and how many successes are still waiting for a verdict.
+    public_listing: dict[str, Any] | None = None
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,7 +78,7 @@ class Outcome(msgspec.Struct, frozen=True):
         return f"{self.kind}: {self.detail}"
 
 
-def summary(conn: psycopg.Connection[Any]) -> Summary:
+def summary(conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0) -> Summary:
     states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
     for state, n in conn.execute("SELECT state, count(*) FROM sync_status GROUP BY state").fetchall():
         states[state] = n
@@ -103,8 +106,44 @@ def summary(conn: psycopg.Connection[Any]) -> Summary:
         last_event_at=row[4],
         last_success_at=row[5],
         circuit_open=bool(row[6]),
+        public_listing=_public_listing(conn, probe_on, deadline_s),
         **_checks(conn),
     )
+
+
+def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
+    """What the listing probe observed over the last day: the exposure window coordinators are quoted."""
+    row = conn.execute(
+        """SELECT count(*) FILTER (WHERE kind = 'public_listing_confirmed'),
+                  count(*) FILTER (WHERE kind = 'public_listing_stale'),
+                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY (data ->> 'exposure_ms')::bigint)
+                      FILTER (WHERE kind = 'public_listing_confirmed'),
+                  max((data ->> 'exposure_ms')::bigint),
+                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY (data ->> 'delay_ms')::bigint)
+                      FILTER (WHERE kind = 'public_listing_confirmed'),
+                  max((data ->> 'delay_ms')::bigint)
+           FROM event_log
+           WHERE kind IN ('public_listing_confirmed', 'public_listing_stale')
+             AND recorded_at > now() - interval '1 day'"""
+    ).fetchone()
+    assert row is not None
+    waiting = conn.execute(
+        """SELECT count(*) FROM event_log s
+           WHERE s.kind = 'attempt_succeeded' AND s.recorded_at > now() - make_interval(secs => %s)
+             AND NOT EXISTS (
+                 SELECT 1 FROM event_log n WHERE n.mentor_id = s.mentor_id AND n.seq > s.seq
+                    AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))""",
+        (deadline_s + 60,),
+    ).fetchone()
+    exposure, delay = row[2] or [None, None], row[4] or [None, None]
+    return {
+        "probe": "on" if probe_on else "off",
+        "confirmed": row[0],
+        "stale": row[1],
+        "exposure_ms": {"p50": exposure[0], "p95": exposure[1], "max": row[3]},
+        "delay_ms": {"p50": delay[0], "p95": delay[1], "max": row[5]},
+        "waiting": waiting[0] if waiting and probe_on else 0,
+    }
 
 
 def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -170,8 +209,30 @@ def render_summary(s: Summary) -> str:
         f"  credentials               {s.credentials}  (last checked {_ago(s.credentials_checked_at)})",
         f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
         f"  last event                {_ago(s.last_event_at)}",
+        f"  public website (24 h)     {_public_listing_line(s.public_listing)}",
     ]
     return "\n".join(lines)
+
+
+def _public_listing_line(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "unknown"
+    if p["probe"] == "off" and not p["confirmed"] and not p["stale"]:
+        return "probe off (HLF_PUBLIC_LISTING_URL unset)"
+
+    def ms(value: Any) -> str:
+        return "-" if value is None else _duration(value / 1000)
+
+    e, d = p["exposure_ms"], p["delay_ms"]
+    line = f"{p['confirmed']} confirmed, {p['stale']} stale"
+    if p["confirmed"]:
+        line += (
+            f"; exposure p50 {ms(e['p50'])} / p95 {ms(e['p95'])} / max {ms(e['max'])}"
+            f" (website cache p50 {ms(d['p50'])} / p95 {ms(d['p95'])} / max {ms(d['max'])})"
+        )
+    if p["waiting"]:
+        line += f"; {p['waiting']} waiting"
+    return line + ("" if p["probe"] == "on" else " (probe off now)")
 
 
 def _reconcile_counts(counts: dict[str, Any] | None) -> str:

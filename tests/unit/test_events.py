@@ -24,6 +24,8 @@ from hlf_actors.events import (
     DuplicateDetected,
     NewEvent,
     Payload,
+    PublicListingConfirmed,
+    PublicListingStale,
     ReconcileFinished,
     ReminderSent,
     Requeued,
@@ -109,6 +111,12 @@ EXAMPLES: dict[str, Payload] = {
     ),
     "auto_transitioned": AutoTransitioned(
         from_="active", to="expired_cert", today=date(2025, 3, 1), certification_expiry_date=date(2025, 2, 28)
+    ),
+    "public_listing_confirmed": PublicListingConfirmed(
+        operation="remove", for_seq=52, delay_ms=412_000, exposure_ms=412_019, fetches=9
+    ),
+    "public_listing_stale": PublicListingStale(
+        operation="remove", for_seq=52, waited_ms=1_200_400, reason="the listing still shows the mentor"
     ),
 }
 
