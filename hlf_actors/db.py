@@ -63,7 +63,7 @@ async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
 
 @asynccontextmanager
 async def pool(
-    url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0
+    url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0, prepare: bool = True
 ) -> AsyncIterator[AsyncConnectionPool[Any]]:
     """An open pool of autocommit connections with the service's connection settings, closed on the way out
     (even when cancelled). Opening waits for ``min_size`` connections and raises if the database cannot be
@@ -72,7 +72,9 @@ async def pool(
         url,
         min_size=min_size,
         max_size=max_size,
-        kwargs={**CONNECT_KWARGS, "autocommit": True},
+        # Without server-side prepared statements behind a transaction pooler: the next transaction may run on
+        # another server connection, which never saw the PREPARE.
+        kwargs={**CONNECT_KWARGS, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
         configure=configure_session,
         open=False,
         name=name,

@@ -57,6 +57,12 @@ class Metrics:
         self.public_stale = Counter(
             "hlf_public_listing_stale", "Syncs the public website still disagreed with at the deadline", registry=r
         )
+        self.notify_queue_usage = Gauge(
+            "hlf_notification_queue_usage",
+            "pg_notification_queue_usage(): the share of Postgres's NOTIFY queue in use (as of the last sweep)",
+            registry=r,
+        )
+        self.polling = Gauge("hlf_polling", "1 while LISTEN does not work here and the inbox is polled", registry=r)
         self.before_render: Callable[[], None] | None = None
         self.open_dead_letters = Gauge(
             "hlf_dead_letters_open", "Dead letters not re-queued (as of the last sweep)", registry=r
@@ -74,6 +80,7 @@ class Health(msgspec.Struct, frozen=True):
     listening: bool
     database: bool
     reconnects: int
+    notifications: str = "listen"  # "listen", or "polling" where LISTEN does not work (PgBouncer, transaction pooling)
 
 
 async def _answer(stream: SocketStream, health: Callable[[], Health], metrics: Metrics) -> None:

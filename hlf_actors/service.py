@@ -16,6 +16,8 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -54,6 +56,42 @@ async def _closing(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.
             await conn.close()
 
 
+async def _connect_listener(url: str) -> psycopg.AsyncConnection[Any]:
+    kwargs = {**db.CONNECT_KWARGS, "application_name": "hlf-actors listener"}
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
+
+
+async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s: float = 2.0) -> bool:
+    """Whether LISTEN on ``conn`` really subscribed. Behind PgBouncer in transaction pooling it "succeeds" and does
+    nothing: a new transaction may run on another server connection, which does not list the channel, and a
+    notification sent to us is never forwarded. Both are checked: the channel, then a round trip."""
+    cur = await conn.execute("SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))", (CHANNEL,))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        return False
+    token = f"listen-check:{os.getpid()}:{time.monotonic_ns()}"
+    sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+    async with _closing(sender):
+        await sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
+    async for note in conn.notifies(timeout=timeout_s):
+        if note.payload == token:
+            return True
+    return False
+
+
+QUEUE_USAGE_WARNING = 0.5
+
+
+def queue_usage_change(before: float, now: float) -> str | None:
+    """"high" when pg_notification_queue_usage() crosses QUEUE_USAGE_WARNING upwards, "normal" when it falls back
+    below it: one log line per crossing, not one per sweep."""
+    if now > QUEUE_USAGE_WARNING >= before:
+        return "high"
+    if before > QUEUE_USAGE_WARNING >= now:
+        return "normal"
+    return None
+
+
 CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
@@ -72,6 +110,8 @@ class ServiceState:
     events_projected: int = 0
     database_ok: bool = False
     http_port: int | None = None
+    polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
+    notify_queue_usage: float = 0.0
 
 
 class Service:
@@ -88,6 +128,7 @@ class Service:
         shutdown_grace_s: float = 10.0,
         max_actors: int = 2000,
         alert_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 20.0),
+        connect: Callable[[str], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
     ) -> None:
         self.config = config
         self.state = ServiceState()
@@ -101,6 +142,7 @@ class Service:
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
+        self._connect = connect or _connect_listener
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -123,6 +165,7 @@ class Service:
             listening=s.listening,
             database=s.database_ok,
             reconnects=s.reconnects,
+            notifications="polling" if s.polling else "listen",
         )
 
     def _refresh_gauges(self) -> None:
@@ -139,8 +182,9 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        pooled = await self._behind_transaction_pooler()
         async with db.pool(
-            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4
+            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4, prepare=not pooled
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
@@ -178,6 +222,17 @@ class Service:
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
                 tg.cancel_scope.cancel()
+
+    async def _behind_transaction_pooler(self) -> bool:
+        """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements
+        fail too. Asked once at start; the listener asks again on every connection it makes."""
+        try:
+            conn = await self._connect(self._url)
+            async with _closing(conn):
+                await conn.execute(f"LISTEN {CHANNEL}")
+                return not await _listen_works(conn, self._url)
+        except psycopg.Error:
+            return False  # no verdict; the pool's own start-up reports an unreachable database
 
     async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
         async with pool.connection() as conn:
@@ -243,34 +298,60 @@ class Service:
         assert self.runtime is not None
         leadership = self.runtime.leadership
         backoff = 0.1
+        down_since: float | None = None
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
+                conn = await self._connect(self._url)
                 async with _closing(conn):
                     await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
                     await self._become_leader(conn, dispatcher)
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    self.state.polling = not await _listen_works(conn, self._url)
+                    self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
                     leadership.gain()
                     self._catch_up = True
                     self._wake.set()
                     backoff = 0.1
-                    logger.info("leader: listening on {}", CHANNEL)
-                    async for note in conn.notifies():
-                        self._on_notify(note.payload)
-            except psycopg.OperationalError as err:
+                    if down_since is not None:
+                        logger.info("database reachable again after {:.1f}s", anyio.current_time() - down_since)
+                        down_since = None
+                    if self.state.polling:
+                        logger.warning(
+                            "LISTEN has no effect on this connection (PgBouncer in transaction pooling?): polling "
+                            "the inbox every {}s instead. Point HLF_DATABASE_URL at a direct or session-pooled "
+                            "connection: behind transaction pooling the leader lock is not exclusive either",
+                            self.config.poll_interval_s,
+                        )
+                        await self._poll_forever(conn)
+                    else:
+                        logger.info("leader: listening on {}", CHANNEL)
+                        async for note in conn.notifies():
+                            self._on_notify(note.payload)
+            except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
                 self.state.listening = False
                 self.state.leader = False
                 self.state.database_ok = False
                 self.state.reconnects += 1
                 self.metrics.reconnects.inc()
                 leadership.suspend()
-                logger.warning(
-                    "listener connection lost ({}); reconnecting in {:.1f}s", str(err).strip()[:160], backoff
-                )
+                what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                if down_since is None:
+                    down_since = anyio.current_time()
+                    logger.warning("listener connection lost ({}); reconnecting", what)
+                # One line per try; tries back off to one per 5 s, so a long outage stays a few lines a minute.
+                logger.warning("listener: reconnecting in {:.1f}s ({})", backoff, what)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _poll_forever(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Where NOTIFY never arrives: wake the projector every HLF_POLL_INTERVAL. The query keeps the connection
+        honest: a dead one raises here and the listener reconnects."""
+        while True:
+            await anyio.sleep(self.config.poll_interval_s)
+            await conn.execute("SELECT 1")
+            self._wake.set()
 
     async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> None:
         said = False
@@ -356,9 +437,23 @@ class Service:
         async with pool.connection() as conn:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
-            cur = await conn.execute("SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL")
-            open_letters = await cur.fetchone()
-        self.metrics.open_dead_letters.set(open_letters[0] if open_letters else 0)
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL), pg_notification_queue_usage()"
+            )
+            checks = await cur.fetchone()
+        self.metrics.open_dead_letters.set(checks[0] if checks else 0)
+        usage = float(checks[1]) if checks else 0.0
+        self.metrics.notify_queue_usage.set(usage)
+        change = queue_usage_change(self.state.notify_queue_usage, usage)
+        self.state.notify_queue_usage = usage
+        if change == "high":
+            logger.warning(
+                "Postgres's NOTIFY queue is {:.0%} full: a listener somewhere is not reading (when it fills, every "
+                "NOTIFY, and so every mentor update, fails); find it in pg_stat_activity (LISTEN, idle in transaction)",
+                usage,
+            )
+        elif change == "normal":
+            logger.info("Postgres's NOTIFY queue is back to {:.0%}", usage)
         woken = 0
         for (mentor_id,) in rows:
             if not dispatcher.has_actor(mentor_id):

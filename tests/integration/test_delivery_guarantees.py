@@ -124,7 +124,7 @@ async def test_listener_backend_terminated_reconnects_and_catches_up(
         await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         killed = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+            "WHERE datname = current_database() AND application_name = 'hlf-actors listener'"
         ).fetchall()
         assert killed == [(True,)]
         set_status(conn, mentor, "paused")  # its NOTIFY may be lost: the catch-up must find it
