@@ -95,7 +95,7 @@ class Plan:
     load_limit: str
 
 
-FULL = Plan("full", 12, 6, 400, 40.0, 3.0, 200, 200, ("as configured", "server-side keepalives"), 300, 5.0,
+FULL = Plan("full", 12, 6, 400, 40.0, 3.0, 200, 200, ("as configured",), 300, 5.0,
             10_000, "6000/60s")
 QUICK = Plan("quick", 5, 3, 150, 30.0, 1.5, 100, 100, ("as configured",), 120, 3.0, 2_000, "1200/12s")
 
@@ -681,7 +681,7 @@ def scenario_pg_away(bed: Bed, plan: Plan, section: Section) -> None:
         listening_before = process.log_text().count(LEADER_LINE)
         terminated = bed.conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'hlf-actors' AND pid <> pg_backend_pid()"
+            "WHERE datname = current_database() AND application_name LIKE 'hlf-actors%%' AND pid <> pg_backend_pid()"
         ).fetchone()
         killed_at = time.monotonic()
         counts: list[int] = []
@@ -883,7 +883,7 @@ def _backends(bed: Bed) -> str:
     """The service's backends on the server, by client port (the vanished leader's come from SOURCE_PORTS)."""
     rows = bed.conn.execute(
         "SELECT client_port, state, coalesce(wait_event_type || ':' || wait_event, ''), left(query, 50) "
-        "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'hlf-actors' "
+        "FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'hlf-actors%%' "
         "ORDER BY client_port"
     ).fetchall()
     return "; ".join(f"{'A' if p in SOURCE_PORTS else 'B'} {st} {w} {q!r}" for p, st, w, q in rows)
