@@ -1,20 +1,24 @@
 """Per-mentor actors: one anyio task per mentor with work, holding that mentor's retry state.
 
-The dispatcher wakes a mentor's actor (spawning it on demand); the actor reads what the mentor needs *now* from the
-database and does it. Wake-ups carry no data — the actor is level-triggered, so a pause followed by a reinstatement
-within a millisecond sends only the final state, and a late or repeated wake-up is harmless.
+The dispatcher wakes a mentor's actor (spawning it on demand); the actor does what the mentor needs *now*. The actor
+is level-triggered: a wake-up carries no command, at most the mentor's current work as the drain just read it, and
+the newest wake-up wins, so a pause followed by a reinstatement within a millisecond sends only the final state, and
+a late or repeated wake-up is harmless. The actor trusts a handed read only if it already includes the actor's own
+last outcome (``recorded_seq``); otherwise, and whenever it wakes without one, it reads the database itself.
 
     actor loop
       wait for a wake-up ──(idle for idle_s)──▶ retire (the task ends; memory goes with it)
         │
         ▼
-      read sync_status + mentor ──(not pending/retrying)──▶ back to waiting
+      the work handed with the wake-up (read by the drain), else read sync_status + mentor
+        │ ──(not pending/retrying)──▶ back to waiting
         │
         ├─(retry not due yet)──▶ sleep until due, or until a newer change wakes us
         ▼
       circuit closed? (else wait: the portal is down for everyone, so nobody spends attempts)
         ▼
       PATCH under the global concurrency limit ──▶ append the outcome event + projection, in one transaction
+        │                                          (the Recorder's: outcomes that wait together share it)
         │ success → in_sync       transient → retrying (delay planned)       permanent / out of attempts
         ▼                                                                    → dead_lettered + alert
 
@@ -25,7 +29,7 @@ exactly where the killed one stopped.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from uuid import UUID
@@ -53,22 +57,62 @@ from .events import (
 from .metrics import Metrics
 from .retry import plan_delay_ms, throttle_delay_ms
 
-__all__ = ["Actor", "Circuit", "Dispatcher", "Mailbox", "Portal", "Runtime"]
+__all__ = [
+    "Actor",
+    "Circuit",
+    "Dispatcher",
+    "Mailbox",
+    "Portal",
+    "Recorder",
+    "Runtime",
+    "Work",
+    "work_from_drain",
+    "work_from_row",
+]
 
 
 class Portal(Protocol):
     async def set_listed(self, record_id: UUID, listed: bool) -> int: ...
 
 
+def work_from_drain(
+    projection: projections.MentorProjection, facts: projections.MentorFacts, read_at: float
+) -> Work | None:
+    """The Work ``mentor_work`` would read, from what a drain folded and read (the same columns, the same rules)."""
+    sync = projection.sync
+    if sync is None:
+        return None
+    wait_s = (sync.next_attempt_at - facts.db_now).total_seconds() if sync.next_attempt_at is not None else 0.0
+    return Work(
+        last_seq=sync.last_seq,
+        state=sync.state,
+        attempts=sync.attempts,
+        change_seq=max(sync.change_seq, facts.newest_change_seq or 0),
+        wait_s=max(0.0, wait_s),
+        mentor_exists=facts.mentor_exists,
+        portal_record_id=facts.portal_record_id if facts.portal_record_id is not None else sync.portal_record_id,
+        eligible=facts.eligible,
+        snapshot=facts.snapshot,
+        change_age_s=facts.change_age_s,
+        read_at=read_at,
+    )
+
+
 class Mailbox:
-    """A coalescing mailbox: any number of wake-ups while the actor is busy become one."""
+    """A coalescing mailbox: any number of wake-ups while the actor is busy become one.
+
+    A wake-up may carry the mentor's work as the projector read it (``Work``), which spares the actor its own read;
+    the newest wake-up wins, and one without work means "read it yourself".
+    """
 
     def __init__(self) -> None:
         self._full = False
         self._event = anyio.Event()
+        self.work: Work | None = None
 
-    def put(self) -> None:
+    def put(self, work: Work | None = None) -> None:
         self._full = True
+        self.work = work
         self._event.set()
 
     def take(self) -> bool:
@@ -176,6 +220,89 @@ class Leadership:
         await self._event.wait()
 
 
+class _Outcome:
+    """One actor's events waiting for the recorder, and, once written, what writing them returned."""
+
+    __slots__ = ("appended", "done", "error", "events", "projected")
+
+    def __init__(self, events: list[NewEvent]) -> None:
+        self.events = events
+        self.done = anyio.Event()
+        self.appended: list[Event] = []
+        self.projected: dict[UUID, projections.MentorProjection] = {}
+        self.error: Exception | None = None
+
+
+class Recorder:
+    """Writes the actors' outcomes, with group commit: the outcomes that queue up while one transaction is in flight
+    share the next one (their rows locked in mentor order, their events appended and folded together, one COMMIT).
+    A lone outcome is written at once; under load ten actors' outcomes cost about what one did.
+
+    An actor awaits its own outcome, so each mentor's events still go in order. A failed batch is tried again one
+    outcome per transaction, so one outcome the database refuses fails alone (an outage fails the batch at once).
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any], *, max_batch: int = 200) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._queue: list[_Outcome] = []
+        self._wake = anyio.Event()
+
+    async def record(self, events: list[NewEvent]) -> tuple[list[Event], dict[UUID, projections.MentorProjection]]:
+        """Append ``events`` (one actor's) and fold them; returns the appended events and the new projections."""
+        outcome = _Outcome(events)
+        self._queue.append(outcome)
+        self._wake.set()
+        # Shielded: an outcome whose PATCH was sent is written even if the actor is cancelled meanwhile.
+        with anyio.CancelScope(shield=True):
+            await outcome.done.wait()
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.appended, outcome.projected
+
+    async def run(self) -> None:
+        batch: list[_Outcome] = []
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self._queue:
+                    batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+                    try:
+                        await self._write(batch)
+                    except Exception as err:  # the actors see it and retry; the recorder goes on
+                        if len(batch) == 1 or isinstance(err, psycopg.OperationalError):  # one outcome, or an outage
+                            for outcome in batch:
+                                outcome.error = err
+                        else:
+                            for outcome in batch:
+                                try:
+                                    await self._write([outcome])
+                                except Exception as alone:  # handed to the actor, which logs it
+                                    outcome.error = alone
+                    for outcome in batch:
+                        outcome.done.set()
+                    batch = []
+        finally:
+            # Stopped (the service is shutting down): nobody may wait for an outcome that will not be written.
+            for outcome in [*batch, *self._queue]:
+                if not outcome.done.is_set():
+                    outcome.error = outcome.error or RuntimeError(
+                        "the recorder stopped before this outcome was written"
+                    )
+                    outcome.done.set()
+
+    async def _write(self, batch: list[_Outcome]) -> None:
+        # Pipeline mode: BEGIN, the row locks and the inserts travel together, then the projection and COMMIT.
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            appended, projected = await projections.append(conn, [e for o in batch for e in o.events])
+        start = 0
+        for outcome in batch:
+            outcome.appended = appended[start : start + len(outcome.events)]
+            outcome.projected = projected
+            start += len(outcome.events)
+
+
 @dataclass
 class Runtime:
     """What every actor shares: the outside worlds, the limits and the settings."""
@@ -185,6 +312,7 @@ class Runtime:
     portal: Portal
     clock: Clock
     limiter: anyio.CapacityLimiter
+    recorder: Recorder
     circuit: Circuit
     leadership: Leadership
     on_dead_letter: Callable[[UUID, Operation, int], None]
@@ -199,7 +327,10 @@ class Runtime:
 
 
 @dataclass(frozen=True)
-class _Work:
+class Work:
+    """One row of the ``mentor_work`` query: what the mentor needs now."""
+
+    last_seq: int  # the newest event the projection had folded when this was read
     state: str
     attempts: int
     change_seq: int
@@ -211,9 +342,32 @@ class _Work:
     change_age_s: float | None
     read_at: float  # perf_counter() when it was read
 
+    def wait_left_s(self) -> float:
+        """How long until the planned retry is due, from now."""
+        return self.wait_s - (time.perf_counter() - self.read_at) if self.wait_s > 0 else 0.0
+
+
+def work_from_row(row: Sequence[Any], read_at: float) -> tuple[UUID, Work]:
+    """The mentor id and the Work of one ``mentor_work`` row."""
+    mentor_id, last_seq, state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org, snap, age = row
+    work = Work(
+        last_seq=last_seq,
+        state=state,
+        attempts=attempts,
+        change_seq=change_seq,
+        wait_s=float(wait_s or 0.0),
+        mentor_exists=exists,
+        portal_record_id=record_id,
+        eligible=bool(eligible),
+        snapshot=snap,
+        change_age_s=age,
+        read_at=read_at,
+    )
+    return mentor_id, work
+
 
 def _failed(
-    work: _Work,
+    work: Work,
     operation: Operation,
     attempt: int,
     err: PortalError,
@@ -240,13 +394,14 @@ def _failed(
 class Actor:
     """The one task that talks to the portal about one mentor."""
 
-    def __init__(self, mentor_id: UUID, runtime: Runtime) -> None:
+    def __init__(self, mentor_id: UUID, runtime: Runtime, *, recorded_seq: int = 0) -> None:
         self.mentor_id = mentor_id
         self.mailbox = Mailbox()
         self._rt = runtime
         self._log = logger.bind(mentor_id=str(mentor_id))
         self.cancel_scope = anyio.CancelScope()
         self._open = True  # whether the last outcome recorded left the mentor's sync unfinished
+        self.recorded_seq = recorded_seq  # the seq of the last event this mentor's actors appended
 
     async def run(self) -> None:
         """Serve wake-ups until idle. Any error is logged and retried later: it never ends the service."""
@@ -269,35 +424,30 @@ class Actor:
                 self.mailbox.put()
                 await anyio.sleep(delay)
 
-    async def _read(self) -> _Work | None:
+    async def _next(self) -> Work | None:
+        """What the mentor needs now: the work handed with the wake-up if it already includes this actor's last
+        outcome (a read from before it would repeat a settled attempt), else a fresh read."""
+        handed, self.mailbox.work = self.mailbox.work, None
+        if handed is not None and handed.last_seq >= self.recorded_seq:
+            return handed
+        return await self._read()
+
+    async def _read(self) -> Work | None:
         today = self._rt.clock.today(self._rt.config.zone)
         async with self._rt.pool.connection() as conn:
-            cur = await conn.execute(db.query("mentor_work"), (today, self.mentor_id))
+            cur = await conn.execute(db.query("mentor_work"), (today, [self.mentor_id]))
             row = await cur.fetchone()
-        if row is None:
-            return None
-        state, attempts, change_seq, _op, wait_s, exists, record_id, eligible, _org, snapshot, age = row
-        return _Work(
-            state,
-            attempts,
-            change_seq,
-            float(wait_s or 0.0),
-            exists,
-            record_id,
-            bool(eligible),
-            snapshot,
-            age,
-            time.perf_counter(),
-        )
+        return None if row is None else work_from_row(row, time.perf_counter())[1]
 
     async def _work(self) -> None:
         while not self._rt.stopping:
-            work = await self._read()
+            work = await self._next()
             if work is None or work.state not in projections.OPEN_STATES:
                 return
-            if work.wait_s > 0:
+            wait_s = work.wait_left_s()
+            if wait_s > 0:
                 # Sleep until the retry is due; a newer change wakes us early and is sent at once.
-                await self.mailbox.wait(work.wait_s)
+                await self.mailbox.wait(wait_s)
                 continue
             await self._rt.leadership.wait()
             if self._rt.stopping:
@@ -308,14 +458,13 @@ class Actor:
                 return  # the outcome settled the mentor; a newer change wakes the mailbox, so no read is needed
 
     async def _record(self, *payloads: Payload) -> list[Event]:
-        # Pipeline mode: BEGIN, the row lock and the inserts travel together, then the projection and COMMIT.
-        async with self._rt.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            appended, projected = await projections.append(conn, [NewEvent(self.mentor_id, p) for p in payloads])
+        appended, projected = await self._rt.recorder.record([NewEvent(self.mentor_id, p) for p in payloads])
+        self.recorded_seq = max(self.recorded_seq, appended[-1].seq)
         mine = projected.get(self.mentor_id)
         self._open = mine is None or mine.sync is None or mine.sync.state in projections.OPEN_STATES
         return appended
 
-    async def _attempt(self, work: _Work) -> None:
+    async def _attempt(self, work: Work) -> None:
         operation: Operation = "restore" if work.eligible else "remove"
         attempt = work.attempts + 1
         if work.portal_record_id is None:
@@ -331,7 +480,7 @@ class Actor:
             if probe:
                 self._rt.circuit.release_probe()
 
-    async def _send(self, work: _Work, operation: Operation, attempt: int, probe: bool) -> None:
+    async def _send(self, work: Work, operation: Operation, attempt: int, probe: bool) -> None:
         assert work.portal_record_id is not None
         cfg = self._rt.config
         started = time.perf_counter()
@@ -377,7 +526,7 @@ class Actor:
         self._log.info("{} sent (attempt {}, {} ms)", operation, attempt, duration_ms)
 
     async def _transient(
-        self, work: _Work, operation: Operation, attempt: int, err: PortalError, *, outage: bool
+        self, work: Work, operation: Operation, attempt: int, err: PortalError, *, outage: bool
     ) -> None:
         cfg = self._rt.config
         retry_after = err.retry_after if isinstance(err, TransientPortalError) else None
@@ -402,7 +551,7 @@ class Actor:
         self._log.warning("{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, delay)
 
     async def _dead_letter(
-        self, work: _Work, operation: Operation, attempt: int, err: PortalError, *, retryable: bool = False
+        self, work: Work, operation: Operation, attempt: int, err: PortalError, *, retryable: bool = False
     ) -> None:
         error = str(err)
         appended = await self._record(
@@ -419,7 +568,7 @@ class Actor:
         self._log.error("{} dead-lettered after {} attempt(s): {}", operation, attempt, error)
         self._rt.on_dead_letter(self.mentor_id, operation, appended[-1].seq)
 
-    async def _no_record(self, operation: Operation, attempt: int, work: _Work) -> None:
+    async def _no_record(self, operation: Operation, attempt: int, work: Work) -> None:
         if operation == "remove":
             await self._record(
                 SyncSkipped(
@@ -448,7 +597,10 @@ class Dispatcher:
         self._tg = task_group
         self._max = max_actors
         self._actors: dict[UUID, Actor] = {}
-        self._waiting: dict[UUID, None] = {}
+        self._waiting: dict[UUID, Work | None] = {}
+        # recorded_seq of actors that retired since the current drain began: a read that drain took before such an
+        # actor's last outcome must not be trusted by the mentor's next actor (see forget_retired).
+        self._retired: dict[UUID, int] = {}
         self.spawned = 0
         self._all_done = anyio.Event()
         runtime.crowded = lambda: bool(self._waiting)
@@ -464,18 +616,24 @@ class Dispatcher:
     def has_actor(self, mentor_id: UUID) -> bool:
         return mentor_id in self._actors
 
-    def wake(self, mentor_id: UUID) -> None:
+    def wake(self, mentor_id: UUID, work: Work | None = None) -> None:
+        """Wake the mentor's actor, spawning it if need be; ``work`` is its work as just read, if known."""
         actor = self._actors.get(mentor_id)
         if actor is not None:
-            actor.mailbox.put()
+            actor.mailbox.put(work)
         elif len(self._actors) < self._max:
-            self._spawn(mentor_id)
+            self._spawn(mentor_id, work)
         else:
-            self._waiting[mentor_id] = None
+            self._waiting[mentor_id] = work  # a mentor already waiting keeps its place, with the newest work
 
-    def _spawn(self, mentor_id: UUID) -> None:
-        actor = Actor(mentor_id, self._rt)
-        actor.mailbox.put()
+    def forget_retired(self) -> None:
+        """Called as a drain begins: every read it hands out is taken after the retirements so far, so it includes
+        those actors' last outcomes."""
+        self._retired.clear()
+
+    def _spawn(self, mentor_id: UUID, work: Work | None = None) -> None:
+        actor = Actor(mentor_id, self._rt, recorded_seq=self._retired.pop(mentor_id, 0))
+        actor.mailbox.put(work)
         self._actors[mentor_id] = actor
         self.spawned += 1
         self._tg.start_soon(self._host, actor, name=f"actor-{mentor_id}")
@@ -487,14 +645,15 @@ class Dispatcher:
         finally:
             # No await between the actor's last look at its mailbox and this: a wake-up cannot slip in between.
             del self._actors[actor.mentor_id]
+            if actor.recorded_seq:
+                self._retired[actor.mentor_id] = actor.recorded_seq
             if not self._actors:
                 self._all_done.set()
             if actor.mailbox.take() and not self._rt.stopping:
-                self._spawn(actor.mentor_id)
+                self._spawn(actor.mentor_id, actor.mailbox.work)
             while self._waiting and len(self._actors) < self._max and not self._rt.stopping:
                 next_id = next(iter(self._waiting))
-                del self._waiting[next_id]
-                self._spawn(next_id)
+                self._spawn(next_id, self._waiting.pop(next_id))
 
     def wake_all(self) -> None:
         for actor in self._actors.values():

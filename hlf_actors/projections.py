@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import date, datetime, timedelta
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 import msgspec
@@ -57,6 +57,8 @@ __all__ = [
     "OPEN_STATES",
     "PROJECTED_KINDS",
     "DeadLetterRow",
+    "Drained",
+    "MentorFacts",
     "MentorFold",
     "MentorProjection",
     "SyncRow",
@@ -499,25 +501,67 @@ async def append(
     return appended, await _project(conn, appended, current)
 
 
+class MentorFacts(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What a drain read about a mentor beside its events (the ``drain_take`` query): together with the mentor's
+    folded projection, everything ``mentor_work`` would read, so the drain can hand the actor its work."""
+
+    mentor_exists: bool
+    portal_record_id: UUID | None
+    eligible: bool
+    snapshot: str
+    newest_change_seq: int | None
+    change_age_s: float | None
+    db_now: datetime
+
+
+class Drained(NamedTuple):
+    taken: int  # events taken from the inbox
+    projected: dict[UUID, MentorProjection]  # the new projection of every mentor touched
+    facts: dict[UUID, MentorFacts]  # for every mentor with events in the batch
+
+
 async def drain_inbox(
     conn: psycopg.AsyncConnection[Any],
     limit: int = 1000,
     *,
     on_events: Callable[[Sequence[Event]], None] | None = None,
-) -> dict[UUID, MentorProjection]:
+    today: date | None = None,
+) -> Drained:
     """Project up to ``limit`` events written by SQL, oldest first, and remove them from the inbox.
 
-    Must run inside a transaction; returns the new projection of every mentor touched (empty when the inbox is).
-    ``on_events`` sees the events taken (for metrics).
+    Must run inside a transaction. Taking the events, locking their mentors' rows and reading the mentors' facts
+    (eligibility on ``today``, default the host's date) is one statement; the fold's writes are sent, and in
+    pipeline mode not yet waited for, when this returns. ``on_events`` sees the events taken (for metrics).
     """
     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
-    cur = await conn.execute(db.query("take_inbox"), (limit,))
-    events = _events_from_rows(await cur.fetchall())
-    if not events:
-        return {}
+    cur = await conn.execute(db.query("drain_take"), {"limit": limit, "today": today or date.today()})
+    rows = await cur.fetchall()
+    if not rows:
+        return Drained(0, {}, {})
+    events = _events_from_rows(rows)
     if on_events is not None:
         on_events(events)
-    return await _project(conn, events)
+    current: dict[UUID, MentorProjection] = {}
+    facts: dict[UUID, MentorFacts] = {}
+    for row in rows:
+        mentor_id = row[1]
+        if mentor_id is None or mentor_id in facts:
+            continue
+        sync = sync_row_from_db(row[7:19]) if row[7] is not None else None
+        current[mentor_id] = MentorProjection(mentor_id=mentor_id, sync=sync)
+        exists, record_id, eligible, snapshot, change_seq, age, now = row[19:]
+        facts[mentor_id] = MentorFacts(
+            mentor_exists=exists,
+            portal_record_id=record_id,
+            eligible=bool(eligible),
+            snapshot=snapshot,
+            newest_change_seq=change_seq,
+            change_age_s=age,
+            db_now=now,
+        )
+    if _touches_letters(events):  # rare: the fold needs the dead letters too (the rows are locked already)
+        current = await _load(conn, list(current), lock=True)
+    return Drained(len(events), await _project(conn, events, current), facts)
 
 
 def sync_row_from_db(row: Sequence[Any]) -> SyncRow:

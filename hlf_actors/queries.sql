@@ -5,16 +5,52 @@ INSERT INTO event_log (mentor_id, kind, data)
 VALUES (%s, %s, %s::jsonb)
 RETURNING seq, recorded_at, xid::text::bigint;
 
--- name: take_inbox
--- The oldest unprojected events, removed from the inbox in the caller's transaction.
+-- name: drain_take
+-- A drain batch in one statement, so the actors it wakes wait for one round trip, not three: the oldest inbox
+-- events (removed from the inbox), and beside each its mentor's
+--   * sync_status row, locked FOR UPDATE in mentor order (the load the fold starts from), and
+--   * facts, what mentor_work reads (mentor row, eligibility, newest change, this statement's snapshot, the
+--     database's clock), from which the drain builds each open mentor's work after folding.
+-- MATERIALIZED: `locked` must run as written (FOR UPDATE cannot sit on the nullable side of the join below).
+-- `= ANY(ARRAY(…))`, not `IN`/JOIN: the planner sizes the taken set by the LIMIT (1000) and, while the log was small,
+-- hash-joined the whole event log for every batch (1.2 ms a drain at 3,500 events, growing with the log); with an
+-- array it looks each event up by primary key whatever the sizes.
 WITH taken AS (
     DELETE FROM hlf_inbox
-    WHERE seq IN (SELECT seq FROM hlf_inbox ORDER BY seq LIMIT %s)
+    WHERE seq = ANY(ARRAY(SELECT seq FROM hlf_inbox ORDER BY seq LIMIT %(limit)s))
     RETURNING seq
+), ev AS MATERIALIZED (
+    SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text AS data, e.recorded_at, e.xid::text::bigint AS xid
+    FROM event_log e
+    WHERE e.seq = ANY(ARRAY(SELECT seq FROM taken))
+), locked AS MATERIALIZED (
+    SELECT s.mentor_id, s.operation, s.state, s.attempts, s.last_error, s.updated_at, s.portal_record_id, s.listed,
+           s.change_seq, s.uncovered_xids, s.next_attempt_at, s.last_seq
+    FROM sync_status s
+    WHERE s.mentor_id = ANY(ARRAY(SELECT DISTINCT mentor_id FROM ev WHERE mentor_id IS NOT NULL))
+    ORDER BY s.mentor_id
+    FOR UPDATE
 )
-SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at, e.xid::text::bigint
-FROM event_log e JOIN taken USING (seq)
-ORDER BY e.seq;
+SELECT ev.seq, ev.mentor_id, ev.kind, ev.version, ev.data, ev.recorded_at, ev.xid,
+       l.mentor_id, l.operation, l.state, l.attempts, l.last_error, l.updated_at, l.portal_record_id, l.listed,
+       l.change_seq, l.uncovered_xids, l.next_attempt_at, l.last_seq,
+       m.id IS NOT NULL AS mentor_exists,
+       m.portal_record_id,
+       hlf_eligible(m.status, cert.until, %(today)s) AS eligible,
+       pg_current_snapshot()::text AS snapshot,
+       c.seq AS newest_change_seq,
+       extract(epoch FROM clock_timestamp() - c.recorded_at)::float8 AS change_age_s,
+       clock_timestamp() AS db_now
+FROM ev
+LEFT JOIN locked l ON l.mentor_id = ev.mentor_id
+LEFT JOIN mentors m ON m.id = ev.mentor_id
+LEFT JOIN LATERAL (SELECT max(ce.expires_on) AS until FROM certifications ce WHERE ce.mentor_id = m.id) cert ON true
+LEFT JOIN LATERAL (
+    SELECT e.seq, e.recorded_at FROM event_log e
+    WHERE e.mentor_id = ev.mentor_id AND e.kind IN ('status_changed', 'sync_requested')
+    ORDER BY e.seq DESC LIMIT 1
+) c ON true
+ORDER BY ev.seq;
 
 -- name: projected_events_of_mentors
 SELECT e.seq, e.mentor_id, e.kind, e.version, e.data::text, e.recorded_at, e.xid::text::bigint
@@ -48,17 +84,19 @@ ORDER BY id;
 SELECT mentor_id FROM sync_status WHERE state IN ('pending', 'retrying') ORDER BY updated_at;
 
 -- name: mentor_work
--- Everything an actor needs to decide its next step, read in one round trip. `wait_s` and `change_age_s` are
--- computed by the database so that a clock difference between this host and the database cannot skew them.
--- `for_seq` is the newest committed event that asks for a sync, projected or not; `snapshot` is this statement's
--- snapshot: a change is answered by the PATCH about to be sent iff its transaction is visible in it.
-SELECT s.state, s.attempts,
+-- Everything an actor needs to decide its next step, for one mentor (the actor's own read) or for every mentor a
+-- drain leaves open (handed to their actors with the wake-up). `wait_s` and `change_age_s` are computed by the
+-- database so that a clock difference between this host and the database cannot skew them. `for_seq` is the
+-- newest committed event that asks for a sync, projected or not; `snapshot` is this statement's snapshot: a change
+-- is answered by the PATCH about to be sent iff its transaction is visible in it. `last_seq` is the newest event
+-- the projection has folded: an actor trusts a handed read only if it includes the actor's own last outcome.
+SELECT s.mentor_id, s.last_seq, s.state, s.attempts,
        greatest(s.change_seq, coalesce(c.seq, 0)) AS for_seq,
        s.operation,
        greatest(0, extract(epoch FROM s.next_attempt_at - clock_timestamp()))::float8 AS wait_s,
        m.id IS NOT NULL AS mentor_exists,
        coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
-       hlf_is_eligible(s.mentor_id, %s) AS eligible,
+       hlf_eligible(m.status, cert.until, %s) AS eligible,
        m.organisation_id,
        pg_current_snapshot()::text AS snapshot,
        extract(epoch FROM clock_timestamp() - c.recorded_at)::float8 AS change_age_s
@@ -69,7 +107,8 @@ LEFT JOIN LATERAL (
     WHERE e.mentor_id = s.mentor_id AND e.kind IN ('status_changed', 'sync_requested')
     ORDER BY e.seq DESC LIMIT 1
 ) c ON true
-WHERE s.mentor_id = %s;
+LEFT JOIN LATERAL (SELECT max(ce.expires_on) AS until FROM certifications ce WHERE ce.mentor_id = m.id) cert ON true
+WHERE s.mentor_id = ANY(%s);
 
 -- name: unalerted_dead_letters
 -- Recent dead letters whose push alert was never attempted (no alert_sent/alert_failed names them).
@@ -93,9 +132,10 @@ GROUP BY o.alert_topic;
 
 -- name: reconcile_mentors
 -- What the database says each mentor with a portal record should be (hlf_actors.reconcile), streamed.
-SELECT m.id, m.portal_record_id, hlf_is_eligible(m.id, %(today)s), s.state
+SELECT m.id, m.portal_record_id, hlf_eligible(m.status, cert.until, %(today)s), s.state
 FROM mentors m
 LEFT JOIN sync_status s ON s.mentor_id = m.id
+LEFT JOIN LATERAL (SELECT max(ce.expires_on) AS until FROM certifications ce WHERE ce.mentor_id = m.id) cert ON true
 WHERE m.portal_record_id IS NOT NULL;
 
 -- name: reconcile_request
@@ -137,12 +177,13 @@ ORDER BY 1;
 -- says which changes the sends answer. Mentors neither in `mentors` nor in sync_status are left out.
 SELECT t.id,
        coalesce(m.portal_record_id, s.portal_record_id) AS portal_record_id,
-       hlf_is_eligible(t.id, %s) AS eligible,
+       hlf_eligible(m.status, cert.until, %s) AS eligible,
        greatest(s.change_seq, c.seq, 0) AS for_seq,
        pg_current_snapshot()::text AS snapshot
 FROM unnest(%s::uuid[]) AS t(id)
 LEFT JOIN mentors m ON m.id = t.id
 LEFT JOIN sync_status s ON s.mentor_id = t.id
+LEFT JOIN LATERAL (SELECT max(ce.expires_on) AS until FROM certifications ce WHERE ce.mentor_id = m.id) cert ON true
 LEFT JOIN LATERAL (
     SELECT e.seq FROM event_log e
     WHERE e.mentor_id = t.id AND e.kind IN ('status_changed', 'sync_requested')

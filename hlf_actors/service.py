@@ -31,7 +31,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections
-from .actor import Circuit, Dispatcher, Leadership, Portal, Runtime
+from .actor import Circuit, Dispatcher, Leadership, Portal, Recorder, Runtime, Work, work_from_drain, work_from_row
 from .alerting import Alerting
 from .alerts import AlertSender
 from .clock import Clock, SystemClock
@@ -123,7 +123,7 @@ class Service:
         alert_sender: AlertSender,
         clock: Clock | None = None,
         jitter: Callable[[], float] | None = default_jitter,
-        idle_s: float = 30.0,
+        idle_s: float = 2.0,  # an idle actor's linger; each holds ~70 objects the garbage collector walks
         standby_poll_s: float = 1.0,
         shutdown_grace_s: float = 10.0,
         max_actors: int = 2000,
@@ -195,6 +195,7 @@ class Service:
                 runtime = self._runtime(pool, tg, alerting)
                 dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
                 self.runtime, self.dispatcher = runtime, dispatcher
+                tg.start_soon(runtime.recorder.run, name="recorder")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
@@ -268,6 +269,7 @@ class Service:
             portal=self._portal,
             clock=self._clock,
             limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
+            recorder=Recorder(pool),
             circuit=Circuit(
                 threshold=5,
                 probe_base_s=cfg.backoff_base_ms / 1000,
@@ -414,21 +416,31 @@ class Service:
     async def _drain(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
         # Wake actors only once the inbox is empty: on a backlog, an actor that starts before its mentor's later
         # events are projected would race the projector. In steady state the inbox empties in one batch anyway.
-        to_wake: dict[UUID, None] = {}
+        # Each wake-up carries the mentor's work, built from the fold and the facts the drain read with its events,
+        # so the actor goes straight to the portal instead of reading it again. The last batch wakes its actors
+        # before its COMMIT's round trip: their PATCH is computed from committed rows either way, and their outcome
+        # waits for the drain's row locks (were the COMMIT to fail, the events stay in the inbox and are folded again,
+        # with the outcome after them, exactly as replay would).
+        dispatcher.forget_retired()
+        today = self._clock.today(self.config.zone)
+        to_wake: dict[UUID, Work | None] = {}
         while True:
-            # Pipeline mode: three round trips a batch (take, lock the rows, write + COMMIT) instead of six.
+            # Pipeline mode: two round trips a batch (lock + take + load + facts; write + COMMIT).
             async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                projected = await projections.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes)
-            self.state.events_projected += len(projected)
-            for mentor_id, projection in projected.items():
-                if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
-                    to_wake[mentor_id] = None
-                else:
+                drained = await projections.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
+                read_at = time.perf_counter()
+                for mentor_id, projection in drained.projected.items():
                     to_wake.pop(mentor_id, None)
-            if len(projected) < _DRAIN_BATCH // 2:
+                    if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
+                        facts = drained.facts.get(mentor_id)
+                        to_wake[mentor_id] = work_from_drain(projection, facts, read_at) if facts else None
+                last = drained.taken < _DRAIN_BATCH
+                if last:
+                    for mentor_id, work in to_wake.items():
+                        dispatcher.wake(mentor_id, work)
+            self.state.events_projected += drained.taken
+            if last:
                 break
-        for mentor_id in to_wake:
-            dispatcher.wake(mentor_id)
 
     def _count_changes(self, events: Sequence[Event]) -> None:
         self.metrics.changes_seen.inc(sum(1 for e in events if isinstance(e.payload, StatusChanged | SyncRequested)))
@@ -454,11 +466,22 @@ class Service:
             )
         elif change == "normal":
             logger.info("Postgres's NOTIFY queue is back to {:.0%}", usage)
+        # Read their work in batches and hand it over: after a restart a thousand actors each reading for themselves
+        # flooded the pool and the event loop, and the first PATCH left half a second late.
+        idle = [mentor_id for (mentor_id,) in rows if not dispatcher.has_actor(mentor_id)]
+        today = self._clock.today(self.config.zone)
         woken = 0
-        for (mentor_id,) in rows:
-            if not dispatcher.has_actor(mentor_id):
-                dispatcher.wake(mentor_id)
-                woken += 1
+        for start in range(0, len(idle), _DRAIN_BATCH):
+            chunk = idle[start : start + _DRAIN_BATCH]
+            async with pool.connection() as conn:
+                cur = await conn.execute(db.query("mentor_work"), (today, chunk))
+                found = await cur.fetchall()
+            read_at = time.perf_counter()
+            works = dict(work_from_row(row, read_at) for row in found)
+            for mentor_id in chunk:  # oldest first, as open_mentors orders them
+                if mentor_id in works and not dispatcher.has_actor(mentor_id):
+                    dispatcher.wake(mentor_id, works[mentor_id])
+                    woken += 1
         if woken:
             logger.info("caught up: {} mentor(s) with unfinished syncs picked up", woken)
 

@@ -257,7 +257,7 @@ def _ratios(summary: dict[str, Any], meta: dict[str, Any], delays: Sequence[str]
         p99_floor = ("minimal loop", _median(minimal.get(f"{delay}.paced.p99_ms")))
         if delay == delays[0]:
             row(
-                f"paced p50 ms, {delay}",
+                f"paced p50 ms, {delay} (against the NOTIFY floor)",
                 f"{delay}.paced.p50_ms",
                 True,
                 ("LISTEN/NOTIFY", _median(notify.get("p50_ms"))),
@@ -287,11 +287,13 @@ def _ratios(summary: dict[str, Any], meta: dict[str, Any], delays: Sequence[str]
     crash = ours.get("crash")
     if crash:
         recovery = _median(crash["restart_to_all_delivered_s"])
+        stuck = _median(crash.get("stuck_wait_s"))
         dup = _median(crash["duplicates"])
         ok = crash["lost"] == 0 and crash["undelivered_runs"] == 0 and (dup or 0) <= 10
         lines.append(
             f"| crash: lost / dup / restart → all delivered s | {crash['lost']} / {_fmt(crash['duplicates'], 0)} / "
-            f"{'—' if recovery is None else f'{recovery:.2f}'} | | | | | 0 lost, dup ≤ 10, ≤ 2 s "
+            f"{'—' if recovery is None else f'{recovery:.2f}'}"
+            f"{'' if stuck is None else f' ({stuck:.2f} waiting for stuck work)'} | | | | | 0 lost, dup ≤ 10, ≤ 2 s "
             f"| {'yes' if ok and recovery is not None and recovery <= 2 else '**no**'} |"
         )
     return lines

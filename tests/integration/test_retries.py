@@ -121,6 +121,25 @@ async def test_403_is_dead_lettered_at_once(
     assert [(f["attempt"], f["http_status"], f["retryable"]) for f in failed] == [(1, 403, False)]
 
 
+async def test_a_portal_error_with_a_nul_byte_is_recorded_not_resent_forever(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender
+) -> None:
+    # jsonb refuses \u0000: before errors were cleaned, this failure could not be written and the actor re-sent
+    # the PATCH every few seconds, never dead-lettering it.
+    _, mentor, record = paused_mentor(conn, portal)
+    async with running_service(db_url, portal, sender=sender):
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
+        portal.clear_requests()
+        body = b'{"error": {"code": "0x0", "message": "bad\\u0000record"}}'
+        portal.always(Reply(status=400, body=body, headers={"Content-Type": "application/json"}), record_id=record)
+        set_status(conn, mentor, "active")
+        await eventually(lambda: sync_state(conn, mentor) == "dead_lettered")
+        await anyio.sleep(0.3)
+    assert len(portal.patches(record)) == 1
+    [failed] = events(conn, mentor, "attempt_failed")
+    assert "bad\\0record" in failed["error"]
+
+
 async def test_429_retry_after_is_honoured_without_spending_an_attempt(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
 ) -> None:

