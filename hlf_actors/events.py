@@ -180,6 +180,7 @@ class ReconcileFinished(_Payload, frozen=True, kw_only=True):
     duration_ms: float
     absent_ok: int = 0  # record gone and the mentor should not be listed anyway
     dead_lettered: int = 0  # divergent but dead-lettered: not re-requested (the coordinators were alerted)
+    syncing: int = 0  # divergent while its own sync was under way: left to its actor
 
 
 class CredentialCheck(_Payload, frozen=True, kw_only=True):

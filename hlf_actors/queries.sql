@@ -130,11 +130,18 @@ LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
 WHERE m.id = %s
 GROUP BY o.alert_topic;
 
+-- name: event_log_head
+SELECT coalesce(max(seq), 0) FROM event_log;
+
 -- name: reconcile_mentors
--- What the database says each mentor with a portal record should be (hlf_actors.reconcile), streamed.
-SELECT m.id, m.portal_record_id, hlf_eligible(m.status, cert.until, %(today)s), s.state
+-- What the database says each mentor with a portal record should be (hlf_actors.reconcile), streamed, and whether
+-- its own sync is under way: open, waiting in the inbox, or with an event newer than %(log_head)s.
+SELECT m.id, m.portal_record_id, hlf_eligible(m.status, cert.until, %(today)s), s.state,
+       coalesce(s.state IN ('pending', 'retrying') OR s.last_seq > %(log_head)s, false) OR waiting.mentor_id IS NOT NULL
 FROM mentors m
 LEFT JOIN sync_status s ON s.mentor_id = m.id
+LEFT JOIN (SELECT DISTINCT e.mentor_id FROM hlf_inbox i JOIN event_log e USING (seq)) waiting
+    ON waiting.mentor_id = m.id
 LEFT JOIN LATERAL (SELECT max(ce.expires_on) AS until FROM certifications ce WHERE ce.mentor_id = m.id) cert ON true
 WHERE m.portal_record_id IS NOT NULL;
 

@@ -20,13 +20,13 @@ Decision table, for every mentor with a portal_record_id (expected = hlf_is_elig
     missing                     False     absent, as it should be  nothing
     present, owned by no mentor           orphan                   reported, never touched
 
-Mentors already pending or retrying are requested too: the actor reads the mentor's state *now*, so a duplicate
-request costs at most one PATCH, which is cheaper than reasoning about races. Dead-lettered mentors are not
-requested again: their coordinators were alerted already, and a request every period would push the same alert
-every 15 minutes; they are counted, and `hlf-actors dead-letters requeue` retries them.
-
-The portal is read first and the database second, so a change committed in between looks divergent while its actor
-is already on it: again at most one extra PATCH.
+A mentor whose own sync is under way is left to its actor, which sends the state it reads *then*, so a request
+would only add a second PATCH. "Under way" is decided after the portal was read: the mentor is pending or
+retrying, has an event waiting in the inbox, or has any event newer than the log's head as it stood just before the
+listing was read (its PATCH may have landed after the listing showed the old value). Such a mentor is counted as
+"syncing now"; if the portal has truly drifted, the next period finds it settled and requests it. Dead-lettered
+mentors are not requested again: their coordinators were alerted already, and a request every period would push the
+same alert every 15 minutes; they are counted, and `hlf-actors dead-letters requeue` retries them.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
     missing: list[Divergence]  # record gone, mentor should be listed: requested (will dead-letter)
     absent_ok: int  # record gone, mentor should not be listed anyway
     dead_lettered: list[Divergence]  # divergent or missing but dead-lettered: not requested again
+    syncing: int  # divergent or missing while its own sync was under way: left to its actor
     orphans: list[Orphan]
     requested: dict[UUID, int]  # mentor → seq of its sync_requested event
     pages: int
@@ -113,6 +114,7 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
             duration_ms=self.duration_ms,
             absent_ok=self.absent_ok,
             dead_lettered=len(self.dead_lettered),
+            syncing=self.syncing,
         )
 
 
@@ -125,6 +127,9 @@ async def reconcile(
 ) -> ReconcileReport:
     """One reconciliation: read both sides, queue the fixes, record a reconcile_finished event."""
     started = time.perf_counter()
+    # Any event appended after this read gets a higher seq: a mentor with one is syncing while we look.
+    head = await conn.execute(db.query("event_log_head"))
+    (log_head,) = await head.fetchone() or (0,)
     listing: dict[UUID, bool | None] = {}
     pages = 0
     async for page in portal.listing(page_size):
@@ -138,11 +143,11 @@ async def reconcile(
     divergent: list[Divergence] = []
     missing: list[Divergence] = []
     dead: list[Divergence] = []
-    checked = in_sync = absent_ok = 0
+    checked = in_sync = absent_ok = syncing = 0
     async with conn.transaction(), conn.cursor(name="hlf_reconcile") as cur:
-        await cur.execute(db.query("reconcile_mentors"), {"today": today})
+        await cur.execute(db.query("reconcile_mentors"), {"today": today, "log_head": log_head})
         while rows := await cur.fetchmany(_BATCH):
-            for mentor_id, record_id, eligible, state in rows:
+            for mentor_id, record_id, eligible, state, busy in rows:
                 checked += 1
                 owned.add(record_id)
                 expected = bool(eligible)
@@ -154,7 +159,9 @@ async def reconcile(
                     absent_ok += 1
                 else:
                     found = Divergence(mentor_id, record_id, listed if present else None, expected, state)
-                    if state == "dead_lettered":
+                    if busy:
+                        syncing += 1
+                    elif state == "dead_lettered":
                         dead.append(found)
                     elif present:
                         divergent.append(found)
@@ -185,6 +192,7 @@ async def reconcile(
         missing=missing,
         absent_ok=absent_ok,
         dead_lettered=dead,
+        syncing=syncing,
         orphans=orphans,
         requested=requested,
         pages=pages,
@@ -265,6 +273,8 @@ def render_report(r: ReconcileReport, *, limit: int = 50) -> str:
         f"  {'absent, as it should be':<36}{r.absent_ok:>8}",
         f"  {'dead-lettered, not requested again':<36}{len(r.dead_lettered):>8}"
         + ("   → see `hlf-actors dead-letters list`" if r.dead_lettered else ""),
+        f"  {'differing, its own sync under way':<36}{r.syncing:>8}"
+        + ("   → left to its actor; checked again next period" if r.syncing else ""),
         f"  {'orphan records (no mentor owns them)':<36}{len(r.orphans):>8}"
         + ("   → reported only, never touched" if r.orphans else ""),
         f"  {'sync requests queued':<36}{len(r.requested):>8}",
@@ -331,6 +341,12 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
 
     report = anyio.run(main)
     print(render_report(report, limit=limit))
+    if not report.requested and report.syncing:
+        print(
+            f"nothing requested: {report.syncing} mentor(s) differ while their own sync is under way; "
+            "`hlf-actors status` shows them and `hlf-actors run` sends them"
+        )
+        return 0
     if not report.requested:
         print("nothing to fix")
         return 0

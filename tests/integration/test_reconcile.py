@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import date
 from typing import Any
 from uuid import UUID, uuid4
@@ -11,8 +13,8 @@ import psycopg
 import pytest
 
 from hlf_actors.cli import main
-from hlf_actors.dynamics import DynamicsClient
-from hlf_actors.reconcile import reconcile
+from hlf_actors.dynamics import DynamicsClient, ListingRow
+from hlf_actors.reconcile import reconcile, render_report
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state
@@ -27,6 +29,14 @@ def linked(conn: psycopg.Connection[Any], org: UUID, portal: FakePortal, **kwarg
     assert record is not None
     return mentor, record
 
+
+
+async def settle(db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, mentors: list[UUID]) -> None:
+    """Let the service sync the seeded mentors, so that none is still waiting for its own sync, then forget its
+    requests."""
+    async with running_service(db_url, portal):
+        await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m in mentors))
+    portal.clear_requests()
 
 
 def use_cli(monkeypatch: pytest.MonkeyPatch, db_url: str, portal: FakePortal) -> None:
@@ -105,6 +115,7 @@ async def test_the_listing_is_read_over_several_pages(
 ) -> None:
     org = add_organisation(conn)
     mentors = [linked(conn, org, portal) for _ in range(7)]
+    await settle(db_url, conn, portal, [m for m, _ in mentors])
     last_record = max((r for _, r in mentors), key=str)  # the fake pages in record-id order: the last page
     portal.add_record(last_record, listed=False)
     client = DynamicsClient(harness.test_config(db_url, portal))
@@ -134,14 +145,19 @@ async def test_reconcile_without_the_service_says_the_requests_stay_queued(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     org = add_organisation(conn)
-    _, record = linked(conn, org, portal)
+    mentor, record = linked(conn, org, portal)
+    await settle(db_url, conn, portal, [mentor])
     portal.add_record(record, listed=False)
     use_cli(monkeypatch, db_url, portal)
     assert await anyio.to_thread.run_sync(main, ["reconcile", "--wait", "0.3"]) == 1
     out = capsys.readouterr().out
     assert "fixed 0 of 1" in out and "were never picked up: is `hlf-actors run` running?" in out
+    # Run again: the first request still waits in the inbox, so the mentor is left to it and not asked twice.
     assert await anyio.to_thread.run_sync(main, ["reconcile", "--wait", "0"]) == 0
-    assert "1 sync request(s) queued; `hlf-actors run` sends them" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing requested: 1 mentor(s) differ while their own sync is under way" in out
+    requests = conn.execute("SELECT count(*) FROM event_log WHERE kind = 'sync_requested'").fetchone()
+    assert requests == (1,)
     assert portal.patches() == [] and portal.listed(record) is False
 
 
@@ -169,3 +185,69 @@ async def test_force_sync_of_an_in_sync_mentor_sends_one_patch_and_prints_the_ou
         (str(record), {"hlf_publiclisting": True}, 204)
     ]
     assert sync_state(conn, mentor) == "in_sync"
+
+
+class _ChangeWhileListing(DynamicsClient):
+    """A client that runs ``during`` after the listing was read and before reconcile reads the database: the
+    window in which a mentor's own sync can land."""
+
+    def __init__(self, config: Any, during: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._during = during
+
+    async def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
+        async for page in super().listing(page_size):
+            yield page
+        await self._during()
+
+
+async def test_a_mentor_whose_sync_lands_while_the_listing_is_read_is_not_requested_again(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
+    org = add_organisation(conn)
+    mentor, record = linked(conn, org, portal)
+    steady, _ = linked(conn, org, portal)
+    async with running_service(db_url, portal):
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync" and sync_state(conn, steady) == "in_sync")
+        portal.clear_requests()
+
+        async def pause_and_let_it_sync() -> None:
+            conn.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (mentor,))
+            await eventually(lambda: portal.listed(record) is False and sync_state(conn, mentor) == "in_sync")
+
+        client = _ChangeWhileListing(harness.test_config(db_url, portal), pause_and_let_it_sync)
+        try:
+            async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+                report = await reconcile(aconn, client, today=date.today())
+        finally:
+            await client.aclose()
+        await anyio.sleep(0.2)  # a request, had there been one, would be sent by now
+
+    # The listing said "listed" and the database says "should not be", but the mentor's own PATCH fixed it.
+    assert report.divergent == [] and report.requested == {} and report.syncing == 1
+    assert report.in_sync == 1 and report.finished().syncing == 1
+    assert [p.json() for p in portal.patches(record)] == [{"hlf_publiclisting": False}]
+
+
+async def test_a_mentor_waiting_in_the_inbox_is_left_to_its_actor(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+) -> None:
+    org = add_organisation(conn)
+    mentor, record = linked(conn, org, portal)
+    conn.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (mentor,))  # no service yet: it waits
+    client = DynamicsClient(harness.test_config(db_url, portal))
+    try:
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
+            report = await reconcile(aconn, client, today=date.today())
+    finally:
+        await client.aclose()
+    assert (report.syncing, report.requested, report.divergent) == (1, {}, [])
+    rendered = render_report(report)
+    assert re.search(r"differing, its own sync under way +1   → left to its actor", rendered), rendered
+    waiting = conn.execute("SELECT e.kind FROM hlf_inbox i JOIN event_log e USING (seq) ORDER BY seq").fetchall()
+    assert "sync_requested" not in [k for (k,) in waiting]
+
+    async with running_service(db_url, portal):
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
+        await anyio.sleep(0.1)
+    assert [p.json() for p in portal.patches(record)] == [{"hlf_publiclisting": False}]
