@@ -3,13 +3,20 @@
 CPU is utime + stime of the process and of every live descendant (/proc/<pid>/stat), in seconds; peak RSS is
 VmHWM (/proc/<pid>/status) summed over the tree, read just before the process is stopped, since the kernel forgets
 it at exit. Output goes to a log file, never to a pipe that could fill up and stall the worker. Linux only.
+
+Profiling: with BENCH_PYSPY=<directory>, every worker gets ``py-spy record`` attached from outside (its own
+process, not counted in the worker's CPU, but it competes for the same cores: figures from such a run are for
+reading the profile, not for the table). Each profile is written when its worker exits, as collapsed stacks
+(``<log name>.txt``, for flamegraph.pl or speedscope). Install it with ``.bench-venv/bin/pip install py-spy``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,7 +48,25 @@ class Worker:
                 stderr=subprocess.STDOUT,
             )
         self.started_at = time.monotonic()
+        self._attach_profiler()
         return self
+
+    def _attach_profiler(self) -> None:
+        out_dir = os.environ.get("BENCH_PYSPY")
+        if not out_dir:
+            return
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).is_file():
+            raise RuntimeError("BENCH_PYSPY is set but py-spy is not installed: .bench-venv/bin/pip install py-spy")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        out = Path(out_dir) / f"{self.log_path.stem}.txt"
+        with (Path(out_dir) / f"{self.log_path.stem}.py-spy.log").open("wb") as errors:
+            subprocess.Popen(
+                [py_spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--output", str(out)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
 
     @property
     def pid(self) -> int:
