@@ -33,6 +33,7 @@ class Worker:
         self.log_path = log_path
         self.ready_line = ready_line
         self._proc: subprocess.Popen[bytes] | None = None
+        self._profiler: subprocess.Popen[bytes] | None = None  # py-spy, with BENCH_PYSPY
         self.started_at = 0.0
         self.peak_rss_mb = 0.0  # the largest VmHWM seen over the tree, updated by sample_peak()
 
@@ -61,7 +62,7 @@ class Worker:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         out = Path(out_dir) / f"{self.log_path.stem}.txt"
         with (Path(out_dir) / f"{self.log_path.stem}.py-spy.log").open("wb") as errors:
-            subprocess.Popen(
+            self._profiler = subprocess.Popen(
                 [py_spy, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--output", str(out)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -156,9 +157,10 @@ class Worker:
             self.sample_peak()
             self._proc.send_signal(signal.SIGTERM)
             try:
-                return self._proc.wait(timeout_s)
+                self._proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._wait_for_profile()
         return self._proc.returncode
 
     def kill(self) -> None:
@@ -172,3 +174,10 @@ class Worker:
             except ProcessLookupError:
                 continue
         self._proc.wait()
+        self._wait_for_profile()
+
+    def _wait_for_profile(self) -> None:
+        """py-spy writes its profile once the worker has exited: wait for it, so the file is whole."""
+        if self._profiler is not None:
+            self._profiler.wait(30)
+            self._profiler = None
