@@ -15,12 +15,15 @@ last outcome (``recorded_seq``); otherwise, and whenever it wakes without one, i
         │
         ├─(retry not due yet)──▶ sleep until due, or until a newer change wakes us
         ▼
-      circuit closed? (else wait: the portal is down for everyone, so nobody spends attempts)
+      circuit closed and no tenant-wide incident? (else wait: the portal is down, or refuses everyone, so nobody
+        │  spends attempts; asked again once the concurrency slot is ours, so an outage holds the queue too)
         ▼
       PATCH under the global concurrency limit ──▶ append the outcome event + projection, in one transaction
         │                                          (the Recorder's: outcomes that wait together share it)
         │ success → in_sync       transient → retrying (delay planned)       permanent / out of attempts
-        ▼                                                                    → dead_lettered + alert
+        │                                                                    → dead_lettered + alert
+        ▼ tenant-wide (TenantError, or an undecided refusal the tenant check confirms) → incident: held, no
+                                                                    attempt spent (``incidents.py``)
 
 Everything the actor knows is also in the database (attempts, next_attempt_at), so a restarted process carries on
 exactly where the killed one stopped.
@@ -43,7 +46,14 @@ from psycopg_pool import AsyncConnectionPool
 from . import db, projections
 from .clock import Clock
 from .config import Config
-from .errors import CredentialError, PermanentPortalError, PortalError, ThrottledError, TransientPortalError
+from .errors import (
+    PermanentPortalError,
+    PortalError,
+    TenantError,
+    ThrottledError,
+    TransientPortalError,
+    UndecidedRefusal,
+)
 from .events import (
     AttemptFailed,
     AttemptSucceeded,
@@ -54,6 +64,7 @@ from .events import (
     Payload,
     SyncSkipped,
 )
+from .incidents import Incident, Incidents
 from .metrics import Metrics
 from .retry import plan_delay_ms, throttle_delay_ms
 
@@ -315,13 +326,13 @@ class Runtime:
     recorder: Recorder
     circuit: Circuit
     leadership: Leadership
+    incidents: Incidents
     on_dead_letter: Callable[[UUID, Operation, int], None]
     jitter: Callable[[], float] | None
     idle_s: float = 30.0
     stopping: bool = False
     crowded: Callable[[], bool] = lambda: False
     metrics: Metrics = field(default_factory=Metrics)
-    on_credential_error: Callable[[], None] = lambda: None  # asks for a credential check soon (debounced)
     # Told of every successful PATCH (the public listing probe); must not block.
     on_synced: Callable[[UUID, Operation, Event], None] = lambda mentor_id, operation, succeeded: None
 
@@ -402,6 +413,7 @@ class Actor:
         self.cancel_scope = anyio.CancelScope()
         self._open = True  # whether the last outcome recorded left the mentor's sync unfinished
         self.recorded_seq = recorded_seq  # the seq of the last event this mentor's actors appended
+        self._held_for: Incident | None = None  # the incident this actor last recorded its mentor as held by
 
     async def run(self) -> None:
         """Serve wake-ups until idle. Any error is logged and retried later: it never ends the service."""
@@ -470,47 +482,102 @@ class Actor:
         if work.portal_record_id is None:
             await self._no_record(operation, attempt, work)
             return
-        probe = await self._rt.circuit.admit()
+        rt = self._rt
+        if rt.incidents.incident is not None and rt.incidents.incident is not self._held_for:
+            await self._held(work, operation, attempt)
+        circuit_probe = await rt.circuit.admit()
+        incident_probe = False
         try:
+            incident_probe = await rt.incidents.admit()
             # The slot is held until the outcome is recorded, not just for the PATCH: a crash then leaves at most
             # HLF_PORTAL_CONCURRENCY PATCHes sent but unrecorded, so at most that many are sent twice after it.
-            async with self._rt.limiter:
-                await self._send(work, operation, attempt, probe)
+            async with rt.limiter:
+                if (rt.circuit.is_open and not circuit_probe) or (rt.incidents.holding and not incident_probe):
+                    # An outage or incident began while we queued for the slot: nothing goes out. The caller reads
+                    # the mentor again (its work may change while held) and waits at the gate.
+                    return
+                await self._send(work, operation, attempt, circuit_probe, incident_probe)
         finally:
-            if probe:
-                self._rt.circuit.release_probe()
+            if circuit_probe:
+                rt.circuit.release_probe()
+            if incident_probe:  # settled by _send where it could tell; otherwise another held mentor probes
+                await rt.incidents.probe_finished(None)
 
-    async def _send(self, work: Work, operation: Operation, attempt: int, probe: bool) -> None:
+    async def _held(self, work: Work, operation: Operation, attempt: int) -> None:
+        """Record once per incident that this mentor waits for it: no attempt spent, last_error names it."""
+        incident = self._rt.incidents.incident
+        assert incident is not None
+        self._held_for = incident
+        await self._record(
+            AttemptFailed(
+                operation=operation,
+                attempt=attempt,
+                http_status=None,
+                retryable=True,
+                delay_ms=None,
+                error=f"held: {incident.describe()}",
+                for_seq=work.change_seq,
+                snapshot=work.snapshot,
+                throttled=True,
+            )
+        )
+        self._log.info("{} held by the tenant-wide incident ({}); no attempt spent", operation, incident.cause)
+
+    async def _send(
+        self, work: Work, operation: Operation, attempt: int, probe: bool, incident_probe: bool = False
+    ) -> None:
         assert work.portal_record_id is not None
-        cfg = self._rt.config
+        rt = self._rt
+        cfg = rt.config
         started = time.perf_counter()
         try:
-            if self._rt.stopping:  # stop means no new sends: this mentor stays pending for the next process
+            if rt.stopping:  # stop means no new sends: this mentor stays pending for the next process
                 return
-            with self._rt.metrics.in_flight.track_inprogress():
-                status = await self._rt.portal.set_listed(work.portal_record_id, operation == "restore")
+            with rt.metrics.in_flight.track_inprogress():
+                status = await rt.portal.set_listed(work.portal_record_id, operation == "restore")
         except ThrottledError as err:
-            delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=self._rt.jitter)
-            self._rt.metrics.attempts.labels("throttled").inc()
+            delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=rt.jitter)
+            rt.metrics.attempts.labels("throttled").inc()
             await self._record(_failed(work, operation, attempt, err, delay_ms=delay, throttled=True))
             self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, delay)
             return
-        except (TransientPortalError, CredentialError) as err:
-            if isinstance(err, CredentialError):
-                self._rt.on_credential_error()
-            self._rt.metrics.attempts.labels("failed").inc()
-            outage = probe or self._rt.circuit.is_open
-            await self._rt.circuit.transient_failure(self.mentor_id)
+        except TenantError as err:
+            rt.metrics.attempts.labels("held").inc()
+            await rt.incidents.report(err)
+            await self._held(work, operation, attempt)
+            return
+        except UndecidedRefusal as err:
+            verdict = await rt.incidents.decide(err)
+            if verdict == "tenant":
+                rt.metrics.attempts.labels("held").inc()
+                await self._held(work, operation, attempt)
+                return
+            rt.metrics.attempts.labels("failed").inc()
+            if verdict == "unknown":  # the tenant could not be checked: try again later, as for a timeout
+                await self._transient(work, operation, attempt, err, outage=False)
+                return
+            if incident_probe:
+                await rt.incidents.probe_finished(True)
+            await self._dead_letter(work, operation, attempt, err)
+            return
+        except TransientPortalError as err:
+            rt.metrics.attempts.labels("failed").inc()
+            outage = probe or rt.circuit.is_open
+            await rt.circuit.transient_failure(self.mentor_id)
             await self._transient(work, operation, attempt, err, outage=outage)
             return
         except PermanentPortalError as err:
-            self._rt.metrics.attempts.labels("failed").inc()
+            rt.metrics.attempts.labels("failed").inc()
+            if incident_probe:  # this record's own problem: the tenant answers again
+                await rt.incidents.probe_finished(True)
             await self._dead_letter(work, operation, attempt, err)
             return
-        await self._rt.circuit.success()
-        self._rt.metrics.attempts.labels("succeeded").inc()
+        await rt.circuit.success()
+        if incident_probe:
+            await rt.incidents.probe_finished(True)
+        rt.metrics.attempts.labels("succeeded").inc()
         if work.change_age_s is not None:
-            self._rt.metrics.latency.observe(work.change_age_s + time.perf_counter() - work.read_at)
+            rt.metrics.latency.observe(work.change_age_s + time.perf_counter() - work.read_at)
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         appended = await self._record(
             AttemptSucceeded(
@@ -522,7 +589,7 @@ class Actor:
                 duration_ms=duration_ms,
             )
         )
-        self._rt.on_synced(self.mentor_id, operation, appended[0])
+        rt.on_synced(self.mentor_id, operation, appended[0])
         self._log.info("{} sent (attempt {}, {} ms)", operation, attempt, duration_ms)
 
     async def _transient(

@@ -49,10 +49,10 @@ from .credentials import probe
 from .dynamics import DynamicsClient
 from .errors import (
     ConfigError,
-    CredentialError,
     HLFError,
     PermanentPortalError,
     PortalError,
+    TenantError,
     ThrottledError,
     TransientPortalError,
 )
@@ -203,9 +203,9 @@ class _Run:
                 attempt -= 1
                 await anyio.sleep(min(delay, cfg.backoff_max_ms) / 1000)
                 continue
-            except CredentialError as err:
+            except TenantError as err:  # every mentor would fail the same way: stop, and say what to fix
                 await self._record(w.mentor_id, _failed(w, attempt, err, None))
-                self.stopped = f"the portal refused the credentials: {err}"
+                self.stopped = f"tenant-wide incident ({err.cause}): {err}; fix: {err.fix}"
                 return Result(w.mentor_id, w.operation, False, attempt, str(err))
             except TransientPortalError as err:
                 last = attempt >= MAX_TRIES
@@ -411,10 +411,10 @@ async def _resync(
     today = SystemClock().today(config.zone)
     if portal is None:
         return await _dry_run(_Run(config, pool, None, today), targets, out)
-    ok, error, ms = await probe(portal)
+    ok, error, _cause, ms = await probe(portal)
     if not ok:
         raise _Fail(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
-    print(f"credentials OK (token + WhoAmI in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
+    print(f"credentials OK (tenant check in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
     run = _Run(config, pool, portal, today)
     progress = _Progress(len(targets), err)
     started = time.monotonic()

@@ -7,12 +7,14 @@ Secrets are wrapped in ``Secret`` so that no repr, log line or exception can sho
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -54,6 +56,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     dynamics_token_url: str | None = None
     dynamics_client_id: str | None = None
     dynamics_client_secret: Secret | None = None
+    dynamics_client_secret_file: str | None = None  # read again after a refusal: rotation without a restart
     dynamics_scope: str | None = None
     dynamics_entity_set: str = "hlf_mentorlistings"
     dynamics_listed_field: str = "hlf_publiclisting"
@@ -73,6 +76,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     public_listing_url: str | None = None
     public_listing_deadline_s: float = 1200.0
     public_listing_match: Literal["portal_record_id", "full_name"] = "portal_record_id"
+    reconcile_max_missing: float = 0.10  # share of linked records a listing read may lack before it is refused
+    # While a tenant-wide incident is open: the first tenant check after this long, doubling up to the cap.
+    incident_check_s: float = 30.0
+    incident_check_max_s: float = 300.0
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
@@ -129,6 +136,15 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError("expected a duration such as 30s, 15m or 1h")
     return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
@@ -188,12 +204,30 @@ class _Reader:
         return value
 
     def url(self, name: str) -> str | None:
+        """An https URL; plain http only to a loopback host (tests, local fakes), where nothing crosses a network.
+        A typo'd ``http://`` elsewhere would send the client secret and bearer tokens in clear text."""
         raw = self.text(name)
         if raw is None:
             return None
         if not re.match(r"^https?://[^/\s]+", raw):
-            raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
+            raise ConfigError(f"{name}: expected an https URL, got {raw!r}")
+        parts = urlsplit(raw)
+        if parts.scheme != "https" and not _is_loopback(parts.hostname or ""):
+            raise ConfigError(f"{name}: must be https:// (plain http is allowed only to a loopback host), got {raw!r}")
         return raw.rstrip("/") if name == "HLF_DYNAMICS_URL" else raw
+
+    def share(self, name: str, default: float) -> float:
+        """A share such as ``10%`` or ``0.1``."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a share such as 10% or 0.1, got {raw!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name}: must be between 0% and 100%, got {raw!r}")
+        return value
 
     def identifier(self, name: str, default: str) -> str:
         raw = self.text(name) or default
@@ -260,12 +294,15 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
 
+    incident_check = read.duration("HLF_INCIDENT_CHECK_EVERY", 30.0)
+
     return Config(
         database_url=read.text("HLF_DATABASE_URL"),
         dynamics_url=read.url("HLF_DYNAMICS_URL"),
         dynamics_token_url=read.url("HLF_DYNAMICS_TOKEN_URL"),
         dynamics_client_id=read.text("HLF_DYNAMICS_CLIENT_ID"),
         dynamics_client_secret=Secret(secret_value) if secret_value else None,
+        dynamics_client_secret_file=secret_file,
         dynamics_scope=read.text("HLF_DYNAMICS_SCOPE"),
         dynamics_entity_set=read.identifier("HLF_DYNAMICS_ENTITY_SET", "hlf_mentorlistings"),
         dynamics_listed_field=read.identifier("HLF_DYNAMICS_LISTED_FIELD", "hlf_publiclisting"),
@@ -285,6 +322,9 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         public_listing_url=read.url("HLF_PUBLIC_LISTING_URL"),
         public_listing_deadline_s=read.duration("HLF_PUBLIC_LISTING_DEADLINE", 1200.0),
         public_listing_match="full_name" if match_raw == "full_name" else "portal_record_id",
+        reconcile_max_missing=read.share("HLF_RECONCILE_MAX_MISSING", 0.10),
+        incident_check_s=incident_check,
+        incident_check_max_s=max(incident_check, read.duration("HLF_INCIDENT_CHECK_MAX", 300.0)),
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),

@@ -1,30 +1,33 @@
-"""Credential health checks: learn that the portal stopped accepting us before a mentor's change needs it.
+"""Tenant checks: learn that the portal stopped accepting us, and why, before (or as soon as) a change needs it.
 
-A check is a brand-new token request plus the cheapest authorised read there is (WhoAmI). Its verdict:
+A check (``DynamicsClient.tenant_check``) is a brand-new token request, WhoAmI, a one-row read of the entity set
+selecting the key and listed columns, and RetrievePrincipalAccess for that row (Write, checked without writing).
+Its verdict:
 
-    outcome                                               verdict    incident
-    token issued and WhoAmI answered                      ok         closes an open one: credential_check
-                                                                     {transition: restored} + hlf_credential_restored
-    CredentialError (invalid_client, an expired secret,   failed     opens one unless one is open already:
-      a 401 that survives a fresh token), 403 or another             credential_check {transition: failed}
-      refusal of WhoAmI                                              + hlf_credential_failure to HLF_OPS_TOPIC
-    TransientPortalError (timeouts, 5xx, unreachable)     none       none: a portal that is down is the circuit's
-                                                                     business, not a credential incident
+    outcome                                          verdict   incident
+    every step answered                              ok        closes an open one: credential_check
+                                                               {transition: restored} + the all-clear alert
+    TenantError (CredentialError: invalid_client,    failed    opens one (or changes its cause): credential_check
+      an expired secret, a 401 that survives a                 {transition: failed, cause} + one ops alert that
+      fresh token; a removed application user; a               names the cause and the fix
+      privilege, entity set or column gone; not
+      Dataverse answering), or another refusal
+    TransientPortalError (timeouts, 5xx)             none      none: a portal that is down is the circuit's business
+
+Alerts: cause ``credentials`` sends ``hlf_credential_failure`` / ``hlf_credential_restored`` (the contract's names);
+every other cause sends ``hlf_portal_incident`` {cause, error, fix} / ``hlf_portal_incident_resolved`` {cause}.
 
 The incident state lives in the log, not in memory: the newest credential_check with a verdict says whether an
-incident is open, so a restart, a standby taking over and `hlf-actors check-credentials` run by hand all agree, and
-the alert goes out once per incident however many checks see the failure. Reading that state and recording the new
-check happen in one transaction under an advisory lock, so two checkers racing cannot both open the incident.
-
-Checks run when the service becomes leader, before every reconciliation, by hand, and soon after an actor's PATCH
-fails with a CredentialError (``CredentialMonitor.poke``: at most one check every 30 s), so the alert does not wait
-for the next period.
+incident is open and its cause, so a restart, a standby taking over and `hlf-actors check-credentials` run by hand
+all agree, and the alert goes out once per incident however many checks see the failure. Reading that state and
+recording the new check happen in one transaction under an advisory lock, so two checkers racing cannot both open
+the incident. ``incidents.py`` is the service's side: it holds every send while an incident is open, and heals it.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
@@ -35,15 +38,17 @@ from psycopg_pool import AsyncConnectionPool
 from . import db, projections
 from .alerting import Alerting
 from .config import Config
-from .errors import PortalError, TransientPortalError
+from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
 from .events import CredentialCheck, NewEvent
 
 __all__ = [
     "CheckablePortal",
-    "CredentialMonitor",
     "CredentialReport",
+    "TenantState",
     "check_credentials",
     "probe",
+    "read_tenant_state",
+    "record_verdict",
     "run_cli",
 ]
 
@@ -53,26 +58,28 @@ _ALERT_ERROR_CHARS = 200
 
 @runtime_checkable
 class CheckablePortal(Protocol):
-    async def check_token(self) -> None: ...
-    async def whoami(self) -> None: ...
+    async def tenant_check(self) -> None: ...
 
 
 class CredentialReport(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool | None  # None: the portal could not be reached, so no verdict
     error: str | None
     duration_ms: float
+    cause: str | None = None
     transition: Literal["failed", "restored"] | None = None
     recorded: bool = True
 
     def describe(self) -> str:
         if self.ok:
-            line = f"credentials OK (token + WhoAmI in {self.duration_ms:.0f} ms)"
+            line = f"credentials OK (token, WhoAmI, read and write access in {self.duration_ms:.0f} ms)"
             if self.transition == "restored":
-                line += "; all clear sent to the ops topic (hlf_credential_restored)"
+                line += "; all clear sent to ops"
         elif self.ok is False:
-            line = f"credentials FAILED: {self.error}"
+            line = f"credentials FAILED ({self.cause}): {self.error}"
+            if self.cause in TENANT_CAUSES:
+                line += f"; fix: {TENANT_CAUSES[self.cause]}"
             if self.transition == "failed":
-                line += "; ops alerted (hlf_credential_failure)"
+                line += "; ops alerted"
             elif self.recorded:
                 line += " (incident already open: ops were alerted when it began)"
         else:
@@ -82,19 +89,85 @@ class CredentialReport(msgspec.Struct, frozen=True, kw_only=True):
         return line
 
 
-async def probe(portal: CheckablePortal) -> tuple[bool | None, str | None, float]:
-    """Token request + WhoAmI: (verdict, error, milliseconds). Never raises a PortalError."""
+class TenantState(msgspec.Struct, frozen=True, kw_only=True):
+    """The newest verdict in the log: ``ok`` False means an incident is open, with its cause and since when."""
+
+    ok: bool | None
+    cause: str | None = None
+    error: str | None = None
+    since: datetime | None = None
+
+
+async def read_tenant_state(conn: Any) -> TenantState:
+    cur = await conn.execute(db.query("latest_credential_verdict"))
+    row = await cur.fetchone()
+    if row is None:
+        return TenantState(ok=None)
+    ok, cause, error, since = row
+    return TenantState(ok=ok, cause=(cause or "credentials") if ok is False else None, error=error, since=since)
+
+
+async def probe(portal: CheckablePortal) -> tuple[bool | None, str | None, str | None, float]:
+    """The tenant check: (verdict, error, cause, milliseconds). Never raises a PortalError."""
     started = time.perf_counter()
+    ok: bool | None = True
+    error: str | None = None
+    cause: str | None = None
     try:
-        await portal.check_token()
-        await portal.whoami()
-        ok: bool | None = True
-        error: str | None = None
+        await portal.tenant_check()
     except TransientPortalError as err:
         ok, error = None, f"portal unreachable: {err}"
-    except PortalError as err:  # CredentialError, or WhoAmI refused (403) / not found: nothing works until fixed
-        ok, error = False, f"credentials refused: {err}"
-    return ok, error, round((time.perf_counter() - started) * 1000, 3)
+    except TenantError as err:
+        ok, error, cause = False, str(err), err.cause
+    except PortalError as err:  # a refusal the check's own requests should never get: nothing works until fixed
+        ok, error, cause = False, str(err), "privilege" if err.http_status == 403 else "not_dataverse"
+    return ok, error, cause, round((time.perf_counter() - started) * 1000, 3)
+
+
+async def record_verdict(
+    pool: AsyncConnectionPool[Any],
+    alerting: Alerting,
+    *,
+    ok: bool | None,
+    error: str | None,
+    cause: str | None,
+    trigger: str,
+    duration_ms: float | None = None,
+) -> tuple[Literal["failed", "restored"] | None, TenantState]:
+    """Record one verdict, decide whether it opens or closes the incident (against the newest one in the log, under
+    a lock), and alert ops on a transition. Returns the transition and the state before it."""
+    transition: Literal["failed", "restored"] | None = None
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHECK_LOCK,))
+        before = await read_tenant_state(conn)
+        if ok is False and (before.ok is not False or before.cause != cause):
+            transition = "failed"
+        elif ok is True and before.ok is False:
+            transition = "restored"
+        check = CredentialCheck(
+            ok=ok, error=error, transition=transition, trigger=trigger, duration_ms=duration_ms, cause=cause
+        )
+        await projections.append(conn, [NewEvent(None, check)])
+    if transition == "failed":
+        assert error is not None and cause is not None
+        logger.error("tenant-wide incident ({}; {}): {}; alerting ops", cause, trigger, error)
+        fix = TENANT_CAUSES.get(cause, "")
+        if cause == "credentials":
+            await alerting.ops({"type": "hlf_credential_failure", "error": error[:_ALERT_ERROR_CHARS], "fix": fix})
+        else:
+            data = {"type": "hlf_portal_incident", "cause": cause, "error": error[:_ALERT_ERROR_CHARS], "fix": fix}
+            await alerting.ops(data)
+    elif transition == "restored":
+        logger.info("the tenant-wide incident ({}) is over ({}): all clear", before.cause, trigger)
+        if before.cause == "credentials":
+            await alerting.ops({"type": "hlf_credential_restored"})
+        else:
+            await alerting.ops({"type": "hlf_portal_incident_resolved", "cause": before.cause or ""})
+    elif ok is False:
+        logger.error("tenant-wide incident still open ({}; alerted when it began): {}", trigger, error)
+    elif ok is None:
+        logger.warning("tenant check inconclusive ({}): {}", trigger, error)
+    return transition, before
 
 
 async def check_credentials(
@@ -104,82 +177,14 @@ async def check_credentials(
     *,
     trigger: str = "scheduled",
 ) -> CredentialReport:
-    """Probe, record a credential_check event, and alert the ops topic on the incident's first and last check."""
-    ok, error, duration_ms = await probe(portal)
-    transition: Literal["failed", "restored"] | None = None
-    async with pool.connection() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHECK_LOCK,))
-        cur = await conn.execute(db.query("latest_credential_verdict"))
-        row = await cur.fetchone()
-        previous: bool | None = row[0] if row else None
-        if ok is False and previous is not False:
-            transition = "failed"
-        elif ok is True and previous is False:
-            transition = "restored"
-        check = CredentialCheck(ok=ok, error=error, transition=transition, trigger=trigger, duration_ms=duration_ms)
-        await projections.append(conn, [NewEvent(None, check)])
-    report = CredentialReport(ok=ok, error=error, duration_ms=duration_ms, transition=transition)
-    if transition == "failed":
-        logger.error("Dynamics credentials refused ({}): {}; alerting the ops topic", trigger, error)
-        assert error is not None
-        await alerting.ops({"type": "hlf_credential_failure", "error": error[:_ALERT_ERROR_CHARS]})
-    elif transition == "restored":
-        logger.info("Dynamics credentials work again ({}): all clear", trigger)
-        await alerting.ops({"type": "hlf_credential_restored"})
-    elif ok is False:
-        logger.error("Dynamics credentials still refused ({}; incident already alerted): {}", trigger, error)
-    elif ok is None:
-        logger.warning("credential check inconclusive ({}): {}", trigger, error)
-    elif trigger != "scheduled":
-        logger.info("Dynamics credentials OK ({}): token + WhoAmI in {:.0f} ms", trigger, duration_ms)
-    return report
-
-
-class CredentialMonitor:
-    """The service's checker: checks run one at a time, and ``poke`` (an actor saw a CredentialError) asks for one
-    at once, but poked checks run at most one every ``min_interval_s`` however many PATCHes fail. Pokes while an
-    incident is open are ignored: it was alerted on, and the scheduled checks will see it end."""
-
-    def __init__(
-        self,
-        portal: CheckablePortal,
-        pool: AsyncConnectionPool[Any],
-        alerting: Alerting,
-        *,
-        min_interval_s: float = 30.0,
-    ) -> None:
-        self._portal = portal
-        self._pool = pool
-        self._alerting = alerting
-        self._min_interval_s = min_interval_s
-        self._lock = anyio.Lock()
-        self._poked = anyio.Event()
-        self._last_poked_check = -math.inf
-        self._failing = False
-
-    async def check(self, trigger: str) -> CredentialReport:
-        async with self._lock:
-            report = await check_credentials(self._portal, self._pool, self._alerting, trigger=trigger)
-            if report.ok is not None:
-                self._failing = not report.ok
-            return report
-
-    def poke(self) -> None:
-        if not self._failing:
-            self._poked.set()
-
-    async def serve_pokes(self) -> None:
-        while True:
-            await self._poked.wait()
-            wait_s = self._last_poked_check + self._min_interval_s - time.monotonic()
-            if wait_s > 0:
-                await anyio.sleep(wait_s)
-            self._poked = anyio.Event()
-            self._last_poked_check = time.monotonic()
-            try:
-                await self.check("credential error")
-            except Exception as err:  # a failed check must never end the service; the next one tries again
-                logger.error("credential check failed: {}: {}", type(err).__name__, str(err)[:200])
+    """Check, record a credential_check event, and alert ops on the incident's first and last check."""
+    ok, error, cause, duration_ms = await probe(portal)
+    transition, _ = await record_verdict(
+        pool, alerting, ok=ok, error=error, cause=cause, trigger=trigger, duration_ms=duration_ms
+    )
+    if ok and transition is None and trigger != "scheduled":
+        logger.info("Dynamics tenant check OK ({}) in {:.0f} ms", trigger, duration_ms)
+    return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, cause=cause, transition=transition)
 
 
 def run_cli(config: Config) -> int:
@@ -193,8 +198,8 @@ def run_cli(config: Config) -> int:
         portal = DynamicsClient(config)
         try:
             if not config.database_url:
-                ok, error, duration_ms = await probe(portal)
-                return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, recorded=False)
+                ok, error, cause, duration_ms = await probe(portal)
+                return CredentialReport(ok=ok, error=error, cause=cause, duration_ms=duration_ms, recorded=False)
             sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
             try:
                 async with db.pool(

@@ -1,20 +1,50 @@
 """The Dynamics 365 (Dataverse Web API) client: the one seam between the service and the portal.
 
 It speaks the wire format of shared/INTERFACE.md: OAuth2 client credentials with the token cached until shortly
-before it expires, ``PATCH …/{entity_set}({id})`` with ``If-Match: *`` (update, never create), and the paged
-``GET … $select`` listing. Every failure becomes one of the typed errors in ``errors.py``:
+before it expires, ``PATCH …/{entity_set}({id})`` with ``If-Match: *`` (update, never create: without it Dataverse
+would upsert), and the paged ``GET … $select`` listing. Every failure becomes one of the typed errors in
+``errors.py``. The question each answer is asked is "is this one mentor's problem, or everyone's?", because a
+failure that hits every mentor must be held as one incident (``incidents.py``), not spent as N attempts:
 
-    answer / failure                               raised as
-    2xx                                            (success)
-    401 on the data call                           drop the token, fetch a fresh one, try once more;
-                                                   401 again → CredentialError
-    token endpoint 400/401 (invalid_client…)       CredentialError
-    408, 429, 500, 502, 503, 504                   TransientPortalError (429 → ThrottledError), Retry-After kept
-    timeouts, connection errors, garbage bodies    TransientPortalError
-    any other 4xx                                  PermanentPortalError
+    answer / failure                                       raised as                 source (Microsoft Learn)
+    PATCH 204; GET 200 with Dataverse's JSON               (success)                 [update]
+    any other 2xx (HTML, empty 200, another type), a 3xx   TenantError not_dataverse [update]: PATCH answers 204
+    401 on the data call                                   fetch a fresh token (one request however many
+                                                           401s arrive together), try once more;
+                                                           401 again → CredentialError
+    token endpoint 400/401 (invalid_client…)               CredentialError           [aad]
+    403 0x80072560 "user is not a member of the org…"      TenantError app_user_missing [codes]
+    403 0x80040220 "…is missing prv… privilege"            TenantError privilege     [client]
+    404 0x8006088a "Resource not found for the segment"    TenantError entity_set    [webapi]
+    400 "Could not find a property named…" / "…does not    TenantError property      [webapi]
+        exist on type…" / "Invalid property…"
+    404 0x80040217 "… With Id = … Does Not Exist"          PermanentPortalError: this record alone [client]
+    any other 400/403/404                                  UndecidedRefusal: the tenant check decides
+    408, 429, 500, 502, 503, 504                           TransientPortalError (429 → ThrottledError); a
+                                                           429's Retry-After holds every request of this
+                                                           client, not just the one that got it [limits]
+    timeouts, connection errors, garbage bodies            TransientPortalError
+    any other 4xx (405, 412, 413, 415…)                    PermanentPortalError
+
+    [update]  "Update and delete table rows using the Web API", learn.microsoft.com/power-apps/developer/
+              data-platform/webapi/update-delete-entities-using-web-api
+    [webapi]  "Troubleshoot Dataverse Web API client errors", learn.microsoft.com/troubleshoot/power-platform/
+              power-apps/dataverse/web-api-client-errors
+    [client]  "Troubleshoot Dataverse client errors", learn.microsoft.com/troubleshoot/power-platform/power-apps/
+              dataverse/client-errors (-2147220960 = 0x80040220 missing privilege; -2147220969 = 0x80040217)
+    [codes]   "Web service error codes", learn.microsoft.com/power-apps/developer/data-platform/reference/
+              web-service-error-codes
+    [limits]  "Service protection API limits", learn.microsoft.com/power-apps/developer/data-platform/
+              api-limits: Retry-After is per user, and continued requests lengthen it
+    [aad]     "Microsoft identity platform and the OAuth 2.0 client credentials flow"
+
+The tenant check (``tenant_check``) asks what a PATCH cannot: a fresh token, WhoAmI, a one-row read of the entity
+set selecting the key and listed columns (a renamed table or column, a missing Read privilege), and, for that row,
+``RetrievePrincipalAccess`` (the application user's Write right, without changing any data).
 
 Error messages carry the status and at most 200 characters of the portal's own message; never a header, token or
-secret.
+secret. After the token endpoint refused the secret, the secret file (HLF_DYNAMICS_CLIENT_SECRET_FILE) is read
+again before every token request, so rotating the secret is writing the new one to the file.
 """
 
 from __future__ import annotations
@@ -26,22 +56,28 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import anyio
 import httpx
 import msgspec
+from loguru import logger
 
 from .config import Config, Secret
 from .errors import (
     CredentialError,
     PermanentPortalError,
     PortalError,
+    TenantError,
     ThrottledError,
     TransientPortalError,
+    UndecidedRefusal,
 )
 from .http_transport import fast_transport
+from .logs import hide_secret
 
 __all__ = ["DynamicsClient", "ListingRow", "parse_retry_after"]
 
@@ -58,6 +94,16 @@ _SPENT = httpx.ByteStream(b"")
 # Refresh a token this long before the portal would reject it, so no request races its expiry.
 _TOKEN_MARGIN_S = 120.0
 
+# Dataverse's own error codes that say who is affected (see the table above).
+_RECORD_MISSING = "0x80040217"
+_USER_NOT_IN_ORG = "0x80072560"
+_PRIVILEGE_DENIED = "0x80040220"
+_SEGMENT_NOT_FOUND = "0x8006088a"
+_UNKNOWN_PROPERTY = re.compile(
+    r"could not find a property named|does not exist on type|invalid property .* was found in entity", re.I
+)
+_MISSING_PRIVILEGE = re.compile(r"is missing prv\w+ privilege", re.I)
+
 
 class ListingRow(msgspec.Struct, frozen=True):
     record_id: UUID
@@ -66,8 +112,23 @@ class ListingRow(msgspec.Struct, frozen=True):
 
 class _Token(msgspec.Struct):
     access_token: str
-    expires_in: float = 3600.0
+    # Entra ID's v2 endpoint sends a number; its v1 endpoint and some proxies send the number as a string.
+    expires_in: float | str = 3600.0
     token_type: str = "Bearer"
+
+
+class _WhoAmI(msgspec.Struct):
+    UserId: UUID
+
+
+class _Error(msgspec.Struct):
+    code: str = ""
+    message: str = ""
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error | str | None = None
+    error_description: str | None = None
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -87,21 +148,23 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return min(_RETRY_AFTER_CAP_S, max(0.0, (when - (now or datetime.now(UTC))).total_seconds()))
 
 
-def _portal_message(response: httpx.Response) -> str:
-    """The portal's own error text, short and safe to log."""
+def _portal_error(response: httpx.Response) -> tuple[str, str]:
+    """(Dataverse error code or "", the portal's own error text, short and safe to log)."""
     text = response.text
     try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        return f"non-JSON body: {text[:120]!r}" if text else "empty body"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:200]
-        if isinstance(error, str):
-            description = body.get("error_description")
-            return f"{error}: {str(description)[:160]}" if description else error
-    return text[:200]
+        body = msgspec.json.decode(response.content, type=_ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "", (f"non-JSON body: {text[:120]!r}" if text else "empty body")
+    if isinstance(body.error, _Error) and body.error.message:
+        return body.error.code.lower(), body.error.message[:200]
+    if isinstance(body.error, str):
+        description = body.error_description
+        return "", (f"{body.error}: {description[:160]}" if description else body.error)
+    return "", text[:200]
+
+
+def _is_dataverse_json(response: httpx.Response) -> bool:
+    return bool(response.headers.get("content-type", "").lower().startswith("application/json"))
 
 
 class RequestBudget:
@@ -111,6 +174,9 @@ class RequestBudget:
     The portal counts arrivals, which we cannot see; we count a request from the moment it starts until one window
     after its answer came back, which is always later than its arrival. That bounds arrivals exactly, however late
     a request leaves after it was scheduled (a scheduling margin on start times let a 429 through under load).
+
+    A 429's Retry-After applies to the whole application user, and requests sent during it lengthen it, so
+    ``hold`` stops every request of this budget until the longest Retry-After seen has passed.
     """
 
     def __init__(self, limit: int, window_s: float) -> None:
@@ -120,22 +186,37 @@ class RequestBudget:
         self._answered: deque[float] = deque()  # when each answer came back, oldest first
         self._lock = anyio.Lock()
         self._freed = anyio.Event()
+        self._not_before = 0.0
 
     def _used(self, now: float) -> int:
         while self._answered and now - self._answered[0] >= self._window_s:
             self._answered.popleft()
         return self._in_flight + len(self._answered)
 
+    def hold(self, seconds: float) -> None:
+        """No request starts for ``seconds`` from now (or longer, if an earlier hold ends later)."""
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    @property
+    def held_for_s(self) -> float:
+        return max(0.0, self._not_before - time.monotonic())
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Wait until one more request fits in the window, and count it until a window after it is answered."""
         async with self._lock:
-            while self._used(time.monotonic()) >= self._limit:
-                if self._answered:
-                    await anyio.sleep(self._answered[0] + self._window_s - time.monotonic())
-                else:  # every counted request is still in flight: wait for one to be answered
-                    self._freed = anyio.Event()
-                    await self._freed.wait()
+            while True:
+                now = time.monotonic()
+                if now < self._not_before:
+                    await anyio.sleep(self._not_before - now)
+                elif self._used(now) >= self._limit:
+                    if self._answered:
+                        await anyio.sleep(self._answered[0] + self._window_s - now)
+                    else:  # every counted request is still in flight: wait for one to be answered
+                        self._freed = anyio.Event()
+                        await self._freed.wait()
+                else:
+                    break
             self._in_flight += 1
         try:
             yield
@@ -152,11 +233,14 @@ class DynamicsClient:
         config.require_portal()
         assert config.dynamics_url and config.dynamics_token_url and config.dynamics_client_id
         assert config.dynamics_client_secret is not None
-        self._base = f"{config.dynamics_url}/api/data/v9.2/{config.dynamics_entity_set}"
-        self._whoami = f"{config.dynamics_url}/api/data/v9.2/WhoAmI"
+        self._api = f"{config.dynamics_url}/api/data/v9.2"
+        self._entity_set = config.dynamics_entity_set
+        self._base = f"{self._api}/{config.dynamics_entity_set}"
+        self._whoami = f"{self._api}/WhoAmI"
         self._token_url = config.dynamics_token_url
         self._client_id = config.dynamics_client_id
         self._secret: Secret = config.dynamics_client_secret
+        self._secret_file = Path(config.dynamics_client_secret_file) if config.dynamics_client_secret_file else None
         self._scope = config.scope
         self._listed_field = config.dynamics_listed_field
         self._key_field = config.dynamics_key_field
@@ -173,7 +257,9 @@ class DynamicsClient:
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = anyio.Lock()
+        self._secret_refused = False
         self._budget = RequestBudget(config.portal_rate_requests, config.portal_rate_window_s)
+        self.token_requests = 0
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -182,23 +268,53 @@ class DynamicsClient:
         """Use a new client secret from now on (break-glass, rotation without restart)."""
         self._secret = secret
         self._token = None
+        hide_secret(secret.reveal())
+
+    @property
+    def throttled_for_s(self) -> float:
+        """How long every request still waits out the portal's last Retry-After."""
+        return self._budget.held_for_s
 
     # -- token --------------------------------------------------------------------------------------------------
 
-    async def _bearer(self, *, fresh: bool = False) -> str:
+    async def _bearer(self, *, stale: str | None = None, fresh: bool = False) -> str:
+        """The current token. ``stale`` is a token the portal just refused: a new one is fetched only if it is still
+        the current one, so a burst of 401s costs one token request, not one each."""
         async with self._token_lock:
-            if fresh or self._token is None or time.monotonic() >= self._token_expires:
+            if (
+                fresh
+                or self._token is None
+                or time.monotonic() >= self._token_expires
+                or (stale is not None and self._token == stale)
+            ):
                 await self._fetch_token()
             assert self._token is not None
             return self._token
 
+    def _reread_secret(self) -> None:
+        """After a refusal: the operator may have written a new secret to the file since we last read it."""
+        if self._secret_file is None:
+            return
+        try:
+            value = self._secret_file.read_text().strip()
+        except OSError as err:
+            logger.warning("cannot read HLF_DYNAMICS_CLIENT_SECRET_FILE ({}): keeping the secret we have", err.strerror)
+            return
+        if value and value != self._secret.reveal():
+            hide_secret(value)
+            self._secret = Secret(value)
+            logger.info("HLF_DYNAMICS_CLIENT_SECRET_FILE holds a new secret: using it from now on")
+
     async def _fetch_token(self) -> None:
+        if self._secret_refused:
+            self._reread_secret()
         form = {
             "grant_type": "client_credentials",
             "client_id": self._client_id,
             "client_secret": self._secret.reveal(),
             "scope": self._scope,
         }
+        self.token_requests += 1
         try:
             response = await self._http.post(self._token_url, data=form, headers={"Accept": "application/json"})
         except httpx.TimeoutException:
@@ -212,73 +328,122 @@ class DynamicsClient:
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
         if response.status_code != 200:
+            self._secret_refused = True
+            self._token = None
             raise CredentialError(
                 f"token endpoint refused the credentials ({response.status_code}): {self._message(response)}",
                 http_status=response.status_code,
             )
         try:
             token = msgspec.json.decode(response.content, type=_Token)
+            lifetime = max(1.0, float(token.expires_in))
+        except msgspec.ValidationError as err:  # names the field: "Object missing required field `access_token`"
+            raise TransientPortalError(f"token endpoint answered 200 with an unusable token: {err}") from None
         except msgspec.DecodeError:
-            raise TransientPortalError("token endpoint answered 200 with an unreadable body") from None
+            raise TransientPortalError("token endpoint answered 200 with a body that is not JSON") from None
+        except ValueError:
+            raise TransientPortalError(
+                f"token endpoint answered 200 with expires_in {str(token.expires_in)[:20]!r}: not a number of seconds"
+            ) from None
+        self._secret_refused = False
         self._token = token.access_token
-        lifetime = max(1.0, float(token.expires_in))
         self._token_expires = time.monotonic() + max(lifetime / 2, lifetime - _TOKEN_MARGIN_S)
 
     async def check_token(self) -> None:
-        """Fetch a brand-new token: the first half of a credential health check."""
+        """Fetch a brand-new token: the first step of a tenant check."""
         await self._bearer(fresh=True)
 
     # -- data calls ---------------------------------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One authorised request; on 401 a fresh token and one more try; then classify the answer."""
-        fresh = False
-        for _ in range(2):
-            bearer = await self._bearer(fresh=fresh)
-            headers = {**_ODATA_HEADERS, **kwargs.pop("headers", {}), "Authorization": f"Bearer {bearer}"}
+        bearer = await self._bearer()
+        extra = kwargs.pop("headers", {})
+        for retry in (False, True):
+            headers = {**_ODATA_HEADERS, **extra, "Authorization": f"Bearer {bearer}"}
             try:
                 async with self._budget.slot():
                     response = await self._http.request(method, url, headers=headers, **kwargs)
                 # The body is read and the stream closed; dropping the stream breaks the cycle httpx makes between a
-                # response and its stream (BoundAsyncStream → response → stream), so the ~43 objects of each request
-                # are freed at once instead of waiting for the cyclic garbage collector, whose pauses were the
-                # service's latency tail (full collections of up to 124 ms under load).
+                # response and its stream (BoundAsyncStream → response → stream), so each request's objects are
+                # freed at once instead of waiting for the cyclic garbage collector.
                 response.stream = _SPENT
             except httpx.TimeoutException:
                 raise TransientPortalError(f"{method} timed out") from None
             except httpx.TransportError as err:
                 raise TransientPortalError(f"{method} failed: {type(err).__name__}: {err}"[:200]) from None
-            if response.status_code == 401 and not fresh:
-                fresh = True
-                kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
+            if response.status_code == 401 and not retry:
+                bearer = await self._bearer(stale=bearer)
                 continue
             return self._classify(method, response)
         raise CredentialError(f"{method} refused with 401 even with a fresh token", http_status=401)
 
     def _message(self, response: httpx.Response) -> str:
         """The portal's error text, with our own secret blanked should the portal ever echo it back."""
-        text = _portal_message(response)
+        text = _portal_error(response)[1]
         secret = self._secret.reveal()
         return text.replace(secret, "********") if secret else text
 
     def _classify(self, method: str, response: httpx.Response) -> httpx.Response:
         status = response.status_code
         if 200 <= status < 300:
-            return response
-        message = f"{method} answered {status}: {self._message(response)}"
+            if (method == "PATCH" and status == 204) or (status != 204 and _is_dataverse_json(response)):
+                return response
+            kind = response.headers.get("content-type", "no content type").split(";")[0] or "no content type"
+            raise TenantError(
+                f"{method} answered {status} with {kind}, not Dataverse's answer: the Dynamics URL is answered by "
+                "something that is not Dataverse",
+                cause="not_dataverse",
+                http_status=status,
+            )
+        if 300 <= status < 400:
+            where = urlsplit(response.headers.get("location", "")).netloc or "nowhere"
+            raise TenantError(
+                f"{method} answered {status}, a redirect to {where[:80]}: the Dynamics URL is answered by something "
+                "that is not Dataverse",
+                cause="not_dataverse",
+                http_status=status,
+            )
+        code, text = _portal_error(response)
+        secret = self._secret.reveal()
+        if secret:
+            text = text.replace(secret, "********")
+        message = f"{method} answered {status}: {text}"
         if status in _TRANSIENT_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            kind = ThrottledError if status == 429 else TransientPortalError
-            raise kind(message, http_status=status, retry_after=retry_after)
+            if status == 429:
+                self._budget.hold(retry_after if retry_after is not None else 1.0)
+                raise ThrottledError(message, http_status=status, retry_after=retry_after)
+            raise TransientPortalError(message, http_status=status, retry_after=retry_after)
         if status == 401:
             raise CredentialError(message, http_status=status)
+        cause = self._tenant_cause(status, code, text)
+        if cause is not None:
+            raise TenantError(message, cause=cause, http_status=status)
+        if status == 404 and code == _RECORD_MISSING:
+            raise PermanentPortalError(message, http_status=status)
+        if status in (400, 403, 404):
+            raise UndecidedRefusal(message, http_status=status)
         if 400 <= status < 500:
             raise PermanentPortalError(message, http_status=status)
-        # 1xx/3xx/other 5xx: nothing we asked for; the next attempt may fare better.
+        # 1xx/other 5xx: nothing we asked for; the next attempt may fare better.
         raise TransientPortalError(message, http_status=status)
 
+    @staticmethod
+    def _tenant_cause(status: int, code: str, text: str) -> str | None:
+        """Which tenant-wide incident this refusal names, if its own words say so (the module's table)."""
+        if status == 403 and code == _USER_NOT_IN_ORG:
+            return "app_user_missing"
+        if status == 403 and (code == _PRIVILEGE_DENIED or _MISSING_PRIVILEGE.search(text)):
+            return "privilege"
+        if status == 404 and code == _SEGMENT_NOT_FOUND:
+            return "entity_set"
+        if status == 400 and _UNKNOWN_PROPERTY.search(text):
+            return "property"
+        return None
+
     async def set_listed(self, record_id: UUID, listed: bool) -> int:
-        """PATCH the listed field of one record; returns the HTTP status (204 normally)."""
+        """PATCH the listed field of one record; returns the HTTP status (204)."""
         response = await self._send(
             "PATCH",
             f"{self._base}({record_id})",
@@ -287,13 +452,59 @@ class DynamicsClient:
         )
         return response.status_code
 
-    async def whoami(self) -> None:
-        """The cheapest authorised read: the second half of a credential health check."""
+    async def whoami(self) -> UUID:
+        """The cheapest authorised read: the application user's id."""
         response = await self._send("GET", self._whoami)
         try:
-            msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
-            raise TransientPortalError("WhoAmI answered with an unreadable body") from None
+            return msgspec.json.decode(response.content, type=_WhoAmI).UserId
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise TenantError(
+                "WhoAmI answered 200 without a UserId: the Dynamics URL is answered by something that is not Dataverse",
+                cause="not_dataverse",
+                http_status=response.status_code,
+            ) from None
+
+    async def tenant_check(self) -> None:
+        """Raise what would make every PATCH fail, checked without changing data: a fresh token, WhoAmI, one row of
+        the entity set with the key and listed columns, and the application user's Write right on that row."""
+        await self.check_token()
+        user_id = await self.whoami()
+        response = await self._send(
+            "GET",
+            self._base,
+            params={"$select": f"{self._key_field},{self._listed_field}", "$top": "1"},
+        )
+        rows, _ = self._page(response.content)
+        if not rows:
+            return  # an empty table: nothing to check Write on; the next PATCH is the probe
+        target = f'{{"@odata.id":"{self._entity_set}({rows[0].record_id})"}}'
+        response = await self._send(
+            "GET",
+            f"{self._api}/systemusers({user_id})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@tid)",
+            params={"@tid": target},
+        )
+        try:
+            rights = str(msgspec.json.decode(response.content).get("AccessRights", ""))
+        except (msgspec.DecodeError, AttributeError):
+            raise TransientPortalError("RetrievePrincipalAccess answered with an unreadable body") from None
+        if "WriteAccess" not in rights:
+            raise TenantError(
+                f"the application user has no Write access to {self._entity_set} (RetrievePrincipalAccess: "
+                f"{rights[:120] or 'no rights'})",
+                cause="privilege",
+                http_status=response.status_code,
+            )
+
+    def _page(self, content: bytes) -> tuple[list[ListingRow], str | None]:
+        """A listing page's rows and its @odata.nextLink."""
+        try:
+            body = msgspec.json.decode(content)
+            key, listed = self._key_field, self._listed_field
+            rows = [ListingRow(UUID(str(item[key])), item.get(listed)) for item in body["value"]]
+            next_link = body.get("@odata.nextLink")
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError):
+            raise TransientPortalError("listing page was not the expected OData JSON") from None
+        return rows, str(next_link) if next_link else None
 
     async def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
         """Every record of the entity set, a page at a time, following @odata.nextLink."""
@@ -301,16 +512,9 @@ class DynamicsClient:
         params: dict[str, str] | None = {"$select": f"{self._key_field},{self._listed_field}"}
         while url:
             response = await self._send("GET", url, params=params, headers={"Prefer": f"odata.maxpagesize={page_size}"})
-            try:
-                body = msgspec.json.decode(response.content)
-                rows = [
-                    ListingRow(UUID(str(item[self._key_field])), item.get(self._listed_field)) for item in body["value"]
-                ]
-            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-                raise TransientPortalError("listing page was not the expected OData JSON") from None
+            rows, url = self._page(response.content)
+            params = None
             yield rows
-            next_link = body.get("@odata.nextLink")
-            url, params = (str(next_link), None) if next_link else (None, None)
 
 
 def is_transient(err: PortalError) -> bool:

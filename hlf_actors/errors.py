@@ -6,25 +6,45 @@
      └── PortalError            a call to the Dynamics portal did not succeed
           ├── TransientPortalError      worth retrying: 408/429/5xx, timeouts, resets, garbage bodies
           │    └── ThrottledError       429 from service-protection limits: wait, but spend no attempt
-          ├── PermanentPortalError      retrying cannot help: 400/403/404/405/412/413…, no portal record
-          └── CredentialError           the token endpoint refused us, or 401 survived a fresh token
+          ├── PermanentPortalError      retrying the same request cannot help
+          │    └── UndecidedRefusal     a 400/403 whose answer does not say whether it is this record's problem
+          │                             or everyone's: the tenant check decides (``incidents``)
+          └── TenantError               the failure hits every mentor: one incident, held until it heals
+               └── CredentialError      the token endpoint refused us, or 401 survived a fresh token
 
-Retry code asks ``isinstance(err, TransientPortalError)``; it never looks at status codes itself.
+Retry code asks ``isinstance``; it never looks at status codes itself. ``TenantError.cause`` names the incident
+(one of ``TENANT_CAUSES``) so that the alert can say what to fix.
 No message built here ever contains a secret: callers pass status codes and truncated response bodies only.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "TENANT_CAUSES",
     "ConfigError",
     "CredentialError",
     "HLFError",
     "MigrationError",
     "PermanentPortalError",
     "PortalError",
+    "TenantError",
     "ThrottledError",
     "TransientPortalError",
+    "UndecidedRefusal",
 ]
+
+# Why every mentor fails at once, and what an operator does about it: the ops alert and `status` quote the fix.
+TENANT_CAUSES: dict[str, str] = {
+    "credentials": "rotate the client secret: write the new one to HLF_DYNAMICS_CLIENT_SECRET_FILE (or check "
+    "HLF_DYNAMICS_CLIENT_ID and the tenant in HLF_DYNAMICS_TOKEN_URL)",
+    "app_user_missing": "re-add the application user to the Dataverse environment (Power Platform admin center → "
+    "Environment → Settings → Users + permissions → Application users) and give it its security role",
+    "privilege": "give the application user's security role Read and Write on the mentor listing table",
+    "entity_set": "check HLF_DYNAMICS_ENTITY_SET: Dataverse does not know that entity set (renamed or deleted table?)",
+    "property": "check HLF_DYNAMICS_LISTED_FIELD and HLF_DYNAMICS_KEY_FIELD: Dataverse does not know the column",
+    "not_dataverse": "check HLF_DYNAMICS_URL: it is answered by something that is not Dataverse (a sign-in page, "
+    "a proxy or a firewall)",
+}
 
 
 class HLFError(Exception):
@@ -67,5 +87,26 @@ class PermanentPortalError(PortalError):
     """Retrying the same request cannot succeed."""
 
 
-class CredentialError(PortalError):
+class UndecidedRefusal(PermanentPortalError):
+    """A refusal (400/403) whose text names no cause: only this record's problem if the tenant check passes."""
+
+
+class TenantError(PortalError):
+    """Every mentor would fail the same way: the service holds all sends as one incident until a check passes.
+    ``cause`` is a key of ``TENANT_CAUSES``."""
+
+    def __init__(self, message: str, *, cause: str, http_status: int | None = None) -> None:
+        super().__init__(message, http_status=http_status)
+        assert cause in TENANT_CAUSES, cause
+        self.cause = cause
+
+    @property
+    def fix(self) -> str:
+        return TENANT_CAUSES[self.cause]
+
+
+class CredentialError(TenantError):
     """The service's own credentials do not work: an operator must act."""
+
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message, cause="credentials", http_status=http_status)

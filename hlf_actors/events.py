@@ -38,6 +38,7 @@ __all__ = [
     "Payload",
     "PublicListingConfirmed",
     "PublicListingStale",
+    "ReconcileAborted",
     "ReconcileFinished",
     "ReminderSent",
     "Requeued",
@@ -184,13 +185,30 @@ class ReconcileFinished(_Payload, frozen=True, kw_only=True):
 
 
 class CredentialCheck(_Payload, frozen=True, kw_only=True):
-    """A credential health check (``hlf_actors.credentials``): ok True/False, or None when the portal was
-    unreachable (no verdict). ``transition`` marks the start and the end of an incident. Not projected."""
+    """A tenant check (``hlf_actors.credentials``), or a sync answer that named a tenant-wide cause: ok True/False,
+    or None when the portal was unreachable (no verdict). ``transition`` marks the start and the end of an incident;
+    ``cause`` (a key of ``errors.TENANT_CAUSES``) says what is wrong; None on checks recorded before causes existed
+    means ``credentials``. Not projected."""
 
     ok: bool | None
     error: str | None = None
     transition: Literal["failed", "restored"] | None = None
     trigger: str = "scheduled"
+    duration_ms: float | None = None
+    cause: str | None = None
+
+
+class ReconcileAborted(_Payload, frozen=True, kw_only=True):
+    """A reconciliation that requested nothing because the listing it read cannot be trusted: it lacked more of the
+    linked mentors' records than HLF_RECONCILE_MAX_MISSING allows (e.g. a role with user-level Read sees only the
+    rows it owns). Not projected."""
+
+    portal_records: int  # rows the read returned
+    linked_mentors: int  # mentors with a portal_record_id
+    missing: int  # linked mentors whose record the read lacked
+    max_missing_share: float
+    reason: str
+    pages: int = 0
     duration_ms: float | None = None
 
 
@@ -244,6 +262,7 @@ Payload = (
     | AutoTransitioned
     | ReconcileFinished
     | CredentialCheck
+    | ReconcileAborted
     | DuplicateDetected
     | PublicListingConfirmed
     | PublicListingStale
@@ -264,6 +283,7 @@ _KINDS: dict[str, type[_Payload]] = {
     "circuit_closed": CircuitClosed,
     "reconcile_finished": ReconcileFinished,
     "credential_check": CredentialCheck,
+    "reconcile_aborted": ReconcileAborted,
     "reminder_sent": ReminderSent,
     "auto_transitioned": AutoTransitioned,
     "duplicate_detected": DuplicateDetected,

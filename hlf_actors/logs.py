@@ -18,7 +18,16 @@ from loguru import logger
 if TYPE_CHECKING:  # loguru's Record type exists only in its stubs
     from loguru import Record
 
-__all__ = ["setup_logging"]
+__all__ = ["hide_secret", "setup_logging"]
+
+# Every value the log filter blanks: the configured secret, and any secret read later (a rotated client secret).
+_HIDDEN: list[str] = []
+
+
+def hide_secret(value: str) -> None:
+    """Blank ``value`` in every log line from now on."""
+    if value and len(value) >= 4 and value not in _HIDDEN:
+        _HIDDEN.append(value)
 
 # Libraries that log through the standard library (psycopg's pool: "error connecting", "discarding closed
 # connection"): one line per message template per this many seconds, so a database outage stays readable.
@@ -53,10 +62,11 @@ def setup_logging(
 ) -> None:
     out = stream or sys.stderr
     as_json = (not out.isatty()) if json is None else json
-    hidden = [s for s in secrets if s and len(s) >= 4]
+    for secret in secrets:
+        hide_secret(secret)
 
     def scrub(record: Record) -> bool:
-        for secret in hidden:
+        for secret in _HIDDEN:
             if secret in record["message"]:
                 record["message"] = record["message"].replace(secret, "********")
         return True

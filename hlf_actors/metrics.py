@@ -63,6 +63,17 @@ class Metrics:
             registry=r,
         )
         self.polling = Gauge("hlf_polling", "1 while LISTEN does not work here and the inbox is polled", registry=r)
+        self.incident_open = Gauge(
+            "hlf_tenant_incident_open",
+            "1 while a tenant-wide incident (by cause) holds every send; see `hlf-actors status`",
+            ["cause"],
+            registry=r,
+        )
+        self.incident_since = Gauge(
+            "hlf_tenant_incident_since_seconds",
+            "Unix time the open tenant-wide incident began; 0 when none",
+            registry=r,
+        )
         self.before_render: Callable[[], None] | None = None
         self.open_dead_letters = Gauge(
             "hlf_dead_letters_open", "Dead letters not re-queued (as of the last sweep)", registry=r
@@ -81,6 +92,11 @@ class Health(msgspec.Struct, frozen=True):
     database: bool
     reconnects: int
     notifications: str = "listen"  # "listen", or "polling" where LISTEN does not work (PgBouncer, transaction pooling)
+    # A tenant-wide incident holding every send: its cause, since when (ISO 8601), and what to fix. The process is
+    # healthy (restarting it would not help), so the status stays "ok"; the body says what an operator must do.
+    incident: str | None = None
+    incident_since: str | None = None
+    incident_fix: str | None = None
 
 
 async def _answer(stream: SocketStream, health: Callable[[], Health], metrics: Metrics) -> None:

@@ -163,10 +163,22 @@ FROM unnest(%s::uuid[], %s::bigint[]) AS t(m, seq)
 LEFT JOIN sync_status s ON s.mentor_id = t.m;
 
 -- name: latest_credential_verdict
--- Whether a credential incident is open: the newest credential check that reached a verdict.
-SELECT (data ->> 'ok')::boolean
+-- Whether a tenant-wide incident is open: the newest tenant check that reached a verdict (ok, cause, error), and
+-- when the incident it belongs to began (the newest check that opened one). Partial index from 007_incidents.
+SELECT (v.data ->> 'ok')::boolean, v.data ->> 'cause', v.data ->> 'error',
+       (SELECT o.recorded_at FROM event_log o
+        WHERE o.mentor_id IS NULL AND o.kind = 'credential_check' AND o.data ->> 'transition' = 'failed'
+        ORDER BY o.seq DESC LIMIT 1)
+FROM event_log v
+WHERE v.mentor_id IS NULL AND v.kind = 'credential_check' AND v.data ->> 'ok' IS NOT NULL
+ORDER BY v.seq DESC
+LIMIT 1;
+
+-- name: latest_reconcile_outcome
+-- The kind of the newest reconcile_finished or reconcile_aborted: an abort alerts ops only when it follows a run.
+SELECT kind
 FROM event_log
-WHERE mentor_id IS NULL AND kind = 'credential_check' AND data ->> 'ok' IS NOT NULL
+WHERE mentor_id IS NULL AND kind IN ('reconcile_finished', 'reconcile_aborted')
 ORDER BY seq DESC
 LIMIT 1;
 

@@ -27,6 +27,12 @@ listing was read (its PATCH may have landed after the listing showed the old val
 "syncing now"; if the portal has truly drifted, the next period finds it settled and requests it. Dead-lettered
 mentors are not requested again: their coordinators were alerted already, and a request every period would push the
 same alert every 15 minutes; they are counted, and `hlf-actors dead-letters requeue` retries them.
+
+A read of the listing is trusted only if it looks whole. An application user whose role grants user-level Read sees
+only the rows it owns, and every other mentor would look "missing" and be re-requested. So when the read lacks more
+than HLF_RECONCILE_MAX_MISSING (default 10 %) of the linked mentors' records, or returns no rows at all while
+mentors are linked, nothing is requested: a ``reconcile_aborted`` event records the counts, and ops are alerted once
+(not again while the following runs abort too).
 """
 
 from __future__ import annotations
@@ -46,9 +52,9 @@ from . import db, projections
 from .actor import Portal, Runtime
 from .alerting import Alerting
 from .config import Config
-from .credentials import CheckablePortal, CredentialMonitor
+from .credentials import CheckablePortal
 from .dynamics import ListingRow
-from .events import NewEvent, ReconcileFinished
+from .events import NewEvent, ReconcileAborted, ReconcileFinished
 
 __all__ = [
     "Divergence",
@@ -56,6 +62,7 @@ __all__ = [
     "Orphan",
     "ReconcileReport",
     "RequestsOutcome",
+    "alert_aborted",
     "reconcile",
     "reconcile_forever",
     "render_report",
@@ -101,6 +108,21 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
     database_ms: float
     queue_ms: float
     duration_ms: float
+    lacking: int = 0  # linked mentors whose record the read did not return
+    aborted: str | None = None  # why the read was not trusted: nothing was requested
+    first_abort: bool = False  # the previous run was not aborted: ops are alerted on this one
+
+    def aborted_event(self, max_missing: float) -> ReconcileAborted:
+        assert self.aborted is not None
+        return ReconcileAborted(
+            portal_records=self.portal_records,
+            linked_mentors=self.mentors_checked,
+            missing=self.lacking,
+            max_missing_share=max_missing,
+            reason=self.aborted,
+            pages=self.pages,
+            duration_ms=self.duration_ms,
+        )
 
     def finished(self) -> ReconcileFinished:
         return ReconcileFinished(
@@ -122,10 +144,29 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
+def _untrusted(listing_rows: int, linked: int, lacking: int, max_missing: float) -> str | None:
+    """Why a listing read cannot be trusted, or None."""
+    if linked and not listing_rows:
+        return f"the listing read returned no rows while {linked} mentor(s) are linked to portal records"
+    if linked and lacking / linked > max_missing:
+        return (
+            f"the listing read lacks {lacking} of {linked} linked mentors' records ({lacking / linked:.0%}, more than "
+            f"HLF_RECONCILE_MAX_MISSING {max_missing:.0%}): does the application user's role grant organisation-level "
+            "Read on the table?"
+        )
+    return None
+
+
 async def reconcile(
-    conn: psycopg.AsyncConnection[Any], portal: ListingPortal, *, today: date, page_size: int = PAGE_SIZE
+    conn: psycopg.AsyncConnection[Any],
+    portal: ListingPortal,
+    *,
+    today: date,
+    page_size: int = PAGE_SIZE,
+    max_missing: float = 0.10,
 ) -> ReconcileReport:
-    """One reconciliation: read both sides, queue the fixes, record a reconcile_finished event."""
+    """One reconciliation: read both sides, queue the fixes, record a reconcile_finished event (or, for a read that
+    cannot be trusted, request nothing and record reconcile_aborted)."""
     started = time.perf_counter()
     # Any event appended after this read gets a higher seq: a mentor with one is syncing while we look.
     head = await conn.execute(db.query("event_log_head"))
@@ -143,7 +184,7 @@ async def reconcile(
     divergent: list[Divergence] = []
     missing: list[Divergence] = []
     dead: list[Divergence] = []
-    checked = in_sync = absent_ok = syncing = 0
+    checked = in_sync = absent_ok = syncing = lacking = 0
     async with conn.transaction(), conn.cursor(name="hlf_reconcile") as cur:
         await cur.execute(db.query("reconcile_mentors"), {"today": today, "log_head": log_head})
         while rows := await cur.fetchmany(_BATCH):
@@ -152,6 +193,7 @@ async def reconcile(
                 owned.add(record_id)
                 expected = bool(eligible)
                 present = record_id in listing
+                lacking += not present
                 listed = listing.get(record_id)
                 if present and listed == expected:
                     in_sync += 1
@@ -170,6 +212,9 @@ async def reconcile(
     orphans = [Orphan(record_id, listed) for record_id, listed in listing.items() if record_id not in owned]
     database_ms = _ms(db_started)
 
+    untrusted = _untrusted(len(listing), checked, lacking, max_missing)
+    if untrusted is not None:
+        divergent, missing = [], []  # nothing is requested on a read we cannot trust
     queue_started = time.perf_counter()
     requested: dict[UUID, int] = {}
     wanted = divergent + missing
@@ -200,10 +245,33 @@ async def reconcile(
         database_ms=database_ms,
         queue_ms=queue_ms,
         duration_ms=_ms(started),
+        lacking=lacking,
+        aborted=untrusted,
     )
     async with conn.transaction():
-        await projections.append(conn, [NewEvent(None, report.finished())])
-    return report
+        if untrusted is None:
+            await projections.append(conn, [NewEvent(None, report.finished())])
+            return report
+        cur3 = await conn.execute(db.query("latest_reconcile_outcome"))
+        previous = await cur3.fetchone()
+        await projections.append(conn, [NewEvent(None, report.aborted_event(max_missing))])
+    return msgspec.structs.replace(report, first_abort=previous is None or previous[0] != "reconcile_aborted")
+
+
+async def alert_aborted(alerting: Alerting, report: ReconcileReport) -> None:
+    """One ops alert per run of aborted reconciliations (the first of them)."""
+    if report.aborted is None or not report.first_abort:
+        return
+    logger.error("reconciliation aborted, nothing requested: {}", report.aborted)
+    await alerting.ops(
+        {
+            "type": "hlf_reconcile_aborted",
+            "portal_records": str(report.portal_records),
+            "linked_mentors": str(report.mentors_checked),
+            "missing": str(report.lacking),
+            "reason": report.aborted[:200],
+        }
+    )
 
 
 def _summary_line(r: ReconcileReport) -> str:
@@ -215,40 +283,45 @@ def _summary_line(r: ReconcileReport) -> str:
 
 
 async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal) -> None:
-    """The leader's periodic job: a credential check at start-up, then every HLF_RECONCILE_EVERY a credential
-    check followed by a reconciliation. A failed run logs one line and waits for the next period."""
+    """The leader's periodic job: a tenant check at start-up, then every HLF_RECONCILE_EVERY a tenant check followed
+    by a reconciliation. A failed run logs one line and waits for the next period."""
     if not isinstance(portal, ListingPortal):
-        logger.warning("reconciliation and credential checks are off: this portal client cannot read the listing")
+        logger.warning("reconciliation and tenant checks are off: this portal client cannot read the listing")
         return
     config = runtime.config
-    monitor = CredentialMonitor(portal, runtime.pool, alerting)
-    runtime.on_credential_error = monitor.poke
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(monitor.serve_pokes, name="credential checks on demand")
+    incidents = runtime.incidents
+    await runtime.leadership.wait()
+    try:
+        await incidents.check("start-up")
+    except Exception as err:  # the database may be away; the next period tries again
+        logger.error("tenant check at start-up failed: {}: {}", type(err).__name__, str(err)[:200])
+    while True:
+        await runtime.clock.sleep(config.reconcile_every_s)
         await runtime.leadership.wait()
+        if runtime.stopping:
+            continue
         try:
-            await monitor.check("start-up")
-        except Exception as err:  # the database may be away; the next period tries again
-            logger.error("credential check at start-up failed: {}: {}", type(err).__name__, str(err)[:200])
-        while True:
-            await runtime.clock.sleep(config.reconcile_every_s)
-            await runtime.leadership.wait()
-            if runtime.stopping:
+            ok, error = await incidents.check("scheduled")
+            if not ok:
+                logger.warning("reconciliation skipped: {}", error)
                 continue
-            try:
-                check = await monitor.check("scheduled")
-                if not check.ok:
-                    logger.warning("reconciliation skipped: {}", check.describe())
-                    continue
-                async with runtime.pool.connection() as conn:
-                    report = await reconcile(conn, portal, today=runtime.clock.today(config.zone))
-                logger.info(_summary_line(report))
-                for d in report.missing:
-                    logger.bind(mentor_id=str(d.mentor_id)).warning(
-                        "portal record {} is gone but the mentor should be listed: recreate it", d.record_id
-                    )
-            except Exception as err:  # one line, then the next period
-                logger.error("reconciliation failed: {}: {}", type(err).__name__, str(err)[:200])
+            async with runtime.pool.connection() as conn:
+                report = await reconcile(
+                    conn,
+                    portal,
+                    today=runtime.clock.today(config.zone),
+                    max_missing=config.reconcile_max_missing,
+                )
+            if report.aborted is not None:
+                await alert_aborted(alerting, report)
+                continue
+            logger.info(_summary_line(report))
+            for d in report.missing:
+                logger.bind(mentor_id=str(d.mentor_id)).warning(
+                    "portal record {} is gone but the mentor should be listed: recreate it", d.record_id
+                )
+        except Exception as err:  # one line, then the next period
+            logger.error("reconciliation failed: {}: {}", type(err).__name__, str(err)[:200])
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
@@ -324,6 +397,7 @@ def wait_for_requests(
 
 def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: int = 50) -> int:
     """`hlf-actors reconcile`: one reconciliation, its findings, then (``wait`` > 0) how the requests ended."""
+    from .alerts import build_alert_sender
     from .clock import SystemClock
     from .dynamics import DynamicsClient
 
@@ -335,11 +409,28 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
         try:
             conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
             async with conn:
-                return await reconcile(conn, portal, today=SystemClock().today(config.zone), page_size=page_size)
+                report = await reconcile(
+                    conn,
+                    portal,
+                    today=SystemClock().today(config.zone),
+                    page_size=page_size,
+                    max_missing=config.reconcile_max_missing,
+                )
+            if report.first_abort:
+                sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
+                try:
+                    async with db.pool(url, name="hlf-reconcile", max_size=1, open_timeout=15) as pool:
+                        await alert_aborted(Alerting(pool, sender, ops_topic=config.ops_topic), report)
+                finally:
+                    await sender.aclose()
+            return report
         finally:
             await portal.aclose()
 
     report = anyio.run(main)
+    if report.aborted is not None:
+        print(f"reconciliation ABORTED, nothing requested: {report.aborted}")
+        return 1
     print(render_report(report, limit=limit))
     if not report.requested and report.syncing:
         print(

@@ -36,8 +36,10 @@ from .alerting import Alerting
 from .alerts import AlertSender
 from .clock import Clock, SystemClock
 from .config import Config
+from .credentials import CheckablePortal
 from .errors import MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .incidents import Incident, Incidents
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics, serve_http
 from .reconcile import reconcile_forever
@@ -159,6 +161,7 @@ class Service:
         s = self.state
         ok = s.leader and s.listening and s.database_ok
         role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
+        incident = self.runtime.incidents.incident if self.runtime is not None and s.leader else None
         return Health(
             status="ok" if ok else "unavailable",
             role=role,
@@ -166,6 +169,9 @@ class Service:
             database=s.database_ok,
             reconnects=s.reconnects,
             notifications="polling" if s.polling else "listen",
+            incident=incident.cause if incident else None,
+            incident_since=incident.since.isoformat() if incident and incident.since else None,
+            incident_fix=incident.fix if incident else None,
         )
 
     def _refresh_gauges(self) -> None:
@@ -176,6 +182,14 @@ class Service:
             m.queued.set(self.dispatcher.queued)
         if self.runtime is not None:
             m.circuit_open.set(1 if self.runtime.circuit.is_open else 0)
+            self._show_incident(self.runtime.incidents.incident)
+
+    def _show_incident(self, incident: Incident | None) -> None:
+        m = self.metrics
+        m.incident_open.clear()
+        if incident is not None:
+            m.incident_open.labels(incident.cause).set(1)
+        m.incident_since.set(incident.since.timestamp() if incident and incident.since else 0)
 
     def request_stop(self) -> None:
         """Stop taking new work; in-flight PATCHes get the grace period to finish."""
@@ -192,18 +206,19 @@ class Service:
                 alerting = Alerting(
                     pool, self._sender, ops_topic=self.config.ops_topic, retry_delays_s=self._alert_retry_delays_s
                 )
+                if self.config.public_listing_url:
+                    self.probe = ListingProbe(self.config, pool, alerting, self.metrics)
                 runtime = self._runtime(pool, tg, alerting)
                 dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
                 self.runtime, self.dispatcher = runtime, dispatcher
                 tg.start_soon(runtime.recorder.run, name="recorder")
+                tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(self._sweep_forever, name="sweeper")
                 tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
-                if self.config.public_listing_url:
-                    self.probe = ListingProbe(self.config, pool, alerting, self.metrics)
-                    runtime.on_synced = self.probe.watch
+                if self.probe is not None:
                     tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
                 tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
                 tg.start_soon(
@@ -263,6 +278,8 @@ class Service:
                 tg.start_soon(self._guarded, alerting.ops(data), "outage alert")
 
         cfg = self.config
+        checkable = self._portal if isinstance(self._portal, CheckablePortal) else None
+        incidents = Incidents(cfg, pool, alerting, checkable, on_change=self._show_incident)
         return Runtime(
             config=cfg,
             pool=pool,
@@ -277,10 +294,12 @@ class Service:
                 on_change=on_circuit,
             ),
             leadership=Leadership(),
+            incidents=incidents,
             on_dead_letter=on_dead_letter,
             jitter=self._jitter,
             idle_s=self._idle_s,
             metrics=self.metrics,
+            on_synced=self.probe.watch if self.probe is not None else (lambda mentor_id, operation, succeeded: None),
         )
 
     async def _guarded(self, job: Awaitable[None], what: str) -> None:
@@ -307,6 +326,7 @@ class Service:
                 async with _closing(conn):
                     await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
                     await self._become_leader(conn, dispatcher)
+                    await self.runtime.incidents.load()  # an incident open before we led holds from the first send
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.polling = not await _listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)

@@ -14,6 +14,7 @@ from uuid import UUID
 import msgspec
 import psycopg
 
+from .errors import TENANT_CAUSES
 from .events import AttemptFailed, AttemptSucceeded, DeadLettered, Event, SyncSkipped, decode_event
 
 __all__ = [
@@ -42,6 +43,8 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     circuit_open: bool
     credentials: str = "unknown"  # "ok" / "FAILED since <time>: <error>" / "unknown" (newest check with a verdict)
     credentials_checked_at: datetime | None = None  # the newest check, verdict or not
+    # The open tenant-wide incident holding every send (cause, since, error, fix), or None.
+    incident: dict[str, Any] | None = None
     last_reconcile_at: datetime | None = None
     last_reconcile: dict[str, Any] | None = None  # the counts of that reconcile_finished event
     # The listing probe over the last 24 h: probe on/off, confirmed/stale counts, exposure and cache delay
@@ -162,6 +165,7 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     ).fetchone()
     assert row is not None
     checked_at, verdict, failed_since, reconciled_at, counts = row
+    incident: dict[str, Any] | None = None
     if verdict is None:
         credentials = "unknown"
     elif verdict.get("ok"):
@@ -169,7 +173,11 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     else:
         since = f"{failed_since:%Y-%m-%d %H:%M:%S %Z}" if failed_since else "unknown"
         credentials = f"FAILED since {since}: {verdict.get('error')}"
+        cause = verdict.get("cause") or "credentials"
+        fix = TENANT_CAUSES.get(cause, "")
+        incident = {"cause": cause, "since": failed_since, "error": verdict.get("error"), "fix": fix}
     return {
+        "incident": incident,
         "credentials": credentials,
         "credentials_checked_at": checked_at,
         "last_reconcile_at": reconciled_at,
@@ -205,6 +213,7 @@ def render_summary(s: Summary) -> str:
         f"  open dead letters         {s.open_dead_letters}"
         + ("  (see `hlf-actors dead-letters list`)" if s.open_dead_letters else ""),
         f"  portal                    {'OUTAGE: circuit open, sending paused' if s.circuit_open else 'answering'}",
+        f"  tenant-wide incident      {_incident_line(s.incident)}",
         f"  last successful sync      {_ago(s.last_success_at)}",
         f"  credentials               {s.credentials}  (last checked {_ago(s.credentials_checked_at)})",
         f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
@@ -212,6 +221,15 @@ def render_summary(s: Summary) -> str:
         f"  public website (24 h)     {_public_listing_line(s.public_listing)}",
     ]
     return "\n".join(lines)
+
+
+def _incident_line(incident: dict[str, Any] | None) -> str:
+    if incident is None:
+        return "none"
+    return (
+        f"OPEN ({incident['cause']}) since {_ago(incident['since'])}: every send is held; {incident['error']}. "
+        f"Fix: {incident['fix']}. It heals by itself once fixed."
+    )
 
 
 def _public_listing_line(p: dict[str, Any] | None) -> str:

@@ -12,14 +12,21 @@ The wire surface follows INTERFACE.md ("Dynamics wire format") and real Datavers
     PATCH /api/data/v9.2/{set}({guid})      If-Match: *, {"<listed_field>": bool} -> 204, record updated
     GET   /api/data/v9.2/{set}?$select=...  paged by Prefer: odata.maxpagesize; @odata.nextLink to follow
     GET   /api/data/v9.2/{set}({guid})      one record
-    GET   /api/data/v9.2/WhoAmI             the cheap authorised read behind credential checks
-    anything else                           404
+    GET   /api/data/v9.2/WhoAmI             the cheap authorised read behind tenant checks
+    GET   /api/data/v9.2/systemusers({id})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@tid)
+                                            the application user's rights on one record
+    anything else                           404, code 0x8006088a "Resource not found for the segment"
 
 How a PATCH is answered, first match wins::
 
-    token missing, unknown, expired, revoked -> 401, WWW-Authenticate: Bearer error="invalid_token"
-    service-protection limit passed          -> 429 + Retry-After   enforce_service_protection()
-    If-Match not * / not JSON / bad body     -> 400 (415 when Content-Type is not JSON)
+    answer_with_sign_in_page()               -> 200 text/html sign-in page (not Dataverse at all)
+    token missing, unknown, expired, revoked -> 401, empty body, WWW-Authenticate: Bearer authorization_uri=…
+    remove_app_user()                        -> 403 0x80072560 "The user is not a member of the organization."
+    service-protection limit passed          -> 429 + Retry-After   enforce_service_protection(), throttle_for()
+    revoke_privilege("write"/"read")         -> 403 0x80040220 "Principal user … is missing prvWrite… privilege"
+    a column the entity lacks (rename_column)-> 400 0x80048d19 "… The property '…' does not exist on type …"
+    not JSON / bad body                      -> 400 (415 when Content-Type is not JSON)
+    no If-Match header                       -> an upsert: the record is created if missing (as Dataverse does)
     scripted queue of this record            -> its next Reply      script(), fail_then_succeed(), throttle()
     scripted queue of all records            -> its next Reply      throttle() without a record
     standing reply of this record            -> that Reply          always(reply, record_id)
@@ -36,6 +43,16 @@ scriptable). ``random_replies`` answers each PATCH with a seeded random draw fro
 204 mixed with 429, 5xx, 403, slow answers, resets, garbage). Credentials: ``rotate_secret``, ``revoke_tokens``,
 ``fail_token_endpoint``, ``random_token_failures`` (the token endpoint fails sometimes) and token expiry after
 ``token_lifetime_s``.
+
+Sources, Microsoft Learn: "Update and delete table rows using the Web API" (PATCH answers 204; without
+``If-Match: *`` a PATCH is an upsert and creates a missing record); "Troubleshoot Dataverse Web API client errors"
+(0x8006088a "Resource not found for the segment"; "Could not find a property named"; 0x80048d19 with "does not
+exist on type"); "Troubleshoot Dataverse client errors" (-2147220960 = 0x80040220 "Principal user is missing
+privilege"; -2147220969 = 0x80040217 "… Does Not Exist"); "Web service error codes" (0x80072560 "The user is not a
+member of the organization."); "Service protection API limits" (429 with Retry-After in seconds; continuing to
+send during it extends it); "RetrievePrincipalAccess Function" and "RetrievePrincipalAccessResponse ComplexType"
+(AccessRights as a comma-separated flag list); "Use OAuth authentication with Microsoft Dataverse" (a 401 carries
+``WWW-Authenticate: Bearer authorization_uri=…, resource_id=…`` and no body).
 
 Timing: a request is recorded as soon as its answer is decided; a scripted Reply's record change happens
 after its delay, just before the answer is written. ``stop()`` severs open connections and ``start()`` again
@@ -76,6 +93,14 @@ _NO_BODY = (204, 304)
 _GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _ENTITY = re.compile(r"(?P<set>[A-Za-z_][A-Za-z0-9_]*)\((?P<key>[^)]*)\)")
 _SKIPTOKEN = re.compile(r'pagenumber="(?P<page>\d+)".*last="\{?(?P<last>' + _GUID + r')\}?"')
+_PRINCIPAL_ACCESS = re.compile(
+    r"systemusers\((?P<user>" + _GUID + r")\)/Microsoft\.Dynamics\.CRM\.RetrievePrincipalAccess\(Target=@tid\)"
+)
+_SIGN_IN_PAGE = (
+    b"<!DOCTYPE html><html><head><title>Sign in to your account</title></head><body>"
+    b"<form method='post' action='https://login.microsoftonline.com/common/login'><input name='loginfmt'>"
+    b"</form></body></html>"
+)
 _ODATA = {"OData-Version": "4.0"}
 _ODATA_JSON = {**_ODATA, "Content-Type": "application/json; odata.metadata=minimal"}
 _AAD_JSON = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store, no-cache"}
@@ -195,7 +220,7 @@ class _Answer:
 
 @dataclass(frozen=True)
 class _Target:
-    kind: Literal["whoami", "collection", "record", "bad_key", "unknown"]
+    kind: Literal["whoami", "collection", "record", "bad_key", "principal_access", "unknown"]
     record_id: str = ""
 
 
@@ -272,6 +297,12 @@ class FakePortal:
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._app_user_removed = False
+        self._readable: set[str] | None = None  # restrict_reads_to()
+        self._missing_privileges: set[str] = set()  # "read", "write"
+        self._sign_in_page = False
+        self._throttle_until = 0.0  # throttle_for(): every data call gets 429 until then
+        self._throttle_grow_s = 0.0
         self._whoami = {
             "UserId": str(uuid4()),
             "BusinessUnitId": str(uuid4()),
@@ -455,6 +486,46 @@ class FakePortal:
             self._limits = _Limits(max_requests, window_s, max_concurrent)
             self._window.clear()
 
+    def throttle_for(self, seconds: float, *, grow_s: float = 1.0) -> None:
+        """Every data call gets 429 for ``seconds``, with Retry-After the time left; each request that arrives during
+        it pushes the end ``grow_s`` later ("Service protection API limits": continued demand lengthens the wait)."""
+        with self._lock:
+            self._throttle_until = time.monotonic() + seconds
+            self._throttle_grow_s = grow_s
+
+    # -- tenant-wide misconfigurations (each undone by its pair) -----------------------------------
+
+    def remove_app_user(self, removed: bool = True) -> None:
+        """The application user is removed from (or disabled in) the environment: 403 0x80072560 on every call."""
+        with self._lock:
+            self._app_user_removed = removed
+
+    def revoke_privilege(self, which: Literal["read", "write"], revoked: bool = True) -> None:
+        """The application user's security role loses Read or Write on the table."""
+        with self._lock:
+            (self._missing_privileges.add if revoked else self._missing_privileges.discard)(which)
+
+    def rename_entity_set(self, new_name: str) -> None:
+        """The table is renamed: the old entity set answers 404 0x8006088a, the records move to the new one."""
+        with self._lock:
+            self.entity_set = new_name
+
+    def rename_column(self, new_name: str) -> None:
+        """The listed column is renamed: PATCH and $select naming the old one get 400."""
+        with self._lock:
+            self.listed_field = new_name
+
+    def restrict_reads_to(self, record_ids: set[str] | None) -> None:
+        """A role with user-level Read: listing reads return only the records the application user owns. PATCHes
+        still reach every record (Write may be granted at another level)."""
+        with self._lock:
+            self._readable = None if record_ids is None else {_key(r) for r in record_ids}
+
+    def answer_with_sign_in_page(self, on: bool = True) -> None:
+        """Something that is not Dataverse (a sign-in page, a proxy) answers every data call with a 200 HTML page."""
+        with self._lock:
+            self._sign_in_page = on
+
     @property
     def throttled_count(self) -> int:
         """How many requests the service-protection limits refused (scripted 429s are not counted)."""
@@ -518,7 +589,9 @@ class FakePortal:
 
     def _data_api(self, request: _Incoming) -> tuple[_Answer, str]:
         target = self._target(request.path.removeprefix(_API))
-        refused = self._unauthorised(request) or self._protect()
+        if self._sign_in_page:
+            return _Answer(200, {"Content-Type": "text/html; charset=utf-8"}, _SIGN_IN_PAGE), target.record_id
+        refused = self._unauthorised(request) or self._not_member() or self._protect() or self._throttle_window()
         if refused is not None:
             return refused, target.record_id
         answer = self._dispatch(request, target)
@@ -528,6 +601,9 @@ class FakePortal:
     def _target(self, segment: str) -> _Target:
         if segment in ("WhoAmI", "WhoAmI()"):
             return _Target("whoami")
+        access = _PRINCIPAL_ACCESS.fullmatch(segment)
+        if access is not None:
+            return _Target("principal_access", access["user"].lower())
         if segment == self.entity_set:
             return _Target("collection")
         match = _ENTITY.fullmatch(segment)
@@ -548,6 +624,8 @@ class FakePortal:
             case ("GET", "whoami"):
                 context = f"{self.url}{_API}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse"
                 return _odata(200, {"@odata.context": context, **self._whoami})
+            case ("GET", "principal_access"):
+                return self._principal_access(request, target.record_id)
             case (_, "bad_key"):
                 return _odata_error(400, "0x80060888", "Bad Request - Error in query syntax.")
         return _not_found(request.path)
@@ -561,8 +639,53 @@ class FakePortal:
             problem = "The token is expired"
         else:
             return None
-        challenge = f'Bearer error="invalid_token", error_description="{problem}"'
-        return _odata_error(401, "0x80072560", problem, {"WWW-Authenticate": challenge})
+        # Dataverse answers a bad token with an empty 401 whose challenge says where to get one ("Use OAuth
+        # authentication with Microsoft Dataverse"); ``problem`` is only for a human reading the recorded request.
+        challenge = (
+            f"Bearer authorization_uri=https://login.microsoftonline.com/{self.tenant}/oauth2/authorize, "
+            f"resource_id={self.url}/"
+        )
+        return _Answer(401, {"WWW-Authenticate": challenge, "X-Fake-Problem": problem})
+
+    def _not_member(self) -> _Answer | None:
+        if not self._app_user_removed:
+            return None
+        return _odata_error(403, "0x80072560", "The user is not a member of the organization.")
+
+    def _privilege_denied(self, which: Literal["read", "write"]) -> _Answer | None:
+        if which not in self._missing_privileges:
+            return None
+        name = f"prv{which.capitalize()}{self._entity_name}"
+        message = (
+            f"Principal user (Id={self._whoami['UserId']}, type=8, roleCount=1, privilegeCount=340, accessMode=4), "
+            f"is missing {name} privilege (Id={uuid4()}) on OTC=10234 for entity '{self._entity_name}'. "
+            f"context: Method=PATCH;"
+        )
+        return _odata_error(403, "0x80040220", message)
+
+    def _throttle_window(self) -> _Answer | None:
+        now = time.monotonic()
+        if now >= self._throttle_until:
+            return None
+        self._throttle_until += self._throttle_grow_s
+        message = "Number of requests exceeded the limit of 6000 over time window of 300 seconds."
+        return self._throttled_answer(self._throttle_until - now, "0x80072322", message)
+
+    def _principal_access(self, request: _Incoming, user_id: str) -> _Answer:
+        """RetrievePrincipalAccess for the record named by the @tid parameter alias."""
+        if user_id != self._whoami["UserId"].lower():
+            return _odata_error(404, "0x80040217", f"systemuser With Id = {user_id} Does Not Exist")
+        try:
+            target = json.loads(request.query.get("@tid", ""))
+            match = _ENTITY.fullmatch(str(target["@odata.id"]))
+        except (ValueError, KeyError, TypeError):
+            match = None
+        if match is None or match["set"] != self.entity_set or match["key"].lower() not in self._records:
+            return _bad_request("The Target parameter does not name a record of this environment")
+        rights = ["ReadAccess", "WriteAccess", "AppendAccess", "AppendToAccess", "CreateAccess", "DeleteAccess"]
+        rights = [r for r in rights if r.removesuffix("Access").lower() not in self._missing_privileges]
+        context = f"{self.url}{_API}$metadata#Microsoft.Dynamics.CRM.RetrievePrincipalAccessResponse"
+        return _odata(200, {"@odata.context": context, "AccessRights": ", ".join(rights) or "None"})
 
     def _protect(self) -> _Answer | None:
         limits = self._limits
@@ -597,31 +720,40 @@ class FakePortal:
         listed = self._listed_in(request)
         if isinstance(listed, _Answer):
             return listed
+        denied = self._privilege_denied("write")
+        if denied is not None:
+            return denied
         reply = self._next_reply(record_id)
         if reply is not None:
             return self._scripted(reply, record_id, listed)
-        if record_id not in self._records:
+        upsert = request.headers.get("if-match", "").strip() != "*"
+        if record_id not in self._records and not upsert:
             return self._missing(record_id)
         self._locked_set(record_id, listed)
         return _Answer(204, {**_ODATA, "OData-EntityId": f"{self.url}{_API}{self.entity_set}({record_id})"})
 
     def _listed_in(self, request: _Incoming) -> bool | _Answer:
         """The listed value the PATCH asks for, or the 400/415 it deserves."""
-        if request.headers.get("if-match", "").strip() != "*":
-            return _bad_request("If-Match: * is required; without it this PATCH would create a record (upsert)")
         if not request.headers.get("content-type", "").lower().startswith("application/json"):
             return _odata_error(415, "0x80048d19", "Content-Type must be application/json")
         try:
             payload = json.loads(request.body)
         except ValueError:
             return _bad_request("The request body is not valid JSON")
-        value = payload.get(self.listed_field) if isinstance(payload, dict) else None
-        if not isinstance(value, bool):
-            return _bad_request(f"The body must be a JSON object with a boolean '{self.listed_field}'")
+        if not isinstance(payload, dict):
+            return _bad_request("The request body must be a JSON object")
         unknown = sorted(k for k in payload if k != self.listed_field and not k.startswith("@"))
         if unknown:
             entity = f"Microsoft.Dynamics.CRM.{self._entity_name}"
-            return _bad_request(f"The property '{unknown[0]}' does not exist on type '{entity}'.")
+            return _bad_request(
+                f"Error identified in Payload provided by the user for Entity :'{self.entity_set}', ----> "
+                f"InnerException : Microsoft.OData.ODataException: The property '{unknown[0]}' does not exist on type "
+                f"'{entity}'. Make sure to only use property names that are defined by the type or mark the type as "
+                "open type."
+            )
+        value = payload.get(self.listed_field)
+        if not isinstance(value, bool):
+            return _bad_request(f"The body must be a JSON object with a boolean '{self.listed_field}'")
         return value
 
     def _next_reply(self, record_id: str) -> Reply | None:
@@ -659,12 +791,18 @@ class FakePortal:
     # -- GET ---------------------------------------------------------------------------------------
 
     def _get_record(self, record_id: str) -> _Answer:
+        denied = self._privilege_denied("read")
+        if denied is not None:
+            return denied
         if record_id not in self._records:
             return self._missing(record_id)
         context = f"{self.url}{_API}$metadata#{self.entity_set}/$entity"
         return _odata(200, {"@odata.context": context, **self._row(record_id)})
 
     def _get_page(self, request: _Incoming) -> _Answer:
+        denied = self._privilege_denied("read")
+        if denied is not None:
+            return denied
         select = request.query.get("$select")
         columns = (self.key_field, self.listed_field)
         unknown = [name for name in (select or "").split(",") if select and name not in columns]
@@ -676,7 +814,11 @@ class FakePortal:
             return _bad_request("The $skiptoken is not valid")
         page_number, after = position
         size, applied = self._page_size(request.headers.get("prefer", ""))
-        remaining = sorted(i for i in self._records if i > after)  # keyset paging: stable order by id
+        top = request.query.get("$top", "")
+        visible = self._records if self._readable is None else self._readable.intersection(self._records)
+        remaining = sorted(i for i in visible if i > after)  # keyset paging: stable order by id
+        if top.isdigit():  # $top: at most that many rows, and no next page
+            remaining = remaining[: int(top)]
         page = remaining[:size]
         payload: dict[str, Any] = {
             "@odata.context": f"{self.url}{_API}$metadata#{self.entity_set}({select or ','.join(columns)})",

@@ -25,8 +25,10 @@ from hlf_actors.errors import (
     CredentialError,
     PermanentPortalError,
     PortalError,
+    TenantError,
     ThrottledError,
     TransientPortalError,
+    UndecidedRefusal,
 )
 from hlf_actors.retry import plan_delay_ms, throttle_delay_ms
 
@@ -206,15 +208,151 @@ async def test_429_is_throttled_with_retry_after_as_an_http_date() -> None:
     assert 25.0 <= err.retry_after <= 30.0
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 405, 412, 413])
+@pytest.mark.parametrize("status", [404, 405, 412, 413])
 async def test_permanent_statuses(status: int) -> None:
     portal = ScriptedPortal([httpx.Response(status, json=_odata_error("Entity does not exist"))])
     err = await failure_of(portal)
-    assert type(err) is PermanentPortalError
+    assert type(err) is PermanentPortalError  # 404 with 0x80040217: this record does not exist
     assert err.http_status == status
     assert "Entity does not exist" in str(err)
     assert len(portal.data_requests) == 1  # never retried inside the client
     assert len(portal.token_requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+async def test_a_refusal_that_names_no_cause_is_undecided(status: int) -> None:
+    body = {"error": {"code": "0x80040265", "message": "Something about this request is not right"}}
+    err = await failure_of(ScriptedPortal([httpx.Response(status, json=body)]))
+    assert type(err) is UndecidedRefusal
+    assert isinstance(err, PermanentPortalError)  # break-glass and reconcile treat it as before
+    assert err.http_status == status
+
+
+# Each row: what Dataverse answers when something every mentor depends on is wrong (dynamics.py's table cites the
+# Microsoft Learn page of each), and the incident cause it must become.
+TENANT_ANSWERS = [
+    (403, "0x80072560", "The user is not a member of the organization.", "app_user_missing"),
+    (
+        403,
+        "0x80040220",
+        "Principal user (Id=9b2c, type=8, roleCount=1, privilegeCount=340, accessMode=4), is missing "
+        "prvWritehlf_mentorlisting privilege (Id=1a2b) on OTC=10234 for entity 'hlf_mentorlisting'.",
+        "privilege",
+    ),
+    (404, "0x8006088a", "Resource not found for the segment 'hlf_mentorlistings'.", "entity_set"),
+    (
+        400,
+        "0x0",
+        "Could not find a property named 'hlf_publiclisting' on type 'Microsoft.Dynamics.CRM.hlf_mentorlisting'.",
+        "property",
+    ),
+    (
+        400,
+        "0x80048d19",
+        "Error identified in Payload provided by the user for Entity :'hlf_mentorlistings', ----> InnerException : "
+        "Microsoft.OData.ODataException: The property 'hlf_publiclisting' does not exist on type "
+        "'Microsoft.Dynamics.CRM.hlf_mentorlisting'.",
+        "property",
+    ),
+    (
+        400,
+        "0x80060891",
+        "Invalid property 'hlf_publiclisting' was found in entity 'Microsoft.Dynamics.CRM.x'.",
+        "property",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message", "cause"), TENANT_ANSWERS, ids=[r[3] + str(r[0]) for r in TENANT_ANSWERS]
+)
+async def test_answers_that_hit_every_mentor_are_tenant_errors(
+    status: int, code: str, message: str, cause: str
+) -> None:
+    answer = httpx.Response(status, json={"error": {"code": code, "message": message}})
+    err = await failure_of(ScriptedPortal([answer]))
+    assert type(err) is TenantError
+    assert err.cause == cause
+    assert err.http_status == status
+    assert err.fix  # the alert can say what to do
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, html="<html><title>Sign in to your account</title></html>"),
+        httpx.Response(200),
+        httpx.Response(200, json={"hlf_publiclisting": True}, headers={"Content-Type": "text/plain"}),
+        httpx.Response(201, text="created"),
+        httpx.Response(302, headers={"Location": "https://login.microsoftonline.com/common/oauth2/authorize?x=1"}),
+    ],
+    ids=["html-200", "empty-200", "text-200", "text-201", "redirect-302"],
+)
+async def test_a_2xx_or_3xx_that_is_not_dataverse_is_a_tenant_incident(answer: httpx.Response) -> None:
+    err = await failure_of(ScriptedPortal([answer]))
+    assert type(err) is TenantError
+    assert err.cause == "not_dataverse"
+    assert "not Dataverse" in str(err)
+
+
+async def test_a_2xx_with_dataverse_json_is_success() -> None:
+    """Dataverse answers 200 with the record when asked for a representation: that is its own success."""
+    body = {"@odata.context": f"{ORG}/api/data/v9.2/$metadata#hlf_mentorlistings/$entity", "hlf_publiclisting": True}
+    async with client_for(ScriptedPortal([httpx.Response(200, json=body)])) as client:
+        assert await client.set_listed(RECORD, True) == 200
+
+
+async def test_a_burst_of_401s_causes_one_token_request() -> None:
+    """50 concurrent requests all refused with 401: one refresh, because each refreshes only if the token that got
+    the 401 is still the current one."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        fresh = request.headers["Authorization"] == f"Bearer {portal.tokens_issued[-1]}"
+        return httpx.Response(204) if len(portal.tokens_issued) > 1 and fresh else httpx.Response(401)
+
+    portal = ScriptedPortal([answer])
+    async with client_for(portal) as client:
+        await client.check_token()  # the token every request starts with
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(client.set_listed, RECORD, True)
+    assert len(portal.token_requests) == 2  # the first token, and exactly one refresh for the 50 refusals
+    assert len(portal.data_requests) == 100
+
+
+async def test_expires_in_as_a_numeric_string_is_accepted() -> None:
+    """Entra ID's v1 endpoint and some proxies send ``"expires_in": "3599"``."""
+    token = httpx.Response(200, json={"token_type": "Bearer", "expires_in": "3599", "access_token": "eyJ-t-1"})
+    portal = ScriptedPortal(token=[token])
+    async with client_for(portal) as client:
+        assert await client.set_listed(RECORD, True) == 204
+        assert await client.set_listed(RECORD, False) == 204
+    assert len(portal.token_requests) == 1  # and it is cached for its lifetime
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"token_type": "Bearer", "expires_in": "soon", "access_token": "eyJ-t-1"}, "expires_in"),
+        ({"token_type": "Bearer", "expires_in": 3599}, "access_token"),
+    ],
+)
+async def test_an_unusable_token_answer_names_the_field(body: dict[str, object], named: str) -> None:
+    err = await failure_of(ScriptedPortal(token=[httpx.Response(200, json=body)]))
+    assert type(err) is TransientPortalError
+    assert named in str(err)
+    assert "unreadable" not in str(err)
+
+
+async def test_a_429_holds_every_request_of_the_client() -> None:
+    portal = ScriptedPortal([httpx.Response(429, headers={"Retry-After": "30"}), httpx.Response(204)])
+    async with client_for(portal) as client:
+        with pytest.raises(ThrottledError):
+            await client.set_listed(RECORD, True)
+        assert 29 <= client.throttled_for_s <= 30
+        with anyio.move_on_after(0.3):  # any other request now waits out the Retry-After
+            await client.set_listed(RECORD, False)
+    assert len(portal.data_requests) == 1
 
 
 async def test_401_gets_one_fresh_token_and_one_more_try() -> None:
@@ -289,9 +427,9 @@ async def test_no_answer_is_transient(failure: Exception, where: str) -> None:
     [
         (500, "<html><body>\n<h1>Internal Server Error</h1>\n</body></html>", TransientPortalError, "<html>"),
         (502, '{"error": {"message": "Bad gate', TransientPortalError, "non-JSON"),
-        (403, "<!DOCTYPE html><title>Forbidden</title>", PermanentPortalError, "Forbidden"),
-        (404, "", PermanentPortalError, "empty body"),
-        (400, "\x00\xff\xfe garbage", PermanentPortalError, "garbage"),
+        (403, "<!DOCTYPE html><title>Forbidden</title>", UndecidedRefusal, "Forbidden"),
+        (404, "", UndecidedRefusal, "empty body"),
+        (400, "\x00\xff\xfe garbage", UndecidedRefusal, "garbage"),
         (503, "[1, 2, 3]", TransientPortalError, "[1, 2, 3]"),
         (500, '{"error": {"message": 42}}', TransientPortalError, "42"),
         (500, "x" * 5000, TransientPortalError, "xxx"),
