@@ -203,7 +203,8 @@ class FakeWebsite:
         return (
             "<!doctype html><html><head><title>Our mentors</title></head><body><h1>Our mentors</h1>"
             '<div class="entitylist entity-grid" data-view-layouts="[]"'
-            f' data-get-url="/_services/entity-grid-data.json/{_LIST_ID}"><div class="view-grid"><table class="table"><thead><tr><th>Name</th></tr></thead>'
+            f' data-get-url="/_services/entity-grid-data.json/{_LIST_ID}">'
+            '<div class="view-grid"><table class="table"><thead><tr><th>Name</th></tr></thead>'
             '<tbody></tbody></table></div><div class="view-loading message">Loading...</div></div>'
             '<script src="/_portal/js/entity-grid.js"></script></body></html>'
         )
