@@ -17,6 +17,7 @@ from uuid import UUID
 import anyio
 import psycopg
 import pytest
+from loguru import logger
 
 from hlf_actors import status
 from hlf_actors.alerts import RecordingAlertSender
@@ -127,6 +128,8 @@ async def test_a_page_that_is_not_the_listing_never_confirms_a_removal(
     add_mentor(conn, org, portal=portal, name="Listed Control")  # a listed mentor: the page would show them
     mentor, _ = add_mentor(conn, org, portal=portal, name="Leaving Mentor")
     sender = RecordingAlertSender()
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
     with FakeWebsite(portal, cache_delay_s=0.0) as site:
         if switch:
             setattr(site, switch, True)
@@ -136,7 +139,11 @@ async def test_a_page_that_is_not_the_listing_never_confirms_a_removal(
             set_status(conn, mentor, "paused")
             await eventually(lambda: verdicts(conn, STALE, mentor, operation="remove"), timeout=15, what="stale")
             await anyio.sleep(0.5)
-            assert unrecognised_reads(service) >= 2
+            reads = unrecognised_reads(service)
+    logger.remove(sink)
+    assert reads >= 5, "every unrecognised read is counted"
+    episode = [line for line in lines if "the public listing proves nothing" in line]
+    assert len(episode) == 1, episode  # logged once per episode, not once per read
     assert not verdicts(conn, CONFIRMED, operation=None), "a page that is not the listing confirmed something"
     (stale,) = verdicts(conn, STALE, mentor, operation="remove")
     assert stale["reason"].startswith("public listing unrecognised: ")
