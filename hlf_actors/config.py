@@ -80,6 +80,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # While a tenant-wide incident is open: the first tenant check after this long, doubling up to the cap.
     incident_check_s: float = 30.0
     incident_check_max_s: float = 300.0
+    public_listing_min_interval_s: float = 30.0
+    public_listing_marker: str | None = None
+    public_listing_page_param: str | None = None  # HTML mode: the query parameter that numbers a list's pages
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
@@ -290,6 +293,10 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     if match_raw not in {"portal_record_id", "full_name"}:
         raise ConfigError(f"HLF_PUBLIC_LISTING_MATCH: expected portal_record_id or full_name, got {match_raw!r}")
 
+    page_param = read.text("HLF_PUBLIC_LISTING_PAGE_PARAM")
+    if page_param is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", page_param):
+        raise ConfigError(f"HLF_PUBLIC_LISTING_PAGE_PARAM: expected a query parameter name, got {page_param!r}")
+
     jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
@@ -325,6 +332,9 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         reconcile_max_missing=read.share("HLF_RECONCILE_MAX_MISSING", 0.10),
         incident_check_s=incident_check,
         incident_check_max_s=max(incident_check, read.duration("HLF_INCIDENT_CHECK_MAX", 300.0)),
+        public_listing_min_interval_s=read.duration("HLF_PUBLIC_LISTING_MIN_INTERVAL", 30.0),
+        public_listing_marker=read.text("HLF_PUBLIC_LISTING_MARKER"),
+        public_listing_page_param=page_param,
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),

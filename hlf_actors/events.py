@@ -229,6 +229,9 @@ class PublicListingConfirmed(_Payload, frozen=True, kw_only=True):
     delay_ms: int  # from that success to the first fetch of the listing that agreed: the website's cache
     exposure_ms: int  # from the change the sync answered to that fetch: what the public actually saw
     fetches: int  # listing fetches made while waiting
+    # What the agreeing fetch was: the site's own data ("structured"), or an HTML page proven to be the listing
+    # ("html+control"). Events written before the probe required proof have neither and read as "unverified".
+    confirmed_by: Literal["structured", "html+control", "unverified"] = "unverified"
 
 
 class PublicListingStale(_Payload, frozen=True, kw_only=True):

@@ -57,6 +57,11 @@ class Metrics:
         self.public_stale = Counter(
             "hlf_public_listing_stale", "Syncs the public website still disagreed with at the deadline", registry=r
         )
+        self.public_unrecognised = Counter(
+            "hlf_public_listing_unrecognised",
+            "Listing fetches that could prove nothing (not the listing: sign-in, firewall, rows loaded by the browser)",
+            registry=r,
+        )
         self.notify_queue_usage = Gauge(
             "hlf_notification_queue_usage",
             "pg_notification_queue_usage(): the share of Postgres's NOTIFY queue in use (as of the last sweep)",

@@ -115,19 +115,30 @@ def summary(conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s
 
 
 def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
-    """What the listing probe observed over the last day: the exposure window coordinators are quoted."""
+    """What the listing probe observed over the last day: the exposure window coordinators are quoted.
+
+    Exposure (the change → the public seeing it) splits into our own latency (the change → Dataverse's 204) and the
+    website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
+    before the probe required proof have none and are left out of the percentiles.
+    """
     row = conn.execute(
-        """SELECT count(*) FILTER (WHERE kind = 'public_listing_confirmed'),
+        """WITH v AS (
+               SELECT kind, (data ->> 'exposure_ms')::bigint AS exposure, (data ->> 'delay_ms')::bigint AS website,
+                      (data ->> 'exposure_ms')::bigint - (data ->> 'delay_ms')::bigint AS ours,
+                      kind = 'public_listing_confirmed' AND data ? 'confirmed_by' AS seen
+               FROM event_log
+               WHERE kind IN ('public_listing_confirmed', 'public_listing_stale')
+                 AND recorded_at > now() - interval '1 day')
+           SELECT count(*) FILTER (WHERE kind = 'public_listing_confirmed'),
                   count(*) FILTER (WHERE kind = 'public_listing_stale'),
-                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY (data ->> 'exposure_ms')::bigint)
-                      FILTER (WHERE kind = 'public_listing_confirmed'),
-                  max((data ->> 'exposure_ms')::bigint),
-                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY (data ->> 'delay_ms')::bigint)
-                      FILTER (WHERE kind = 'public_listing_confirmed'),
-                  max((data ->> 'delay_ms')::bigint)
-           FROM event_log
-           WHERE kind IN ('public_listing_confirmed', 'public_listing_stale')
-             AND recorded_at > now() - interval '1 day'"""
+                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY exposure) FILTER (WHERE seen),
+                  max(exposure) FILTER (WHERE seen),
+                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY website) FILTER (WHERE seen),
+                  max(website) FILTER (WHERE seen),
+                  percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY ours) FILTER (WHERE seen),
+                  max(ours) FILTER (WHERE seen),
+                  count(*) FILTER (WHERE seen)
+           FROM v"""
     ).fetchone()
     assert row is not None
     waiting = conn.execute(
@@ -138,13 +149,15 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
                     AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))""",
         (deadline_s + 60,),
     ).fetchone()
-    exposure, delay = row[2] or [None, None], row[4] or [None, None]
+    exposure, website, ours = row[2] or [None, None], row[4] or [None, None], row[6] or [None, None]
     return {
         "probe": "on" if probe_on else "off",
         "confirmed": row[0],
         "stale": row[1],
+        "seen": row[8],
         "exposure_ms": {"p50": exposure[0], "p95": exposure[1], "max": row[3]},
-        "delay_ms": {"p50": delay[0], "p95": delay[1], "max": row[5]},
+        "sync_ms": {"p50": ours[0], "p95": ours[1], "max": row[7]},
+        "delay_ms": {"p50": website[0], "p95": website[1], "max": row[5]},
         "waiting": waiting[0] if waiting and probe_on else 0,
     }
 
@@ -241,12 +254,15 @@ def _public_listing_line(p: dict[str, Any] | None) -> str:
     def ms(value: Any) -> str:
         return "-" if value is None else _duration(value / 1000)
 
-    e, d = p["exposure_ms"], p["delay_ms"]
+    def three(t: dict[str, Any]) -> str:
+        return f"p50 {ms(t['p50'])} / p95 {ms(t['p95'])} / max {ms(t['max'])}"
+
     line = f"{p['confirmed']} confirmed, {p['stale']} stale"
-    if p["confirmed"]:
+    if p.get("seen"):
         line += (
-            f"; exposure p50 {ms(e['p50'])} / p95 {ms(e['p95'])} / max {ms(e['max'])}"
-            f" (website cache p50 {ms(d['p50'])} / p95 {ms(d['p95'])} / max {ms(d['max'])})"
+            f"; exposure {three(p['exposure_ms'])}"
+            f" = our sync (change → 204) {three(p['sync_ms'])}"
+            f" + website cache (204 → seen) {three(p['delay_ms'])}"
         )
     if p["waiting"]:
         line += f"; {p['waiting']} waiting"

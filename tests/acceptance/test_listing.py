@@ -7,11 +7,18 @@ log (scenario 6) is asserted whole in every test: the exact kinds, in order, wit
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .support import World
+from hlf_actors.testing.fake_website import FakeWebsite
+
+from .support import Mentor, World
 
 
 def test_paused_mentor_is_removed_from_the_portal(world: World) -> None:
@@ -177,3 +184,58 @@ def test_reinstated_mentor_without_a_valid_certification_is_not_restored(
     assert world.sync_row(mentor) == ("remove", "in_sync", 1, None)
     assert world.dead_letters() == []
     assert world.fcm.messages() == []
+
+
+# -- the public website (issue 23): the real process, a Power Pages-like site, what `hlf-actors status` then says --
+
+
+def _verdicts(world: World, mentor: Mentor, kind: str, operation: str) -> list[dict[str, Any]]:
+    return [data for _, k, data in world.events(mentor) if k == kind and data.get("operation") == operation]
+
+
+def test_a_removal_is_confirmed_from_the_sites_own_data_and_status_splits_the_exposure(
+    world: World, tmp_path: Path
+) -> None:
+    mentor = world.add_mentor()
+    with FakeWebsite(world.portal, cache_delay_s=1.0, page_size=1) as site:
+        world.add_mentor(name="Another Mentor")  # two rows, one a page: the probe must follow @odata.nextLink
+        world.start(**site.env("api"), HLF_PUBLIC_LISTING_MIN_INTERVAL="200ms", HLF_PUBLIC_LISTING_DEADLINE="30s")
+        world.settle(mentor)
+        mark = world.last_seq()
+        world.set_status("paused", mentor)
+        world.settle(mentor, after=mark)
+        world.wait(lambda: _verdicts(world, mentor, "public_listing_confirmed", "remove"), "the removal confirmed")
+        assert any("$skiptoken=" in p for p in site.paths), "the listing's second page was never read"
+    [confirmed] = _verdicts(world, mentor, "public_listing_confirmed", "remove")
+    assert confirmed["confirmed_by"] == "structured"
+    assert 900 <= confirmed["delay_ms"] <= confirmed["exposure_ms"]
+    assert _verdicts(world, mentor, "public_listing_stale", "remove") == []
+    shown = subprocess.run(
+        [sys.executable, "-m", "hlf_actors", "status"],
+        env={**os.environ, "HLF_DATABASE_URL": world.db_url, **site.env("api")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    [line] = [line for line in shown.stdout.splitlines() if "public website (24 h)" in line]
+    assert "stale; exposure p50" in line and "= our sync (change → 204) p50" in line, line
+    assert "+ website cache (204 → seen) p50" in line, line
+
+
+def test_a_sign_in_page_never_confirms_a_removal_and_the_stale_verdict_says_why(world: World) -> None:
+    world.add_mentor(name="Listed Control")
+    mentor = world.add_mentor()
+    with FakeWebsite(world.portal, cache_delay_s=0.0) as site:
+        world.start(**site.env("signin"), HLF_PUBLIC_LISTING_MIN_INTERVAL="200ms", HLF_PUBLIC_LISTING_DEADLINE="2s")
+        world.settle(mentor)
+        mark = world.last_seq()
+        world.set_status("paused", mentor)
+        world.settle(mentor, after=mark)
+        world.wait(lambda: _verdicts(world, mentor, "public_listing_stale", "remove"), "the stale verdict")
+    assert _verdicts(world, mentor, "public_listing_confirmed", "remove") == []
+    [stale] = _verdicts(world, mentor, "public_listing_stale", "remove")
+    assert stale["reason"].startswith("public listing unrecognised: the page is not recognisably the listing")
+    assert "redirected to /SignIn" in stale["reason"]

@@ -38,6 +38,8 @@ def test_defaults_match_the_contract() -> None:
     assert config.http_port == 8080
     assert config.public_listing_url is None
     assert config.public_listing_deadline_s == 1200.0
+    assert config.public_listing_min_interval_s == 30.0
+    assert config.public_listing_marker is None and config.public_listing_page_param is None
 
 
 def test_scope_defaults_to_the_org_root_and_can_be_set() -> None:
@@ -70,6 +72,9 @@ def test_good_values_are_read() -> None:
             "HLF_RECONCILE_EVERY": "30s",
             "HLF_HTTP_PORT": "0",
             "HLF_PUBLIC_LISTING_DEADLINE": "1h",
+            "HLF_PUBLIC_LISTING_MIN_INTERVAL": "2m",
+            "HLF_PUBLIC_LISTING_MARKER": "<!-- hlf-listing-end -->",
+            "HLF_PUBLIC_LISTING_PAGE_PARAM": "page",
         },
         dotenv=None,
     )
@@ -81,6 +86,9 @@ def test_good_values_are_read() -> None:
     assert config.reconcile_every_s == 30.0
     assert config.http_port == 0  # 0 turns the endpoint off: allowed
     assert config.public_listing_deadline_s == 3600.0
+    assert config.public_listing_min_interval_s == 120.0
+    assert config.public_listing_marker == "<!-- hlf-listing-end -->"
+    assert config.public_listing_page_param == "page"
 
 
 BAD_VALUES = [
@@ -94,6 +102,8 @@ BAD_VALUES = [
     ("HLF_DYNAMICS_ENTITY_SET", {"HLF_DYNAMICS_ENTITY_SET": "hlf_mentor'listings"}),
     ("HLF_HTTP_PORT", {"HLF_HTTP_PORT": "70000"}),
     ("HLF_PORTAL_CONCURRENCY", {"HLF_PORTAL_CONCURRENCY": "0"}),
+    ("HLF_PUBLIC_LISTING_MIN_INTERVAL", {"HLF_PUBLIC_LISTING_MIN_INTERVAL": "often"}),
+    ("HLF_PUBLIC_LISTING_PAGE_PARAM", {"HLF_PUBLIC_LISTING_PAGE_PARAM": "page=2&x"}),
 ]
 
 

@@ -124,7 +124,7 @@ EXAMPLES: dict[str, Payload] = {
         from_="active", to="expired_cert", today=date(2025, 3, 1), certification_expiry_date=date(2025, 2, 28)
     ),
     "public_listing_confirmed": PublicListingConfirmed(
-        operation="remove", for_seq=52, delay_ms=412_000, exposure_ms=412_019, fetches=9
+        operation="remove", for_seq=52, delay_ms=412_000, exposure_ms=412_019, fetches=9, confirmed_by="structured"
     ),
     "public_listing_stale": PublicListingStale(
         operation="remove", for_seq=52, waited_ms=1_200_400, reason="the listing still shows the mentor"
@@ -162,6 +162,14 @@ def test_each_kind_round_trips(kind: str) -> None:
 def test_missing_optional_fields_take_their_defaults() -> None:
     event = decode_event(1, MENTOR, "status_changed", 1, {"cause": "mentor_created"}, AT)
     assert event.payload == StatusChanged(cause="mentor_created")
+
+
+def test_a_confirmation_written_before_the_probe_needed_proof_reads_as_unverified() -> None:
+    old = {"operation": "remove", "for_seq": 7, "delay_ms": 10, "exposure_ms": 20, "fetches": 1}
+    for data in (old, msgspec.json.encode(old)):
+        event = decode_event(1, MENTOR, "public_listing_confirmed", 1, data, AT)
+        assert isinstance(event.payload, PublicListingConfirmed)
+        assert event.payload.confirmed_by == "unverified"
 
 
 def test_unknown_fields_are_ignored_not_fatal() -> None:
