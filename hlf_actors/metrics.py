@@ -81,6 +81,7 @@ class Health(msgspec.Struct, frozen=True):
     database: bool
     reconnects: int
     notifications: str = "listen"  # "listen", or "polling" where LISTEN does not work (PgBouncer, transaction pooling)
+    alerts: str = "on"  # "off" when HLF_ALERTS=off: nobody is told about failures
 
 
 async def _answer(stream: SocketStream, health: Callable[[], Health], metrics: Metrics) -> None:
