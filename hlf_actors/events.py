@@ -137,7 +137,6 @@ class AlertFailed(_Payload, frozen=True, kw_only=True):
     unregistered: bool = False
     dead_letter_id: int | None = None
     will_retry: bool = False  # an ops alert kept in hlf_ops_outbox: sent again with backoff for up to 24 h
-    device_id: UUID | None = None  # the coordinator_devices row a device target was
 
 
 class DeviceDead(_Payload, frozen=True, kw_only=True):
