@@ -26,13 +26,19 @@ from psycopg_pool import AsyncConnectionPool
 
 from hlf_actors import status
 from hlf_actors.alerting import Alerting
-from hlf_actors.alerts import PRIVATE_ATTRIBUTES, FirebaseAlertSender, check_firebase_internals
+from hlf_actors.alerts import (
+    PRIVATE_ATTRIBUTES,
+    FirebaseAlertSender,
+    UnconfiguredAlertSender,
+    check_firebase_internals,
+)
 from hlf_actors.cli import main
 from hlf_actors.config import load_config
 from hlf_actors.expiry import run_night
 from hlf_actors.ops_channels import build_ops_channels, teams_payload
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
+from hlf_actors.testing.fake_smtp import FakeSMTP
 from hlf_actors.testing.fake_webhook import FakeWebhook
 from hlf_actors.testing.harness import eventually, running_service
 from hlf_actors.testing.process import LEADER_LINE, ServiceProcess, service_env
@@ -294,8 +300,6 @@ async def test_an_outbox_row_older_than_a_day_is_given_up(
     conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any], webhook: FakeWebhook, db_url: str
 ) -> None:
     config = load_config({"HLF_DATABASE_URL": db_url, **webhook.env()}, dotenv=None)
-    from hlf_actors.alerts import UnconfiguredAlertSender
-
     channels = build_ops_channels(config, UnconfiguredAlertSender())
     alerting = Alerting(pool, UnconfiguredAlertSender(), ops_topic="ops", ops_channels=channels)
     webhook.fail(503)
@@ -392,3 +396,36 @@ def test_check_alerts_without_any_channel_exits_2(
         monkeypatch.delenv(name, raising=False)
     assert main(["check-alerts"]) == 2
     assert "no alert channel configured" in capsys.readouterr().err
+
+
+# -- e-mail ------------------------------------------------------------------------------------------------------
+
+
+async def test_ops_alerts_go_by_email_too_and_a_failed_mail_waits_in_the_outbox(
+    db_url: str, conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any]
+) -> None:
+    with FakeSMTP() as smtp:
+        config = load_config(
+            {"HLF_DATABASE_URL": db_url, **smtp.env("ops@hlf.example,oncall@hlf.example")}, dotenv=None
+        )
+        channels = build_ops_channels(config, UnconfiguredAlertSender())
+        assert [c.name for c in channels] == ["email"]
+        alerting = Alerting(
+            pool, UnconfiguredAlertSender(), ops_topic="ops", ops_channels=channels, outbox_backoff_s=(0.01, 0.01)
+        )
+        smtp.fail(451)
+        await alerting.ops({"type": "hlf_credential_failure", "error": "AADSTS7000215"})
+        assert smtp.messages() == []
+        assert [(e["target"], e["will_retry"]) for e in events(conn, "alert_failed")] == [("email:2 recipients", True)]
+        assert "451" in events(conn, "alert_failed")[0]["error"]
+
+        smtp.fail(None)
+        await anyio.sleep(0.05)
+        assert await alerting.drain_outbox() == 1
+        ((sender, recipients, message),) = smtp.messages()
+        assert sender == "<hlf-actors@hlf.example>"
+        assert recipients == ["<ops@hlf.example>", "<oncall@hlf.example>"]
+        assert message["Subject"] == "HLF: the Dynamics credentials are refused"
+        assert "error: AADSTS7000215" in message.get_payload()
+        assert [e["target"] for e in events(conn, "alert_sent")] == ["email:2 recipients"]
+        assert await alerting.drain_outbox() == 0  # delivered: never again
