@@ -71,6 +71,11 @@ UPDATE hlf_ops_outbox SET next_at = clock_timestamp() + make_interval(secs => %s
 RETURNING created_at < clock_timestamp() - make_interval(secs => %s)
 """
 _OUTBOX_GIVE_UP = "UPDATE hlf_ops_outbox SET gave_up_at = clock_timestamp(), last_error = %s WHERE id = %s"
+# Settled rows are only history (the events keep it): a week is enough to look at an incident.
+_OUTBOX_PRUNE = """
+DELETE FROM hlf_ops_outbox
+WHERE coalesce(delivered_at, gave_up_at) < clock_timestamp() - interval '7 days'
+"""
 
 # A device is dead only with the token it had when FCM said so; a new token makes it live again.
 _MARK_DEAD = """
@@ -192,6 +197,7 @@ class Alerting:
     async def drain_outbox(self) -> int:
         """Send again every outbox row that is due; returns how many were tried."""
         async with self._pool.connection() as conn:
+            await conn.execute(_OUTBOX_PRUNE)
             cur = await conn.execute(_OUTBOX_CLAIM, (_OUTBOX_LEASE_S, _OUTBOX_BATCH, self._outbox_max_age_s))
             claimed = await cur.fetchall()
         if not claimed:

@@ -157,6 +157,7 @@ class FakeFCM:
         self._invalid: set[str] = set()
         self._mismatched: set[str] = set()
         self._outage: int | None = None
+        self._held: dict[str, threading.Event] = {}
         self._token_requests = 0
         self._send_attempts = 0
         self._next_id = 1
@@ -259,6 +260,19 @@ class FakeFCM:
         with self._lock:
             self._mismatched.add(token)
 
+    def revoke_access_tokens(self) -> None:
+        """Forget every access token issued: the next send with one answers 401, as for a revoked token."""
+        with self._lock:
+            self._access_tokens.clear()
+
+    def hold(self, endpoint: str) -> threading.Event:
+        """Requests to ``endpoint`` ("send" or "token") wait, arrived but unanswered, until the returned event is set
+        (at most 30 s): shows whether the client's event loop goes on meanwhile."""
+        release = threading.Event()
+        with self._lock:
+            self._held[endpoint] = release
+        return release
+
     def outage(self, status: int | None = 503) -> None:
         """Every send answers ``status`` (with Google's error body) until called with None."""
         with self._lock:
@@ -318,6 +332,9 @@ class FakeFCM:
     def _handle_token(self, body: bytes) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self._token_requests += 1
+            held = self._held.get("token")
+        if held is not None:
+            held.wait(30)
         form = parse_qs(body.decode(errors="replace"))
         if form.get("grant_type") != [_JWT_BEARER] or len(form.get("assertion", [])) != 1:
             return 400, {
@@ -362,6 +379,9 @@ class FakeFCM:
             self._send_attempts += 1
             authorised = auth.startswith("Bearer ") and auth[len("Bearer ") :] in self._access_tokens
             outage = self._outage
+            held = self._held.get("send")
+        if held is not None:
+            held.wait(30)
         if not authorised:
             return 401, _google_error(401)
         if outage is not None:

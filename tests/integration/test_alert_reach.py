@@ -7,11 +7,13 @@ and the real ``hlf-actors`` process where start-up is what is tested.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import date, timedelta
@@ -211,6 +213,38 @@ async def test_a_sync_failure_push_shows_on_android_and_ios_and_keeps_the_exact_
             },
         }
     assert [e["target"] for e in events(conn, "alert_sent")] == [f"token:{phone[:8]}…", "topic:oslo-coordinators"]
+
+
+@pytest.mark.parametrize("endpoint", ["token", "send", "token after a 401"])
+async def test_neither_a_credential_refresh_nor_an_fcm_call_blocks_the_event_loop(
+    fcm: FakeFCM, fcm_env: dict[str, str], endpoint: str
+) -> None:
+    """FCM holds the request (the token grant, the send, or the refresh google-auth makes after a 401) unanswered;
+    the loop must go on meanwhile. Were the call made on the loop, the loop could only notice the request after the
+    fake let go by itself (5 s)."""
+    alerts = FirebaseAlertSender(fcm_env["HLF_FCM_CREDENTIALS"], fcm_url=fcm_env["HLF_FCM_URL"], app_name="held")
+    if endpoint == "token after a 401":
+        await alerts.send({"type": "warm-up"}, topic="warm-up")  # a valid-looking access token in hand
+        fcm.revoke_access_tokens()
+        endpoint, before = "token", fcm.token_requests()
+    else:
+        before = 0
+    release = fcm.hold(endpoint)
+    timer = threading.Timer(5.0, release.set)  # so that a blocking client fails the test instead of hanging it
+    timer.start()
+    seen_while_held: list[bool] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(alerts.send, {"type": "hlf_alert_test"}, topic="hlf-ops"))
+            arrived = fcm.token_requests if endpoint == "token" else fcm.send_attempts
+            await eventually(lambda: arrived() > before, what=f"the {endpoint} request at the fake")
+            seen_while_held.append(not release.is_set())
+            release.set()
+    finally:
+        timer.cancel()
+        await alerts.aclose()
+    assert seen_while_held == [True]
+    assert [m.data for m in fcm.messages() if m.data["type"] != "warm-up"] == [{"type": "hlf_alert_test"}]
 
 
 def test_the_private_firebase_admin_parts_we_use_are_still_there() -> None:
