@@ -125,9 +125,9 @@ ORDER BY d.id;
 -- Where a mentor's sync-failure alert goes: the organisation's live devices (token and id, in the same order) and
 -- topic, and the mentor's name for the notification. A device dead with its current token is left out.
 SELECT o.alert_topic,
-       coalesce(array_agg(d.fcm_token ORDER BY d.id) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL),
+       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL),
                 '{}'),
-       coalesce(array_agg(d.id ORDER BY d.id) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL), '{}'),
+       coalesce(array_agg(d.id ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL), '{}'),
        m.full_name
 FROM mentors m
 JOIN organisations o ON o.id = m.organisation_id

@@ -35,7 +35,7 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         fake = self.server.fake
         self._reply("220 fake-smtp ESMTP ready")
-        sender, recipients = "", []
+        sender, recipients = "", list[str]()
         while True:
             raw = self.rfile.readline()
             if not raw:
