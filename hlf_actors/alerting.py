@@ -250,10 +250,9 @@ class Alerting:
                     cur = await conn.execute(_OUTBOX_RETRY, (delay, error, row_id, self._outbox_max_age_s))
                     row = await cur.fetchone()
                     if row and row[0]:  # a last try past 24 h: no more
-                        retry = False
-                if not retry and row_id is not None:
+                        retry, give_up = False, True
+                if give_up and row_id is not None:
                     await conn.execute(_OUTBOX_GIVE_UP, (error, row_id))
-                if not retry and give_up:
                     error = f"gave up after {attempts} attempt(s): {error}"
                 events.append(NewEvent(None, _failed(payload, r.target, error, will_retry=retry)))
                 logger.warning(
