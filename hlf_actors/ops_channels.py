@@ -12,10 +12,12 @@ here and keeps each failed delivery in its outbox until it goes through.
 
 The webhook body. Microsoft Learn, "Create Incoming Webhooks"
 (https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/add-incoming-webhook):
-Microsoft 365 Connectors are being retired; a channel gets a webhook from the Workflows app ("Post to a channel
-when a webhook request is received", trigger "When a Teams webhook request is received"), and "Workflows
-support Adaptive Cards only". Both it and the older connector webhooks accept a message whose attachment is an
-Adaptive Card ("Send Adaptive Cards using an Incoming Webhook" on the same page):
+Microsoft 365 Connectors are nearing deprecation; "to automatically post to a chat or channel when a webhook
+request is received, use the predefined workflow templates" (the Workflows app, trigger "When a Teams webhook
+request is received"). Microsoft Learn, "Create and send messages"
+(https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/connectors-using),
+Known issues: "Workflows support Adaptive Cards only". Both Workflows and the older connector webhooks accept a
+message whose attachment is an Adaptive Card ("Send Adaptive Cards using an Incoming Webhook", first page):
     {"type": "message",
      "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": null,
                       "content": {"$schema": "http://adaptivecards.io/schemas/adaptive-card.json",

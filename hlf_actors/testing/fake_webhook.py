@@ -6,14 +6,15 @@ Teams/Workflows webhook does, can be told to fail, and keeps what it received. P
 
 What it answers, and where that comes from:
 - 202 Accepted with an empty body for a valid message: a Workflows webhook is the "When a Teams webhook request is
-  received" trigger, a Request trigger, which "returns a 202 ACCEPTED response" when the flow has no Response
-  action (Microsoft Learn, "Receive and respond to inbound HTTPS calls to workflows in Azure Logic Apps",
+  received" trigger, a Request trigger; a flow without a Response action answers its caller 202 Accepted at once
+  (Microsoft Learn, "Receive and respond to inbound HTTPS calls to workflows in Azure Logic Apps",
   https://learn.microsoft.com/en-us/azure/connectors/connectors-native-reqres).
   ``legacy=True`` answers as the old Office 365 connector webhooks did instead: 200 with the body ``1``.
 - 400 for a body that is not a message with an Adaptive Card attachment: "Workflows support Adaptive Cards only"
-  (Microsoft Learn, "Create Incoming Webhooks",
-  https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/add-incoming-webhook),
-  with the message shape of "Send Adaptive Cards using an Incoming Webhook" on the same page:
+  (Microsoft Learn, "Create and send messages", Known issues,
+  https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/connectors-using),
+  with the message shape of "Send Adaptive Cards using an Incoming Webhook" (Microsoft Learn, "Create Incoming
+  Webhooks", https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/add-incoming-webhook):
   ``{"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "content":
   {"type": "AdaptiveCard", ...}}]}``.
 - 413 for a body over 28 KB ("The message size limit is 28 KB", same page).
