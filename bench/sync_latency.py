@@ -50,6 +50,7 @@ def _start(url: str, portal: FakePortal, log: Path) -> subprocess.Popen[bytes]:
         "HLF_DATABASE_URL": url,
         "HLF_HTTP_PORT": "0",
         "HLF_BACKOFF_JITTER": "off",
+        "HLF_ALERTS": "off",  # no alert channel in a benchmark: on purpose
         # Measure the service, not Dataverse's 6000/5m service-protection limit (which caps sustained sends at 20/s).
         "HLF_PORTAL_RATE_LIMIT": "1000000/1s",
     }

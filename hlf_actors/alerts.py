@@ -13,13 +13,43 @@ Senders:
 
 What a Delivery means (``send`` never raises for a delivery failure):
     ok=True                  FCM accepted the message; ``message_id`` is its name
-    ok=False, unregistered   UNREGISTERED: app uninstalled or token expired. Report it, never retry it
+    ok=False, dead           the device token can never work again: UNREGISTERED (app uninstalled or token
+                             expired), SENDER_ID_MISMATCH (token of another Firebase project) or INVALID_ARGUMENT
+                             about the token itself ("The registration token is not a valid FCM registration
+                             token"). The caller marks the device dead and never targets it again.
+                             ``unregistered`` is set for UNREGISTERED alone
     ok=False, retryable      UNAVAILABLE, INTERNAL, QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
                              UNKNOWN, or the whole call failed (token endpoint down, ...): try again later
-    ok=False, neither        INVALID_ARGUMENT, SENDER_ID_MISMATCH, THIRD_PARTY_AUTH_ERROR, PERMISSION_DENIED,
+    ok=False, neither        INVALID_ARGUMENT about the message, THIRD_PARTY_AUTH_ERROR, PERMISSION_DENIED,
                              UNAUTHENTICATED, NOT_FOUND: the same message cannot succeed; an operator must act
 firebase-admin has already retried 500 and 503 on its own (4 more tries, 0+1+2+4 s apart) before a
-retryable delivery reaches us.
+retryable delivery reaches us. The codes and their meaning: Firebase, "FCM error codes"
+(https://firebase.google.com/docs/cloud-messaging/error-codes) and "ErrorCode"
+(https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode): "INVALID_ARGUMENT ... Potential causes include
+invalid registration ... Check the format of the registration token", "UNREGISTERED ... the registration token
+is no longer valid", "SENDER_ID_MISMATCH ... A registration token is tied to a certain group of senders".
+
+Pushes that show (``send(..., notice=Notice(title, body))``, sync failures and expiry reminders): the message
+carries, beside the unchanged data payload,
+    notification    {title, body}: firebase-admin ``messaging.Notification(title, body)``
+    android         ``AndroidConfig(priority="high")``. Firebase, "Set the priority of a message"
+                    (https://firebase.google.com/docs/cloud-messaging/customize-messages/setting-message-priority):
+                    "Normal priority ... For backgrounded apps, delivery may be delayed"; "High priority. FCM
+                    attempts to deliver high priority messages immediately even if the device is in Doze mode.
+                    High priority messages are for time-sensitive, user visible content." Android's own page
+                    (https://firebase.google.com/docs/cloud-messaging/android/message-priority) warns that high
+                    priority messages which do not result in user-facing notifications get deprioritised: ours
+                    always carry the notification.
+    apns            ``APNSConfig(headers={"apns-priority": "10", "apns-push-type": "alert"},
+                    payload=APNSPayload(aps=Aps(alert=ApsAlert(title, body), sound="default")))``. The same
+                    priority page: "When sending data messages to Apple devices, the priority must be set to 5"
+                    (an alert may use 10, data-only may not); Apple requires ``apns-push-type`` since iOS 13 and
+                    "alert" for a notification the user sees; firebase-admin's ``Aps`` ("Represents the aps
+                    dictionary", https://firebase.google.com/docs/reference/admin/node/firebase-admin.messaging.aps)
+                    takes ``alert`` as an ``ApsAlert`` with title and body.
+Every field name above is firebase-admin 7.x's (``_messaging_utils``: ``AndroidConfig(priority=...)`` "Must be
+one of high or normal", ``APNSConfig(headers=..., payload=...)``, ``APNSPayload(aps=...)``,
+``Aps(alert=..., sound=...)``, ``ApsAlert(title=..., body=...)``), checked in tests against what reaches the fake.
 
 What ``coordinator_devices.fcm_token`` holds: an FCM *registration token*, the string the mentor app's FCM
 client SDK hands out (``FirebaseMessaging.getToken()``); we send it as ``Message(token=...)``. firebase-admin
@@ -35,14 +65,18 @@ Secrets: the service-account key, the OAuth access token and whole device tokens
 log line or an exception message made here. Targets read ``token:<first 8 chars>...`` or ``topic:<name>``, and
 error texts from FCM are scrubbed of anything token-shaped before they are kept.
 
-firebase-admin's async path uses ``asyncio`` directly (``asyncio.gather``, ``asyncio.sleep``): run senders
-under anyio's asyncio backend, one sender per event loop.
+Nothing here blocks the event loop: every FCM call goes through firebase-admin's synchronous ``send_each`` in a
+worker thread (``anyio.to_thread.run_sync``), so google-auth's synchronous credential refresh (also after a 401)
+happens in that thread too; the access token is refreshed ahead of a send in a worker thread as well. The
+firebase-admin private attributes this module relies on are listed in ``PRIVATE_ATTRIBUTES`` and checked by
+``check_firebase_internals`` (a test calls it, so an upgrade that drops one fails loudly).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -58,19 +92,23 @@ from loguru import logger
 from .errors import ConfigError
 
 __all__ = [
+    "PRIVATE_ATTRIBUTES",
     "AlertSender",
     "Delivery",
     "FirebaseAlertSender",
+    "Notice",
     "RecordingAlertSender",
     "SentAlert",
     "UnconfiguredAlertSender",
     "build_alert_sender",
+    "check_firebase_internals",
 ]
 
 NOT_CONFIGURED: Final = "FCM is not configured (HLF_FCM_CREDENTIALS)"
 
-# FCM accepts at most 500 messages per send_each call (firebase-admin raises ValueError beyond that).
-_BATCH: Final = 500
+# FCM accepts at most 500 messages per send_each call; firebase-admin's send_each starts one thread per message,
+# so a smaller batch keeps the thread count sane.
+_BATCH: Final = 100
 # Per-request timeout of firebase-admin's httpx client (its default is 120 s) and of our token refresh.
 _HTTP_TIMEOUT_S: Final = 30
 _RETRYABLE: Final = frozenset(
@@ -82,6 +120,15 @@ _FCM_ERROR_NAMES: Final[tuple[tuple[type[Exception], str], ...]] = (
     (messaging.QuotaExceededError, "QUOTA_EXCEEDED"),
     (messaging.SenderIdMismatchError, "SENDER_ID_MISMATCH"),
     (messaging.ThirdPartyAuthError, "THIRD_PARTY_AUTH_ERROR"),
+)
+# A token FCM calls dead for good: never target it again.
+_DEAD_CODES: Final = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+_TOKEN_FIELD = re.compile(r"registration token|message\.token\b", re.IGNORECASE)
+# What this module reaches into (firebase-admin 7.7.0, google-auth 2.62.x); see check_firebase_internals.
+PRIVATE_ATTRIBUTES: Final = (
+    "firebase_admin.messaging._get_messaging_service",
+    "firebase_admin.messaging._MessagingService._fcm_url (instance attribute read by send_each)",
+    "google.oauth2.service_account.Credentials._set_regional_access_boundary (optional)",
 )
 _TOPIC = re.compile(r"[a-zA-Z0-9\-_.~%]+")
 # Registration tokens, access tokens, JWTs and PEM lines are long runs of these characters.
@@ -95,13 +142,27 @@ class Delivery(msgspec.Struct, frozen=True):
     ok: bool
     message_id: str | None = None
     error: str | None = None  # short, secret-free, e.g. "UNREGISTERED: Requested entity was not found."
-    unregistered: bool = False  # the token is dead: report it, never retry it
+    unregistered: bool = False  # UNREGISTERED: app uninstalled or token expired
     retryable: bool = False  # FCM unavailable / quota / internal: the caller may try again later
+    dead: bool = False  # the device token can never work (UNREGISTERED, SENDER_ID_MISMATCH, bad token)
+    code: str | None = None  # FCM's error code, e.g. "UNREGISTERED"
+
+
+class Notice(msgspec.Struct, frozen=True):
+    """What a phone shows: a notification title and body in plain words."""
+
+    title: str
+    body: str
 
 
 class AlertSender(Protocol):
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self,
+        data: Mapping[str, str],
+        *,
+        tokens: Sequence[str] = (),
+        topic: str | None = None,
+        notice: Notice | None = None,
     ) -> list[Delivery]: ...
 
     async def aclose(self) -> None: ...
@@ -113,6 +174,7 @@ class SentAlert(msgspec.Struct, frozen=True):
     data: dict[str, str]
     tokens: tuple[str, ...] = ()
     topic: str | None = None
+    notice: Notice | None = None
 
 
 # -- shared by every sender ----------------------------------------------------------------------------------
@@ -192,13 +254,56 @@ def _log_outcome(payload: Mapping[str, str], deliveries: Sequence[Delivery]) -> 
 # -- firebase-admin ------------------------------------------------------------------------------------------
 
 
-def _token_message(data: dict[str, str], token: str) -> Any:
+def _showing(notice: Notice | None) -> dict[str, Any]:
+    """The fields that make a push show on the phone at once (module docstring: the pages behind each)."""
+    if notice is None:
+        return {}
+    return {
+        "notification": messaging.Notification(title=notice.title, body=notice.body),
+        "android": messaging.AndroidConfig(priority="high"),
+        "apns": messaging.APNSConfig(
+            headers={"apns-priority": "10", "apns-push-type": "alert"},
+            payload=messaging.APNSPayload(
+                aps=messaging.Aps(alert=messaging.ApsAlert(title=notice.title, body=notice.body), sound="default")
+            ),
+        ),
+    }
+
+
+def _token_message(data: dict[str, str], token: str, notice: Notice | None = None) -> Any:
     # firebase-admin >= 7.5 warns on every Message(token=...); the module docstring says why we still send
     # registration tokens. Silence exactly that message, only here. (catch_warnings swaps the process-wide
     # filter list; nothing awaits inside, so no other task of this loop runs meanwhile.)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Message\.token is deprecated", category=DeprecationWarning)
-        return messaging.Message(data=data, token=token)
+        return messaging.Message(data=data, token=token, **_showing(notice))
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The attribute and global names a function uses, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def check_firebase_internals() -> None:
+    """Raise RuntimeError naming what is gone when firebase-admin no longer has the private parts we use."""
+    missing: list[str] = []
+    if not callable(getattr(messaging, "_get_messaging_service", None)):
+        missing.append("messaging._get_messaging_service")
+    # _fcm_url is set in __init__ and read by send_each: both must still name it.
+    service_cls = getattr(messaging, "_MessagingService", None)
+    for method in ("__init__", "send_each"):
+        code = getattr(getattr(service_cls, method, None), "__code__", None)
+        if code is None or "_fcm_url" not in _names(code):
+            missing.append(f"messaging._MessagingService.{method} using _fcm_url")
+    if missing:
+        raise RuntimeError(
+            f"firebase-admin {firebase_admin.__version__} lacks {', '.join(missing)}: HLF_FCM_URL cannot be "
+            "honoured (see hlf_actors.alerts.PRIVATE_ATTRIBUTES)"
+        )
 
 
 def _point_at_fcm_url(app: Any, fcm_url: str) -> None:
@@ -207,7 +312,7 @@ def _point_at_fcm_url(app: Any, fcm_url: str) -> None:
     The one place that reaches into firebase-admin's privates; checked against firebase-admin 7.7.0 and
     google-auth 2.62.2.
     - firebase-admin has no option for the FCM endpoint: ``messaging._MessagingService.__init__`` fixes
-      ``self._fcm_url = FCM_URL.format(project_id)`` and ``send_each_async`` reads that instance attribute.
+      ``self._fcm_url = FCM_URL.format(project_id)`` and ``send_each`` reads that instance attribute.
     - google-auth (2.62.2) follows each authorised request with a background "Regional Access Boundary"
       lookup at iamcredentials.googleapis.com that carries our access token. Against a non-Google FCM (a local
       fake) that token was issued by someone else and must not travel to Google, so pin the boundary to
@@ -223,15 +328,6 @@ def _point_at_fcm_url(app: Any, fcm_url: str) -> None:
     pin = getattr(app.credential.get_credential(), "_set_regional_access_boundary", None)
     if pin is not None:
         pin({"encodedLocations": "0x0", "expiry": datetime.max})
-
-
-async def _close_messaging_http(app: Any) -> None:
-    # firebase_admin.delete_app() closes the messaging httpx client with asyncio.run(), which fails inside a
-    # running loop and would close this loop's connections from another loop. Close it here first
-    # (firebase-admin 7.7.0: _MessagingService._async_client); delete_app then meets an already-closed client.
-    client = getattr(messaging._get_messaging_service(app), "_async_client", None)
-    if client is not None:
-        await client.aclose()
 
 
 class FirebaseAlertSender:
@@ -264,7 +360,12 @@ class FirebaseAlertSender:
         return f"FirebaseAlertSender(app={self._app.name!r}, project={self._project_id!r})"
 
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self,
+        data: Mapping[str, str],
+        *,
+        tokens: Sequence[str] = (),
+        topic: str | None = None,
+        notice: Notice | None = None,
     ) -> list[Delivery]:
         if self._closed:
             raise RuntimeError("FirebaseAlertSender is closed")
@@ -283,16 +384,21 @@ class FirebaseAlertSender:
         for start in range(0, len(pending), _BATCH):
             batch = pending[start : start + _BATCH]
             messages = [
-                _token_message(payload, t.token) if t.token else messaging.Message(data=payload, topic=t.topic)
+                _token_message(payload, t.token, notice)
+                if t.token
+                else messaging.Message(data=payload, topic=t.topic, **_showing(notice))
                 for _, t in batch
             ]
             try:
-                response = await messaging.send_each_async(messages, app=self._app)
+                # Synchronous send in a worker thread: a credential refresh inside it cannot block the loop.
+                response = await anyio.to_thread.run_sync(
+                    functools.partial(messaging.send_each, messages, app=self._app)
+                )
             except Exception as err:
                 results.update(self._all_failed(batch, err, "UNKNOWN: the FCM call failed", secrets))
                 continue
             for (i, t), answer in zip(batch, response.responses, strict=True):
-                results[i] = self._delivery(t.label, answer, secrets)
+                results[i] = self._delivery(t.label, answer, secrets, token=t.token is not None)
         deliveries = [results[i] for i in range(len(targets))]
         _log_outcome(payload, deliveries)
         return deliveries
@@ -301,7 +407,7 @@ class FirebaseAlertSender:
         if self._closed:
             return
         self._closed = True
-        await _close_messaging_http(self._app)
+        # delete_app closes firebase-admin's (unused) async client with asyncio.run(): fine in a worker thread.
         await anyio.to_thread.run_sync(firebase_admin.delete_app, self._app)
         self._auth_request.session.close()
 
@@ -315,7 +421,7 @@ class FirebaseAlertSender:
                 request = functools.partial(self._auth_request, timeout=_HTTP_TIMEOUT_S)
                 await anyio.to_thread.run_sync(self._credential.refresh, request)
 
-    def _delivery(self, label: str, answer: Any, secrets: list[str]) -> Delivery:
+    def _delivery(self, label: str, answer: Any, secrets: list[str], *, token: bool) -> Delivery:
         if answer.exception is None:
             if answer.message_id:
                 return Delivery(label, ok=True, message_id=str(answer.message_id))
@@ -327,6 +433,8 @@ class FirebaseAlertSender:
             error=f"{code}: {_scrub(str(answer.exception), self._secrets(secrets))}",
             unregistered=code == "UNREGISTERED",
             retryable=code in _RETRYABLE,
+            dead=token and (code in _DEAD_CODES or (code == "INVALID_ARGUMENT" and _about_token(answer.exception))),
+            code=code,
         )
 
     def _all_failed(
@@ -339,6 +447,25 @@ class FirebaseAlertSender:
     def _secrets(self, tokens: list[str]) -> list[str]:
         access_token = getattr(self._credential, "token", None)
         return [*tokens, access_token] if isinstance(access_token, str) else tokens
+
+
+def _about_token(err: BaseException) -> bool:
+    """Whether an INVALID_ARGUMENT is about the registration token, not the message: FCM says so in the message
+    ("The registration token is not a valid FCM registration token") or in a google.rpc.BadRequest field
+    violation on ``message.token`` ("FCM error codes", https://firebase.google.com/docs/cloud-messaging/error-codes)."""
+    if _TOKEN_FIELD.search(str(err)):
+        return True
+    response = getattr(err, "http_response", None)
+    try:
+        details = response.json()["error"]["details"] if response is not None else []
+    except (ValueError, KeyError, TypeError):
+        return False
+    return any(
+        isinstance(v, dict) and v.get("field") == "message.token"
+        for d in details
+        if isinstance(d, dict)
+        for v in d.get("fieldViolations", [])
+    )
 
 
 def _error_code(err: BaseException) -> str:
@@ -362,7 +489,12 @@ class UnconfiguredAlertSender:
         return "UnconfiguredAlertSender()"
 
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self,
+        data: Mapping[str, str],
+        *,
+        tokens: Sequence[str] = (),
+        topic: str | None = None,
+        notice: Notice | None = None,
     ) -> list[Delivery]:
         _, targets = _plan(data, tokens, topic)
         return [Delivery(t.label, ok=False, error=t.problem or NOT_CONFIGURED) for t in targets]
@@ -374,13 +506,15 @@ class UnconfiguredAlertSender:
 class RecordingAlertSender:
     """Keeps every alert it is asked to send and answers like FCM would, with scripted failures.
 
-    ``unregister(token)`` makes that token answer UNREGISTERED; ``outage()`` makes every target fail retryably
-    until ``outage(False)``. Every call is recorded, failed or not.
+    ``unregister(token)`` makes that token answer UNREGISTERED, ``invalid(token)`` INVALID_ARGUMENT about the
+    token; ``outage()`` makes every target fail retryably until ``outage(False)``. Every call is recorded,
+    failed or not.
     """
 
     def __init__(self) -> None:
         self._sent: list[SentAlert] = []
         self._unregistered: set[str] = set()
+        self._invalid: set[str] = set()
         self._outage = False
         self._next_id = 1
         self.closed = False
@@ -390,6 +524,9 @@ class RecordingAlertSender:
 
     def unregister(self, token: str) -> None:
         self._unregistered.add(token)
+
+    def invalid(self, token: str) -> None:
+        self._invalid.add(token)
 
     def outage(self, on: bool = True) -> None:
         self._outage = on
@@ -401,10 +538,15 @@ class RecordingAlertSender:
         return [dict(s.data) for s in self._sent]
 
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self,
+        data: Mapping[str, str],
+        *,
+        tokens: Sequence[str] = (),
+        topic: str | None = None,
+        notice: Notice | None = None,
     ) -> list[Delivery]:
         payload, targets = _plan(data, tokens, topic)
-        self._sent.append(SentAlert(payload, tuple(tokens), _topic_name(topic) if topic else None))
+        self._sent.append(SentAlert(payload, tuple(tokens), _topic_name(topic) if topic else None, notice))
         deliveries = [self._answer(t) for t in targets]
         _log_outcome(payload, deliveries)
         return deliveries
@@ -425,6 +567,16 @@ class RecordingAlertSender:
                 ok=False,
                 error="UNREGISTERED: Requested entity was not found.",
                 unregistered=True,
+                dead=True,
+                code="UNREGISTERED",
+            )
+        if target.token in self._invalid:
+            return Delivery(
+                target.label,
+                ok=False,
+                error="INVALID_ARGUMENT: The registration token is not a valid FCM registration token",
+                dead=True,
+                code="INVALID_ARGUMENT",
             )
         message_id = f"projects/recording/messages/{self._next_id}"
         self._next_id += 1

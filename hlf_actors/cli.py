@@ -70,6 +70,8 @@ def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    from loguru import logger
+
     from .alerts import build_alert_sender
     from .dynamics import DynamicsClient
     from .logs import setup_logging
@@ -77,8 +79,12 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
 
     config.require_database()
     config.require_portal()
+    config.require_alerts()
     secret = config.dynamics_client_secret.reveal() if config.dynamics_client_secret else ""
-    setup_logging(secrets=[secret])
+    webhook = config.ops_webhook_url.reveal() if config.ops_webhook_url else ""
+    setup_logging(secrets=[secret, webhook])
+    if config.alerts_off:
+        logger.warning("HLF_ALERTS=off: alerts are switched off on purpose; failures reach no one")
 
     async def main() -> None:
         import signal
@@ -121,7 +127,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             print(status.render_story_json(story) if args.json else status.render_story(story))
         else:
             summary = status.summary(
-                conn, probe_on=config.public_listing_url is not None, deadline_s=config.public_listing_deadline_s
+                conn,
+                probe_on=config.public_listing_url is not None,
+                deadline_s=config.public_listing_deadline_s,
+                alerts_off=config.alerts_off,
             )
             print(status.render_summary_json(summary) if args.json else status.render_summary(summary))
     return 0
@@ -226,6 +235,49 @@ def cmd_check_credentials(config: Config, _args: argparse.Namespace) -> int:
     return run_cli(config)
 
 
+def cmd_check_alerts(config: Config, _args: argparse.Namespace) -> int:
+    """Send a test alert to every configured channel and say what became of each (exit 1 if any failed)."""
+    import socket
+    from datetime import UTC, datetime
+
+    from .alerts import build_alert_sender
+    from .logs import setup_logging
+    from .ops_channels import ChannelResult, build_ops_channels
+
+    webhook = config.ops_webhook_url.reveal() if config.ops_webhook_url else ""
+    setup_logging(level="WARNING", secrets=[webhook])
+
+    async def main() -> list[ChannelResult]:
+        sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
+        channels = build_ops_channels(config, sender)
+        try:
+            if not channels:
+                raise _Fail(
+                    "no alert channel configured: set HLF_FCM_CREDENTIALS, HLF_OPS_WEBHOOK_URL or HLF_OPS_EMAIL_TO", 2
+                )
+            data = {
+                "type": "hlf_alert_test",
+                "host": socket.gethostname(),
+                "sent_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            results: list[ChannelResult] = []
+            for channel in channels:  # one after the other: the report reads in the configured order
+                results.append(await channel.send(data))
+            return results
+        finally:
+            for channel in channels:
+                await channel.aclose()
+            await sender.aclose()
+
+    results = anyio.run(main)
+    for r in results:
+        outcome = "ok" + (f" ({r.message_id})" if r.message_id else "") if r.ok else f"FAILED: {r.error}"
+        print(f"{r.channel:<8} {r.target}: {outcome}")
+    failed = sum(1 for r in results if not r.ok)
+    print(f"{len(results) - failed} of {len(results)} channel(s) delivered the test alert")
+    return 1 if failed else 0
+
+
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
@@ -313,6 +365,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check-credentials", help="request a token and read WhoAmI; alert ops when they fail")
     s.set_defaults(func=cmd_check_credentials)
+
+    s = sub.add_parser(
+        "check-alerts", help="send a test alert to every configured alert channel and report each (exit 1 on a failure)"
+    )
+    s.set_defaults(func=cmd_check_alerts)
 
     s = sub.add_parser(
         "replay",

@@ -91,6 +91,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     portal_rate_requests: int = 6000
     portal_rate_window_s: float = 300.0
     backoff_jitter: bool = True
+    # Alerts that reach a person (issue 21): the ops channels beside HLF_OPS_TOPIC, and the explicit "off".
+    ops_webhook_url: Secret | None = None  # its path carries the webhook's signature: a secret
+    alerts_off: bool = False
+    ops_email_to: tuple[str, ...] = ()
+    ops_email_from: str | None = None
+    ops_email_smtp_host: str | None = None
+    ops_email_smtp_port: int = 587
+    ops_email_smtp_user: str | None = None
+    ops_email_smtp_password: Secret | None = None
 
     def __repr__(self) -> str:
         # A libpq URL may carry a password: show the settings, never that.
@@ -127,6 +136,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{var}: required by `run`")
         if not self.dynamics_client_secret:
             raise ConfigError("HLF_DYNAMICS_CLIENT_SECRET: required by `run` (or HLF_DYNAMICS_CLIENT_SECRET_FILE)")
+
+    def require_alerts(self) -> None:
+        """`run` needs at least one way to reach a person, unless alerts are switched off on purpose."""
+        if self.alerts_off or self.fcm_credentials or self.ops_webhook_url or self.ops_email_to:
+            return
+        raise ConfigError(
+            "HLF_ALERTS: no alert channel configured; set HLF_FCM_CREDENTIALS, HLF_OPS_WEBHOOK_URL or "
+            "HLF_OPS_EMAIL_TO (or HLF_ALERTS=off to run without alerts on purpose)"
+        )
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -302,6 +320,32 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
 
     incident_check = read.duration("HLF_INCIDENT_CHECK_EVERY", 30.0)
+    alerts_raw = (read.text("HLF_ALERTS") or "on").lower()
+    if alerts_raw not in {"on", "off"}:
+        raise ConfigError(f"HLF_ALERTS: expected on or off, got {alerts_raw!r}")
+    webhook = read.text("HLF_OPS_WEBHOOK_URL")
+    hook = urlsplit(webhook or "")
+    loopback = _is_loopback(hook.hostname or "")
+    if webhook is not None and not (hook.netloc and (hook.scheme == "https" or (hook.scheme == "http" and loopback))):
+        # The URL is a secret: name the variable, never the value.
+        raise ConfigError("HLF_OPS_WEBHOOK_URL: must be an https:// URL (http only to a loopback host)")
+    email_to = tuple(a.strip() for a in (read.text("HLF_OPS_EMAIL_TO") or "").split(",") if a.strip())
+    email_host = read.text("HLF_OPS_EMAIL_SMTP_HOST")
+    email_from = read.text("HLF_OPS_EMAIL_FROM")
+    if email_to and not (email_host and email_from):
+        raise ConfigError("HLF_OPS_EMAIL_TO: needs HLF_OPS_EMAIL_SMTP_HOST and HLF_OPS_EMAIL_FROM too")
+    for address in (*email_to, *([email_from] if email_from else [])):
+        if not re.fullmatch(r"[^@\s,<>]+@[^@\s,<>]+", address):
+            raise ConfigError(f"HLF_OPS_EMAIL_TO/FROM: not an e-mail address: {address!r}")
+    smtp_password: str | None = None
+    password_file = read.text("HLF_OPS_EMAIL_SMTP_PASSWORD_FILE")
+    if password_file is not None:
+        try:
+            smtp_password = Path(password_file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(
+                f"HLF_OPS_EMAIL_SMTP_PASSWORD_FILE: cannot read {password_file!r} ({err.strerror})"
+            ) from None
 
     return Config(
         database_url=read.text("HLF_DATABASE_URL"),
@@ -341,4 +385,13 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         backoff_jitter=jitter_raw in {"on", "true", "1"},
         portal_rate_requests=rate_requests,
         portal_rate_window_s=rate_window,
+        ops_webhook_url=Secret(webhook) if webhook else None,
+        alerts_off=alerts_raw == "off",
+        ops_email_to=email_to,
+        ops_email_from=email_from,
+        ops_email_smtp_host=email_host,
+        ops_email_smtp_port=read.integer("HLF_OPS_EMAIL_SMTP_PORT", 587, minimum=1, maximum=65535),
+        ops_email_smtp_user=read.text("HLF_OPS_EMAIL_SMTP_USER"),
+        ops_email_smtp_password=Secret(smtp_password) if smtp_password else None,
     )
+

@@ -191,6 +191,7 @@ def run_cli(config: Config) -> int:
     """`hlf-actors check-credentials`: check, record (when a database is configured), print one line."""
     from .alerts import build_alert_sender
     from .dynamics import DynamicsClient
+    from .ops_channels import open_ops_channels
 
     config.require_portal()
 
@@ -202,10 +203,11 @@ def run_cli(config: Config) -> int:
                 return CredentialReport(ok=ok, error=error, cause=cause, duration_ms=duration_ms, recorded=False)
             sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
             try:
-                async with db.pool(
-                    config.database_url, name="hlf-check-credentials", max_size=2, open_timeout=15
-                ) as pool:
-                    alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
+                async with (
+                    db.pool(config.database_url, name="hlf-check-credentials", max_size=2, open_timeout=15) as pool,
+                    open_ops_channels(config, sender) as channels,
+                ):
+                    alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
                     return await check_credentials(portal, pool, alerting, trigger="check-credentials")
             finally:
                 await sender.aclose()

@@ -31,6 +31,7 @@ __all__ = [
     "CircuitOpened",
     "CredentialCheck",
     "DeadLettered",
+    "DeviceDead",
     "DuplicateDetected",
     "Event",
     "NewEvent",
@@ -136,6 +137,17 @@ class AlertFailed(_Payload, frozen=True, kw_only=True):
     error: str
     unregistered: bool = False
     dead_letter_id: int | None = None
+    will_retry: bool = False  # an ops alert kept in hlf_ops_outbox: sent again with backoff for up to 24 h
+
+
+class DeviceDead(_Payload, frozen=True, kw_only=True):
+    """FCM called a coordinator device's token dead: the device is not targeted again until the app writes a new
+    token for it (``hlf_dead_devices``)."""
+
+    device_id: UUID  # coordinator_devices.id
+    organisation_id: UUID
+    reason: str  # UNREGISTERED, INVALID_ARGUMENT or SENDER_ID_MISMATCH
+    alert: str  # the payload type whose push found it dead
 
 
 class CircuitOpened(_Payload, frozen=True, kw_only=True):
@@ -269,6 +281,7 @@ Payload = (
     | DuplicateDetected
     | PublicListingConfirmed
     | PublicListingStale
+    | DeviceDead
     | UnknownPayload
 )
 
@@ -292,6 +305,7 @@ _KINDS: dict[str, type[_Payload]] = {
     "duplicate_detected": DuplicateDetected,
     "public_listing_confirmed": PublicListingConfirmed,
     "public_listing_stale": PublicListingStale,
+    "device_dead": DeviceDead,
 }
 _KIND_OF: dict[type[_Payload], str] = {v: k for k, v in _KINDS.items()}
 

@@ -57,7 +57,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from .alerting import Alerting
-from .alerts import Delivery
+from .alerts import Delivery, Notice
 from .clock import Clock
 from .config import Config
 from .events import ReminderSent, encode_payload
@@ -121,6 +121,7 @@ class _Due(msgspec.Struct, frozen=True):
     threshold: int
     days_left: int
     expiry: date
+    full_name: str | None = None  # for the notification's words
 
 
 class _Claim(msgspec.Struct, frozen=True):
@@ -132,6 +133,7 @@ class _Claim(msgspec.Struct, frozen=True):
 class _Targets(msgspec.Struct, frozen=True):
     topic: str | None
     tokens: tuple[str, ...]
+    devices: tuple[UUID, ...] = ()  # coordinator_devices.id of each token, in order
 
 
 # -- SQL -------------------------------------------------------------------------------------------------------
@@ -201,18 +203,24 @@ WITH latest AS (
     UNION ALL
     SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
     FROM known k WHERE k.on_record AND k.pushed_at IS NULL AND NOT k.superseded
+), named AS (
+    SELECT p.*, m.full_name FROM to_push p JOIN mentors m ON m.id = p.mentor_id
 )
 SELECT json_build_object(
     'already', (SELECT count(*) FROM known WHERE on_record AND (pushed_at IS NOT NULL OR superseded)),
     'superseded', (SELECT count(*) FROM claimed WHERE superseded),
-    'due', coalesce((SELECT json_agg(p ORDER BY p.organisation_id, p.mentor_id) FROM to_push p), '[]')
+    'due', coalesce((SELECT json_agg(p ORDER BY p.organisation_id, p.mentor_id) FROM named p), '[]')
 )::text
 """
 
+# Live devices only: one FCM called dead with its current token is skipped (hlf_dead_devices, alerting.py).
 _TARGETS = """
 SELECT o.id, o.alert_topic,
-       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
-FROM organisations o LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
+       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}'),
+       coalesce(array_agg(d.id ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+FROM organisations o
+LEFT JOIN (coordinator_devices d LEFT JOIN hlf_dead_devices x ON x.device_id = d.id AND x.fcm_token = d.fcm_token)
+    ON d.organisation_id = o.id AND x.device_id IS NULL
 WHERE o.id = ANY(%s)
 GROUP BY o.id
 """
@@ -326,8 +334,8 @@ async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int
     targets: dict[UUID, _Targets] = {}
     if claim.due:
         orgs = sorted({d.organisation_id for d in claim.due})
-        for org_id, topic, tokens in await (await db.execute(_TARGETS, (orgs,))).fetchall():
-            targets[org_id] = _Targets(topic=topic or None, tokens=tuple(tokens))
+        for org_id, topic, tokens, devices in await (await db.execute(_TARGETS, (orgs,))).fetchall():
+            targets[org_id] = _Targets(topic=topic or None, tokens=tuple(tokens), devices=tuple(devices))
     unreachable = sorted({o for o, t in targets.items() if not t.tokens and not t.topic})
     for org_id in unreachable:
         log.warning("organisation {} has no coordinator devices and no alert_topic: its reminders reach no one", org_id)
@@ -388,6 +396,16 @@ def _reminder_data(due: _Due) -> dict[str, str]:
     return {"type": "cert_expiry_reminder", "mentor_id": str(due.mentor_id), "days_left": str(due.days_left)}
 
 
+def _reminder_notice(due: _Due) -> Notice:
+    """What the coordinator's phone shows for a reminder, in plain words."""
+    name = due.full_name or "A mentor"
+    days = "today" if due.days_left == 0 else f"in {due.days_left} day{'s' if due.days_left != 1 else ''}"
+    return Notice(
+        title=f"{name}'s certification expires {days}",
+        body=f"Renew it by {due.expiry:%d.%m.%Y} to keep {due.full_name or 'them'} on the public listing.",
+    )
+
+
 async def _push(
     alerting: Alerting, batch: Sequence[_Due], targets: dict[UUID, _Targets], limiter: anyio.CapacityLimiter
 ) -> list[list[Delivery]]:
@@ -400,7 +418,13 @@ async def _push(
             return  # no one to tell: reminder_sent records targets=0
         async with limiter:
             outcomes[i] = await alerting.deliver(
-                _reminder_data(due), tokens=to.tokens, topic=to.topic, mentor_id=due.mentor_id, record=False
+                _reminder_data(due),
+                tokens=to.tokens,
+                devices=to.devices,
+                topic=to.topic,
+                mentor_id=due.mentor_id,
+                record=False,
+                notice=_reminder_notice(due),
             )
 
     async with anyio.create_task_group() as tg:

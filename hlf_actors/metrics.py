@@ -102,6 +102,7 @@ class Health(msgspec.Struct, frozen=True):
     incident: str | None = None
     incident_since: str | None = None
     incident_fix: str | None = None
+    alerts: str = "on"  # "off" when HLF_ALERTS=off: nobody is told about failures
 
 
 async def _answer(stream: SocketStream, health: Callable[[], Health], metrics: Metrics) -> None:

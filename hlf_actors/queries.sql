@@ -122,13 +122,19 @@ WHERE d.dead_lettered_at > now() - make_interval(hours => %s)
 ORDER BY d.id;
 
 -- name: alert_targets
--- Where a mentor's sync-failure alert goes: the organisation's devices and topic.
-SELECT o.alert_topic, coalesce(array_agg(d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+-- Where a mentor's sync-failure alert goes: the organisation's live devices (token and id, in the same order) and
+-- topic, and the mentor's name for the notification. A device dead with its current token is left out.
+SELECT o.alert_topic,
+       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL),
+                '{}'),
+       coalesce(array_agg(d.id ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL), '{}'),
+       m.full_name
 FROM mentors m
 JOIN organisations o ON o.id = m.organisation_id
 LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
+LEFT JOIN hlf_dead_devices x ON x.device_id = d.id AND x.fcm_token = d.fcm_token
 WHERE m.id = %s
-GROUP BY o.alert_topic;
+GROUP BY o.alert_topic, m.full_name;
 
 -- name: event_log_head
 SELECT coalesce(max(seq), 0) FROM event_log;

@@ -400,6 +400,7 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
     from .alerts import build_alert_sender
     from .clock import SystemClock
     from .dynamics import DynamicsClient
+    from .ops_channels import open_ops_channels
 
     url = config.require_database()
     config.require_portal()
@@ -419,8 +420,12 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
             if report.first_abort:
                 sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
                 try:
-                    async with db.pool(url, name="hlf-reconcile", max_size=1, open_timeout=15) as pool:
-                        await alert_aborted(Alerting(pool, sender, ops_topic=config.ops_topic), report)
+                    async with (
+                        db.pool(url, name="hlf-reconcile", max_size=1, open_timeout=15) as pool,
+                        open_ops_channels(config, sender) as channels,
+                    ):
+                        alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
+                        await alert_aborted(alerting, report)
                 finally:
                     await sender.aclose()
             return report

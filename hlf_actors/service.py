@@ -42,6 +42,7 @@ from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, St
 from .incidents import Incident, Incidents
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics, serve_http
+from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
 from .retry import default_jitter
 
@@ -131,6 +132,9 @@ class Service:
         max_actors: int = 2000,
         alert_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 20.0),
         connect: Callable[[str], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+        ops_channels: Sequence[OpsChannel] | None = None,  # default: every channel the config names
+        outbox_every_s: float = 5.0,
+        outbox_backoff_s: tuple[float, float] = (5.0, 900.0),
     ) -> None:
         self.config = config
         self.state = ServiceState()
@@ -145,6 +149,9 @@ class Service:
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
         self._connect = connect or _connect_listener
+        self._ops_channels = ops_channels
+        self._outbox_every_s = outbox_every_s
+        self._outbox_backoff_s = outbox_backoff_s
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -172,6 +179,7 @@ class Service:
             incident=incident.cause if incident else None,
             incident_since=incident.since.isoformat() if incident and incident.since else None,
             incident_fix=incident.fix if incident else None,
+            alerts="off" if self.config.alerts_off else "on",
         )
 
     def _refresh_gauges(self) -> None:
@@ -202,9 +210,14 @@ class Service:
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
-            async with anyio.create_task_group() as tg:
+            async with self._open_ops_channels() as ops_channels, anyio.create_task_group() as tg:
                 alerting = Alerting(
-                    pool, self._sender, ops_topic=self.config.ops_topic, retry_delays_s=self._alert_retry_delays_s
+                    pool,
+                    self._sender,
+                    ops_topic=self.config.ops_topic,
+                    retry_delays_s=self._alert_retry_delays_s,
+                    ops_channels=ops_channels,
+                    outbox_backoff_s=self._outbox_backoff_s,
                 )
                 if self.config.public_listing_url:
                     self.probe = ListingProbe(self.config, pool, alerting, self.metrics)
@@ -216,6 +229,9 @@ class Service:
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
+                tg.start_soon(
+                    alerting.drain_outbox_forever, runtime.leadership.wait, self._outbox_every_s, name="ops outbox"
+                )
                 tg.start_soon(self._sweep_forever, name="sweeper")
                 tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
                 if self.probe is not None:
@@ -238,6 +254,15 @@ class Service:
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
                 tg.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _open_ops_channels(self) -> AsyncIterator[Sequence[OpsChannel]]:
+        """The channels given, or every one the configuration names (then closed here at the end)."""
+        if self._ops_channels is not None:
+            yield self._ops_channels
+            return
+        async with open_ops_channels(self.config, self._sender) as built:
+            yield built
 
     async def _behind_transaction_pooler(self) -> bool:
         """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements

@@ -50,6 +50,10 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     # The listing probe over the last 24 h: probe on/off, confirmed/stale counts, exposure and cache delay
     # p50/p95/max in ms, and how many successes are still waiting for a verdict.
     public_listing: dict[str, Any] | None = None
+    alerts: str = "on"  # "off" when HLF_ALERTS=off: failures reach no one
+    # Per organisation: {"organisation_id", "name", "devices": [coordinator_devices.id, ...]} of devices FCM called
+    # dead with their current token (hlf_dead_devices); not targeted until the app writes a new token.
+    dead_devices: list[dict[str, Any]] = []
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +85,9 @@ class Outcome(msgspec.Struct, frozen=True):
         return f"{self.kind}: {self.detail}"
 
 
-def summary(conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0) -> Summary:
+def summary(
+    conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0, alerts_off: bool = False
+) -> Summary:
     states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
     for state, n in conn.execute("SELECT state, count(*) FROM sync_status GROUP BY state").fetchall():
         states[state] = n
@@ -110,8 +116,25 @@ def summary(conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s
         last_success_at=row[5],
         circuit_open=bool(row[6]),
         public_listing=_public_listing(conn, probe_on, deadline_s),
+        alerts="off" if alerts_off else "on",
+        dead_devices=_dead_devices(conn),
         **_checks(conn),
     )
+
+
+def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Devices dead with the token they still have, per organisation (empty before migration 009)."""
+    row = conn.execute("SELECT to_regclass('hlf_dead_devices') IS NOT NULL").fetchone()
+    if not (row and row[0]):
+        return []
+    rows = conn.execute(
+        """SELECT o.id, o.name, array_agg(d.id ORDER BY x.marked_at, d.id)
+           FROM hlf_dead_devices x
+           JOIN coordinator_devices d ON d.id = x.device_id AND d.fcm_token = x.fcm_token
+           JOIN organisations o ON o.id = d.organisation_id
+           GROUP BY o.id, o.name ORDER BY o.name, o.id"""
+    ).fetchall()
+    return [{"organisation_id": str(o), "name": name, "devices": [str(d) for d in ids]} for o, name, ids in rows]
 
 
 def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
@@ -232,7 +255,12 @@ def render_summary(s: Summary) -> str:
         f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
         f"  last event                {_ago(s.last_event_at)}",
         f"  public website (24 h)     {_public_listing_line(s.public_listing)}",
+        "  alerts                    "
+        + ("OFF (HLF_ALERTS=off): sync failures and outages reach no one" if s.alerts == "off" else "on"),
+        f"  dead coordinator devices  {sum(len(o['devices']) for o in s.dead_devices) or 'none'}",
     ]
+    for org in s.dead_devices:
+        lines.append(f"    {org['name']} ({org['organisation_id']}): {', '.join(org['devices'])}")
     return "\n".join(lines)
 
 

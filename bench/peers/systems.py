@@ -209,6 +209,7 @@ class System:
                 "HLF_PORTAL_RATE_LIMIT": "1000000/1s",
                 "HLF_HTTP_PORT": "0",
                 "HLF_BACKOFF_JITTER": "off",
+                "HLF_ALERTS": "off",  # no alert channel in a benchmark: on purpose
             }
             return Worker([sys.executable, "-m", "hlf_actors", "run"], env, log_path, "leader: listening")
         assert self.module is not None

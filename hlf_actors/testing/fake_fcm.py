@@ -12,9 +12,23 @@ It speaks just enough of two Google endpoints:
     POST {url}/v1/projects/{project}/messages:send FCM HTTP v1 send; needs a Bearer token issued above (else
                                                    401); 200 {"name": "projects/<p>/messages/<id>"}
 
-Scripted behaviours: ``unregister(token)`` (404 UNREGISTERED in the real FcmError shape), ``outage(status)``
-(every send answers that status), ``stop()`` (open connections are cut, new ones refused). Everything it
-receives is kept for assertions. One lock guards all shared state; handlers run in daemon threads.
+Scripted behaviours: ``unregister(token)`` (404 UNREGISTERED in the real FcmError shape), ``invalid(token)``
+(400 INVALID_ARGUMENT "The registration token is not a valid FCM registration token"), ``mismatch(token)``
+(403 SENDER_ID_MISMATCH), ``outage(status)`` (every send answers that status), ``stop()`` (open connections are
+cut, new ones refused) and ``start()`` again (back on the same port). Everything it receives is kept for
+assertions. One lock guards all shared state; handlers run in daemon threads.
+
+Where each answer comes from (Firebase documentation):
+- "FCM error codes", https://firebase.google.com/docs/cloud-messaging/error-codes: the error body
+  ``{"error": {"code", "message", "status", "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.
+  FcmError", "errorCode": ...}]}}``, and its example 2 for an invalid registration token (400,
+  "The registration token is not a valid FCM registration token", status and errorCode INVALID_ARGUMENT).
+- "ErrorCode", https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode: UNREGISTERED is HTTP 404,
+  SENDER_ID_MISMATCH HTTP 403, INVALID_ARGUMENT HTTP 400, UNAVAILABLE 503, INTERNAL 500, QUOTA_EXCEEDED 429.
+- "Set the priority of a message", https://firebase.google.com/docs/cloud-messaging/customize-messages/
+  setting-message-priority, and the v1 Message resource: ``android.priority`` is "normal" or "high" (anything else
+  is an INVALID_ARGUMENT), APNs headers are strings, and a data-only message to Apple devices with
+  ``apns-priority: 10`` is rejected with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -140,7 +154,10 @@ class FakeFCM:
         self._access_tokens: set[str] = set()
         self._messages: list[ReceivedMessage] = []
         self._unregistered: set[str] = set()
+        self._invalid: set[str] = set()
+        self._mismatched: set[str] = set()
         self._outage: int | None = None
+        self._held: dict[str, threading.Event] = {}
         self._token_requests = 0
         self._send_attempts = 0
         self._next_id = 1
@@ -153,6 +170,7 @@ class FakeFCM:
         server = _Server((self._host, self._port), _Handler)
         server.fake = self
         self._server = server
+        self._port = int(server.server_address[1])  # a start() after stop() comes back on the same port
         # A short poll interval makes stop() prompt; serve_forever checks for shutdown only between polls.
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-fcm", daemon=True
@@ -232,6 +250,29 @@ class FakeFCM:
         with self._lock:
             self._unregistered.add(token)
 
+    def invalid(self, token: str) -> None:
+        """From now on, sends to ``token`` answer 400 INVALID_ARGUMENT about the token (a malformed token)."""
+        with self._lock:
+            self._invalid.add(token)
+
+    def mismatch(self, token: str) -> None:
+        """From now on, sends to ``token`` answer 403 SENDER_ID_MISMATCH (a token of another sender)."""
+        with self._lock:
+            self._mismatched.add(token)
+
+    def revoke_access_tokens(self) -> None:
+        """Forget every access token issued: the next send with one answers 401, as for a revoked token."""
+        with self._lock:
+            self._access_tokens.clear()
+
+    def hold(self, endpoint: str) -> threading.Event:
+        """Requests to ``endpoint`` ("send" or "token") wait, arrived but unanswered, until the returned event is set
+        (at most 30 s): shows whether the client's event loop goes on meanwhile."""
+        release = threading.Event()
+        with self._lock:
+            self._held[endpoint] = release
+        return release
+
     def outage(self, status: int | None = 503) -> None:
         """Every send answers ``status`` (with Google's error body) until called with None."""
         with self._lock:
@@ -291,6 +332,9 @@ class FakeFCM:
     def _handle_token(self, body: bytes) -> tuple[int, dict[str, Any]]:
         with self._lock:
             self._token_requests += 1
+            held = self._held.get("token")
+        if held is not None:
+            held.wait(30)
         form = parse_qs(body.decode(errors="replace"))
         if form.get("grant_type") != [_JWT_BEARER] or len(form.get("assertion", [])) != 1:
             return 400, {
@@ -335,6 +379,9 @@ class FakeFCM:
             self._send_attempts += 1
             authorised = auth.startswith("Bearer ") and auth[len("Bearer ") :] in self._access_tokens
             outage = self._outage
+            held = self._held.get("send")
+        if held is not None:
+            held.wait(30)
         if not authorised:
             return 401, _google_error(401)
         if outage is not None:
@@ -351,6 +398,12 @@ class FakeFCM:
         with self._lock:
             if "token" in message and message["token"] in self._unregistered:
                 return 404, _google_error(404, fcm_code="UNREGISTERED")
+            if "token" in message and message["token"] in self._invalid:
+                return 400, _google_error(
+                    400, "The registration token is not a valid FCM registration token", fcm_code="INVALID_ARGUMENT"
+                )
+            if "token" in message and message["token"] in self._mismatched:
+                return 403, _google_error(403, "SenderId mismatch", fcm_code="SENDER_ID_MISMATCH")
             message_id = f"0:{int(time.time() * 1000)}%{self._next_id:016x}"
             self._next_id += 1
             self._messages.append(
@@ -376,4 +429,14 @@ class FakeFCM:
         data = message.get("data", {})
         if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
             return "Invalid value at 'message.data': every key and value must be a string."
+        android = message.get("android", {})
+        if "priority" in android and android["priority"] not in ("normal", "high", "NORMAL", "HIGH"):
+            return f"Invalid value at 'message.android.priority' ({android['priority']!r})."
+        apns = message.get("apns", {})
+        headers = apns.get("headers", {})
+        if not all(isinstance(v, str) for v in headers.values()):
+            return "Invalid value at 'message.apns.headers': every value must be a string."
+        aps = apns.get("payload", {}).get("aps", {})
+        if headers.get("apns-priority") == "10" and "alert" not in aps and "notification" not in message:
+            return "Data messages to Apple devices must use apns-priority 5."
         return None

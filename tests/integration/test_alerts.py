@@ -153,6 +153,8 @@ async def test_unregistered_token_is_reported_and_the_others_still_arrive(
         error="UNREGISTERED: Requested entity was not found.",
         unregistered=True,
         retryable=False,
+        dead=True,
+        code="UNREGISTERED",
     )
     assert {m.message.get("token", m.message.get("topic")) for m in fake.messages()} == {alive, "org-coordinators"}
     assert_secret_free(repr(deliveries) + "\n".join(log), fake, service_account, [alive, dead])

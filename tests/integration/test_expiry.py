@@ -347,12 +347,12 @@ class BrokenOnce:
         self.broke = False
 
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None, notice: Any = None
     ) -> list[Delivery]:
         if not self.broke:
             self.broke = True
             raise RuntimeError("the process died here")
-        return await self._then.send(data, tokens=tokens, topic=topic)
+        return await self._then.send(data, tokens=tokens, topic=topic, notice=notice)
 
     async def aclose(self) -> None:
         await self._then.aclose()
@@ -392,11 +392,11 @@ class HeldSender(RecordingAlertSender):
         self.release = anyio.Event()
 
     async def send(
-        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None
+        self, data: Mapping[str, str], *, tokens: Sequence[str] = (), topic: str | None = None, notice: Any = None
     ) -> list[Delivery]:
         self.entered.set()
         await self.release.wait()
-        return await super().send(data, tokens=tokens, topic=topic)
+        return await super().send(data, tokens=tokens, topic=topic, notice=notice)
 
 
 async def test_two_concurrent_runs_and_a_manual_one_never_run_a_night_twice(

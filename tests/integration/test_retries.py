@@ -291,8 +291,10 @@ async def test_unregistered_device_is_reported_and_an_fcm_outage_never_blocks_sy
         await eventually(lambda: len(events(conn, refused, "dead_lettered")) == 2)
         set_status(conn, other, "active")  # syncing goes on while FCM is down
         await eventually(lambda: portal.listed(other_rec) is True and sync_state(conn, other) == "in_sync")
-        await eventually(lambda: len(events(conn, refused, "alert_failed")) == 3, what="the failed alerts recorded")
+        # The unregistered device is dead now (issue 21): only the live one is tried, and fails with FCM down.
+        await eventually(lambda: len(events(conn, refused, "alert_failed")) == 2, what="the failed alerts recorded")
     assert {f["unregistered"] for f in events(conn, refused, "alert_failed")[1:]} == {False}
+    assert [r[0] for r in conn.execute("SELECT reason FROM hlf_dead_devices")] == ["UNREGISTERED"]
 
 
 async def test_a_backlog_is_paced_inside_the_service_protection_limit_without_429s(

@@ -255,3 +255,67 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
+
+
+# -- alert channels (issue 21) -----------------------------------------------------------------------------------
+
+WEBHOOK = "https://prod.westeurope.logic.azure.com/workflows/abc/triggers/manual/paths/invoke?sig=" + SECRET
+
+
+def test_alerts_are_on_by_default_and_run_needs_a_channel() -> None:
+    config = load_config({}, dotenv=None)
+    assert config.alerts_off is False and config.ops_webhook_url is None and config.ops_email_to == ()
+    with pytest.raises(ConfigError) as refused:
+        config.require_alerts()
+    assert str(refused.value).startswith("HLF_ALERTS: no alert channel configured")
+    assert "\n" not in str(refused.value)
+    for enough in ({"HLF_ALERTS": "off"}, {"HLF_FCM_CREDENTIALS": "/sa.json"}, {"HLF_OPS_WEBHOOK_URL": WEBHOOK}):
+        load_config(enough, dotenv=None).require_alerts()
+
+
+def test_the_webhook_url_is_a_secret_and_must_be_https() -> None:
+    config = load_config({"HLF_OPS_WEBHOOK_URL": WEBHOOK}, dotenv=None)
+    assert config.ops_webhook_url is not None and config.ops_webhook_url.reveal() == WEBHOOK
+    assert SECRET not in repr(config)
+    assert load_config({"HLF_OPS_WEBHOOK_URL": "http://127.0.0.1:8081/hook"}, dotenv=None).ops_webhook_url
+    for bad in ("http://hooks.example.org/x?sig=" + SECRET, "not a url " + SECRET):
+        with pytest.raises(ConfigError) as refused:
+            load_config({"HLF_OPS_WEBHOOK_URL": bad}, dotenv=None)
+        assert str(refused.value).startswith("HLF_OPS_WEBHOOK_URL:") and SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"HLF_ALERTS": "maybe"}, "HLF_ALERTS"),
+        ({"HLF_OPS_EMAIL_TO": "ops@hlf.example"}, "HLF_OPS_EMAIL_TO"),
+        (
+            {"HLF_OPS_EMAIL_TO": "not-an-address", "HLF_OPS_EMAIL_FROM": "a@b.c", "HLF_OPS_EMAIL_SMTP_HOST": "smtp"},
+            "HLF_OPS_EMAIL_TO",
+        ),
+        ({"HLF_OPS_EMAIL_SMTP_PORT": "0"}, "HLF_OPS_EMAIL_SMTP_PORT"),
+    ],
+)
+def test_a_bad_alert_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(env, dotenv=None)
+    assert str(refused.value).startswith(variable) and "\n" not in str(refused.value)
+
+
+def test_email_settings_are_read(tmp_path: Path) -> None:
+    password = tmp_path / "smtp-password"
+    password.write_text(SECRET + "\n")
+    config = load_config(
+        {
+            "HLF_OPS_EMAIL_TO": "ops@hlf.example, oncall@hlf.example",
+            "HLF_OPS_EMAIL_FROM": "hlf-actors@hlf.example",
+            "HLF_OPS_EMAIL_SMTP_HOST": "smtp.office365.com",
+            "HLF_OPS_EMAIL_SMTP_USER": "hlf-actors@hlf.example",
+            "HLF_OPS_EMAIL_SMTP_PASSWORD_FILE": str(password),
+        },
+        dotenv=None,
+    )
+    assert config.ops_email_to == ("ops@hlf.example", "oncall@hlf.example")
+    assert config.ops_email_smtp_port == 587
+    assert config.ops_email_smtp_password is not None and config.ops_email_smtp_password.reveal() == SECRET
+    assert SECRET not in repr(config)
