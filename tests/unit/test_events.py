@@ -19,6 +19,7 @@ from hlf_actors.events import (
     AutoTransitioned,
     CircuitClosed,
     CircuitOpened,
+    ConsoleAction,
     CredentialCheck,
     DeadLettered,
     DuplicateDetected,
@@ -117,6 +118,9 @@ EXAMPLES: dict[str, Payload] = {
     ),
     "public_listing_stale": PublicListingStale(
         operation="remove", for_seq=52, waited_ms=1_200_400, reason="the listing still shows the mentor"
+    ),
+    "console_action": ConsoleAction(
+        actor="ops@hlf.example", action="requeue", target="dead_letter:42", detail="re-queued dead letter 42"
     ),
 }
 
