@@ -39,9 +39,10 @@ from .config import Config
 from .errors import MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .listing_probe import ListingProbe
-from .metrics import Health, Metrics, serve_http
+from .metrics import Health, Metrics
 from .reconcile import reconcile_forever
 from .retry import default_jitter
+from .web import build_app, serve_http
 
 __all__ = ["Service", "ServiceState"]
 
@@ -217,7 +218,7 @@ class Service:
                 )
                 if self.config.http_port:
                     self.state.http_port = await tg.start(
-                        serve_http, self.config.http_host, self.config.http_port, self.health, self.metrics
+                        serve_http, self.config.http_host, self.config.http_port, build_app(self.health, self.metrics)
                     )
                 task_status.started()
                 await self._stop.wait()
