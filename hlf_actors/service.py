@@ -217,8 +217,21 @@ class Service:
                     name="duplicate check",
                 )
                 if self.config.http_port:
+                    console = None
+                    if self.config.console_enabled:
+                        from .console import Console  # templates and sign-in load only when the console is on
+
+                        console = Console(
+                            self.config,
+                            pool=pool,
+                            portal=self._portal,
+                            alerting=alerting,
+                            health=self.health,
+                            clock=self._clock,
+                        ).app()
+                    app = build_app(self.health, self.metrics, console)
                     self.state.http_port = await tg.start(
-                        serve_http, self.config.http_host, self.config.http_port, build_app(self.health, self.metrics)
+                        serve_http, self.config.http_host, self.config.http_port, app
                     )
                 task_status.started()
                 await self._stop.wait()
