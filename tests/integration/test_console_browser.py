@@ -2,8 +2,8 @@
 
 The browser signs in through the fake Entra ID (real redirects, an RS256-signed ID token), finds the dead-lettered
 mentor, re-queues it and watches it turn in_sync; force-syncs another mentor and sees the PATCH reach the fake
-portal; and saves a screenshot of every page. HLF_SCREENSHOTS names the directory for them (the README's come from
-``HLF_SCREENSHOTS=docs/screenshots``); by default they go to the test's temporary directory.
+portal; and saves a screenshot of every page. SCREENSHOTS_DIR names the directory for them (the README's come from
+``SCREENSHOTS_DIR=docs/screenshots``); by default they go to the test's temporary directory.
 
 No browser is a failure, not a skip: `.ci/run` installs chromium and chromium-driver.
 """
@@ -75,7 +75,7 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
 
 @pytest.fixture
 def shots(tmp_path: Path) -> Path:
-    where = Path(os.environ.get("HLF_SCREENSHOTS") or tmp_path / "screenshots")
+    where = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path / "screenshots")
     where.mkdir(parents=True, exist_ok=True)
     return where
 
