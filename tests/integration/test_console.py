@@ -13,10 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
 
+from hlf_actors.alerts import RecordingAlertSender
+from hlf_actors.dynamics import DynamicsClient
+from hlf_actors.service import Service
+from hlf_actors.testing import harness
 from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
@@ -260,3 +265,99 @@ async def test_the_console_is_off_without_sign_in(db_url: str, portal: FakePorta
         assert (await http.get(f"http://127.0.0.1:{port}/")).status_code == 404
         assert (await http.get(f"http://127.0.0.1:{port}/login")).status_code == 404
         assert (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+
+
+async def test_a_standby_console_says_so_and_its_actions_reach_the_portal_through_the_leader(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
+) -> None:
+    secret = tmp_path / "console-password"
+    secret.write_text("standby-pw")
+    org = add_organisation(conn)
+    mentor, record = add_mentor(conn, org, portal=portal, name="Solveig Standby")
+    orphan_fixed, orphan_record = add_mentor(conn, org, portal=portal, name="Drifted Dag")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    standby_env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+    async with running_service(db_url, portal):
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync" and sync_state(conn, orphan_fixed) == "in_sync")
+        config = harness.test_config(db_url, portal, **standby_env)
+        client = DynamicsClient(config)
+        standby = Service(config, portal=client, alert_sender=RecordingAlertSender(), standby_poll_s=0.05)
+        try:
+            async with anyio.create_task_group() as tg, httpx.AsyncClient() as http:
+                await tg.start(standby.run)
+                await eventually(lambda: standby.health().role == "standby", what="the second process to stand by")
+                token = csrf_of((await http.get(f"{base}/login")).text)
+                await http.post(f"{base}/login", data={"password": "standby-pw", "csrf": token})
+                overview = await http.get(f"{base}/")
+                assert 'id="role">standby<' in overview.text and 'id="standby"' in overview.text
+
+                before = len(portal.patches(record))
+                page = await http.get(f"{base}/mentors/{mentor}")
+                await http.post(
+                    f"{base}/actions/force-sync", data={"mentor_id": str(mentor), "csrf": csrf_of(page.text)}
+                )
+                await eventually(
+                    lambda: len(portal.patches(record)) > before, what="the leader to send the forced PATCH"
+                )
+
+                # Reconcile now, from the standby: the portal drifted; the leader fixes what reconcile queued.
+                portal.add_record(orphan_record, listed=False)
+                actions = await http.get(f"{base}/actions")
+                done = await http.post(
+                    f"{base}/actions/reconcile", data={"csrf": csrf_of(actions.text)}, follow_redirects=True
+                )
+                assert "1 sync request(s) queued" in done.text, done.text[-2000:]
+                await eventually(lambda: portal.listed(orphan_record) is True, what="the drift fixed by the leader")
+                checked = await http.post(
+                    f"{base}/actions/check-credentials", data={"csrf": csrf_of(done.text)}, follow_redirects=True
+                )
+                assert "Credentials OK" in checked.text
+                assert "reconcile" in checked.text and "check credentials" in checked.text  # the audit log
+                standby.request_stop()
+        finally:
+            await client.aclose()
+    rows = conn.execute("SELECT data ->> 'action' FROM event_log WHERE kind = 'console_action' ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == ["force_sync", "reconcile", "check_credentials"]
+    trigger = conn.execute(
+        "SELECT data ->> 'trigger' FROM event_log WHERE kind = 'credential_check' ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    assert trigger == ("console",)
+
+
+async def test_mentor_search_by_name_or_id_and_state_and_an_https_console_url_makes_cookies_secure(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
+) -> None:
+    secret = tmp_path / "console-password"
+    secret.write_text("pw")
+    org = add_organisation(conn)
+    anna, _ = add_mentor(conn, org, portal=portal, name="Anna 100% Berg")
+    bjorn, _ = add_mentor(conn, org, portal=portal, name="Bjørn Lie")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
+        await eventually(lambda: sync_state(conn, anna) == "in_sync" and sync_state(conn, bjorn) == "in_sync")
+        token = csrf_of((await http.get(f"{base}/login")).text)
+        await http.post(f"{base}/login", data={"password": "pw", "csrf": token})
+
+        async def names(**params: str) -> list[str]:
+            page = await http.get(f"{base}/mentors", params=params)
+            return re.findall(r'<a href="/mentors/[0-9a-f-]+">([^<]+)</a>', page.text)
+
+        assert await names() == ["Anna 100% Berg", "Bjørn Lie"]
+        assert await names(q="bjørn") == ["Bjørn Lie"]
+        assert await names(q="100%") == ["Anna 100% Berg"]
+        assert await names(q="0% B") == ["Anna 100% Berg"]
+        assert await names(q="%") == ["Anna 100% Berg"]  # a literal %, not a wildcard
+        assert await names(q=str(bjorn).upper()) == ["Bjørn Lie"]
+        assert await names(state="in_sync") == ["Anna 100% Berg", "Bjørn Lie"]
+        assert await names(state="dead_lettered") == []
+        assert (await http.get(f"{base}/mentors/not-a-uuid")).status_code == 404
+
+    port = free_port()
+    env.update(HLF_HTTP_PORT=str(port), HLF_CONSOLE_URL="https://ops.hlf.example")
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
+        login = await http.get(f"http://127.0.0.1:{port}/login")
+        cookie = login.headers["set-cookie"].lower()
+        assert "secure" in cookie and "httponly" in cookie and "samesite=lax" in cookie
