@@ -25,11 +25,12 @@ slow page never holds a connection the actors need.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import anyio
@@ -72,6 +73,7 @@ _HERE = Path(__file__).parent
 _STATES = ("pending", "retrying", "in_sync", "dead_lettered")
 _SESSION_HOURS = 8
 T = TypeVar("T")
+_Handler = Callable[[Request, str], Awaitable[Response]]  # a page or an action, given the signed-in user
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,6 @@ class Console:
     # -- wiring -------------------------------------------------------------------------------------------------
 
     def app(self) -> Starlette:
-        import secrets
-
         cfg = self._config
         loopback = is_loopback_url(cfg.console_url) if cfg.console_url else cfg.http_host in {"127.0.0.1", "::1"}
         routes = [
@@ -273,6 +273,7 @@ class Console:
         ]
         return Starlette(
             routes=routes,
+            exception_handlers={psycopg.OperationalError: self._database_away},
             middleware=[
                 Middleware(SecurityHeaders),
                 Middleware(
@@ -286,9 +287,7 @@ class Console:
             ],
         )
 
-    Handler = Callable[[Request, str], Awaitable[Response]]
-
-    def _page(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def _page(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             user = request.session.get("user")
             if not isinstance(user, str):
@@ -297,7 +296,7 @@ class Console:
 
         return guarded
 
-    def _action(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def _action(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
             user = request.session.get("user")
             form = await request.form()
@@ -320,6 +319,13 @@ class Console:
             states=_STATES,
         )
         return self._templates.TemplateResponse(request, template, context, status_code=status_code)
+
+    async def _database_away(self, request: Request, err: Exception) -> Response:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        logger.warning("console: the database cannot be reached ({})", first)
+        return self._refuse(
+            request, "The database cannot be reached right now; the page will work again when it can.", 503
+        )
 
     def _refuse(self, request: Request, reason: str, status_code: int) -> Response:
         return self._render(request, "refused.html", status_code=status_code, reason=reason)
@@ -537,7 +543,9 @@ class Console:
 
         return self._done(request, await self._read(act), "/dead-letters")
 
-    def _requeue_ids(self, conn: psycopg.Connection[Any], user: str, ids: list[int], action: Any) -> str:
+    def _requeue_ids(
+        self, conn: psycopg.Connection[Any], user: str, ids: list[int], action: Literal["requeue", "requeue_all"]
+    ) -> str:
         done: list[int] = []
         problems: list[str] = []
         for dl_id in ids:

@@ -17,6 +17,7 @@ import anyio
 import httpx
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.dynamics import DynamicsClient
@@ -25,6 +26,7 @@ from hlf_actors.testing import harness
 from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.proxy import TcpProxy
 from hlf_actors.testing.seed import add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio
@@ -361,3 +363,25 @@ async def test_mentor_search_by_name_or_id_and_state_and_an_https_console_url_ma
         login = await http.get(f"http://127.0.0.1:{port}/login")
         cookie = login.headers["set-cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie and "samesite=lax" in cookie
+
+
+async def test_pages_say_the_database_is_away_instead_of_failing(
+    db_url: str, portal: FakePortal, tmp_path: Path
+) -> None:
+    secret = tmp_path / "console-password"
+    secret.write_text("pw")
+    params = conninfo_to_dict(db_url)
+    with TcpProxy(str(params["host"]), int(params.get("port") or 5432)) as proxy:
+        params.update(host="127.0.0.1", port=str(proxy.port))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+        async with running_service(make_conninfo(**params), portal, env=env), httpx.AsyncClient() as http:
+            token = csrf_of((await http.get(f"{base}/login")).text)
+            await http.post(f"{base}/login", data={"password": "pw", "csrf": token})
+            assert (await http.get(f"{base}/")).status_code == 200
+            proxy.refuse(True)
+            away = await http.get(f"{base}/dead-letters")
+            assert away.status_code == 503 and "The database cannot be reached right now" in away.text
+            proxy.refuse(False)
+            assert (await http.get(f"{base}/dead-letters")).status_code == 200
