@@ -28,7 +28,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -103,7 +103,7 @@ class Chart:
 
 
 _CHART_SQL = """
-SELECT date_trunc('hour', recorded_at) AS hour,
+SELECT to_timestamp(floor(extract(epoch FROM recorded_at) / 3600) * 3600) AS hour,  -- UTC hours, whatever TimeZone
        count(*) FILTER (WHERE kind = 'attempt_succeeded'),
        count(*) FILTER (WHERE kind IN ('attempt_failed', 'dead_lettered')),
        max((data ->> 'exposure_ms')::bigint) FILTER (WHERE kind = 'public_listing_confirmed')
@@ -113,8 +113,9 @@ WHERE recorded_at > %s
 GROUP BY 1"""
 
 
-def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime) -> Chart:
-    """Place 24 hourly bars (successes up, failures stacked on top) and the exposure line. Pure."""
+def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime, zone: tzinfo = UTC) -> Chart:
+    """Place 24 hourly bars (successes up, failures stacked on top) and the exposure line; hours are labelled in
+    ``zone`` (HLF_TIMEZONE). Pure."""
     width, height, top = 720, 180, 10
     bar = width / 24
     end = now.replace(minute=0, second=0, microsecond=0)
@@ -131,7 +132,7 @@ def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime) -> C
         x = i * bar
         hours.append(
             ChartHour(
-                label=f"{h:%H}:00",
+                label=f"{h.astimezone(zone):%H:%M}",
                 x=round(x + 2, 1),
                 synced=synced,
                 failed=failed,
@@ -431,13 +432,13 @@ class Console:
                 "summary": status.summary(
                     conn, probe_on=cfg.public_listing_url is not None, deadline_s=cfg.public_listing_deadline_s
                 ),
-                "chart": chart(rows.fetchall(), now),
+                "chart": chart(rows.fetchall(), now, cfg.zone),
                 "night": conn.execute(_NIGHT_SQL).fetchone(),
             }
 
         data = await self._read(read)
         # The tenant-wide incident state (another issue) is not recorded yet: the page keeps a place for it.
-        return self._render(request, "overview.html", incident=None, **data)
+        return self._render(request, "overview.html", incident=None, zone=cfg.timezone, **data)
 
     async def _mentors(self, request: Request, _user: str) -> Response:
         q = (request.query_params.get("q") or "").strip()[:200] or None

@@ -106,6 +106,8 @@ async def test_entra_sign_in_admits_the_group_and_every_post_needs_the_csrf_toke
         overview = await sign_in_with_entra(http, base)
         assert overview.status_code == 200 and str(overview.url) == f"{base}/", overview.text[:300]
         assert "ops@hlf.example" in overview.text and 'id="role">leader<' in overview.text
+        # The chart's current hour counts the mentor's first sync (SQL's hours and the page's slots agree).
+        assert re.search(r"<title>\d\d:00: 1 synced, 0 failed</title>", overview.text), overview.text
         cookie = next(h for k, h in overview.history[-1].headers.multi_items() if k == "set-cookie")
         assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
         assert "secure" not in cookie.lower()  # loopback HTTP: a Secure cookie would never come back

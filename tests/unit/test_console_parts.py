@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -18,8 +19,8 @@ HOUR = NOW.replace(minute=0)
 
 def test_the_chart_has_24_hours_ending_with_the_current_one_and_scales_to_the_busiest() -> None:
     rows = [(HOUR, 8, 2, 45_000), (HOUR - timedelta(hours=5), 3, 0, 15_000), (HOUR - timedelta(hours=30), 99, 99, 1)]
-    c = chart(rows, NOW)
-    assert len(c.hours) == 24 and c.hours[-1].label == "12:00" and c.hours[0].label == "13:00"
+    c = chart(rows, NOW, ZoneInfo("Europe/Oslo"))
+    assert len(c.hours) == 24 and c.hours[-1].label == "13:00" and c.hours[0].label == "14:00"  # UTC+1 in March
     assert c.peak == 10  # the busiest hour in the window: 8 + 2; the row 30 h ago is outside
     last = c.hours[-1]
     assert (last.synced, last.failed) == (8, 2)
