@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -100,6 +100,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ops_email_smtp_port: int = 587
     ops_email_smtp_user: str | None = None
     ops_email_smtp_password: Secret | None = None
+    # The operations console (hlf_actors.console): off unless one way of signing in is configured.
+    console_password: Secret | None = None  # HLF_CONSOLE_PASSWORD_FILE's content; hashed at start-up
+    console_oidc_issuer: str | None = None
+    console_oidc_client_id: str | None = None
+    console_oidc_client_secret: Secret | None = None
+    console_allowed_group: str | None = None  # an Entra ID group object id (`groups` claim) or app role (`roles`)
+    console_url: str | None = None  # HLF_CONSOLE_URL: the console's address as browsers see it (behind a proxy)
 
     def __repr__(self) -> str:
         # A libpq URL may carry a password: show the settings, never that.
@@ -119,6 +126,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         if self.dynamics_scope:
             return self.dynamics_scope
         return f"{(self.dynamics_url or '').rstrip('/')}/.default"
+
+    @property
+    def console_enabled(self) -> bool:
+        return self.console_password is not None or self.console_oidc_issuer is not None
 
     def require_database(self) -> str:
         if not self.database_url:
@@ -346,6 +357,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
             raise ConfigError(
                 f"HLF_OPS_EMAIL_SMTP_PASSWORD_FILE: cannot read {password_file!r} ({err.strerror})"
             ) from None
+    console = _console_settings(read)
 
     return Config(
         database_url=read.text("HLF_DATABASE_URL"),
@@ -393,5 +405,54 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         ops_email_smtp_port=read.integer("HLF_OPS_EMAIL_SMTP_PORT", 587, minimum=1, maximum=65535),
         ops_email_smtp_user=read.text("HLF_OPS_EMAIL_SMTP_USER"),
         ops_email_smtp_password=Secret(smtp_password) if smtp_password else None,
+        **console,
     )
 
+
+def _read_secret_file(name: str, path: str) -> Secret:
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read {path!r} ({err.strerror})") from None
+    if not value:
+        raise ConfigError(f"{name}: {path!r} is empty")
+    return Secret(value)
+
+
+def _console_settings(read: _Reader) -> dict[str, Any]:
+    """The console's sign-in: a shared password file, or Entra ID (all four OIDC variables), or neither (off)."""
+    settings: dict[str, Any] = {"console_url": read.url("HLF_CONSOLE_URL")}
+    password_file = read.text("HLF_CONSOLE_PASSWORD_FILE")
+    if password_file is not None:
+        settings["console_password"] = _read_secret_file("HLF_CONSOLE_PASSWORD_FILE", password_file)
+    oidc = {
+        name: read.text(name)
+        for name in (
+            "HLF_CONSOLE_OIDC_ISSUER",
+            "HLF_CONSOLE_OIDC_CLIENT_ID",
+            "HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE",
+            "HLF_CONSOLE_ALLOWED_GROUP",
+        )
+    }
+    if any(oidc.values()):
+        for name, value in oidc.items():
+            if value is None:
+                raise ConfigError(f"{name}: required when signing in to the console with Entra ID (HLF_CONSOLE_OIDC_*)")
+        issuer = read.url("HLF_CONSOLE_OIDC_ISSUER")
+        assert issuer is not None and oidc["HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE"] is not None
+        if not _https_or_loopback(issuer):
+            raise ConfigError(f"HLF_CONSOLE_OIDC_ISSUER: must be https:// unless its host is loopback, got {issuer!r}")
+        settings.update(
+            console_oidc_issuer=issuer.rstrip("/"),
+            console_oidc_client_id=oidc["HLF_CONSOLE_OIDC_CLIENT_ID"],
+            console_oidc_client_secret=_read_secret_file(
+                "HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE", oidc["HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE"]
+            ),
+            console_allowed_group=oidc["HLF_CONSOLE_ALLOWED_GROUP"],
+        )
+    return settings
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.hostname or "") in {"127.0.0.1", "localhost", "::1"}

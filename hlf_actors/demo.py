@@ -9,6 +9,8 @@ Each step checks its outcome and prints the latency it measured; any step that d
 
 from __future__ import annotations
 
+import secrets
+import socket
 import sys
 import tempfile
 import time
@@ -55,6 +57,12 @@ def _state(conn: psycopg.Connection[Any], mentor: UUID) -> str | None:
     return row[0] if row else None
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
@@ -84,6 +92,14 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
         app_name="hlf-actors-demo",
     )
     env = {"HLF_BACKOFF_BASE_MS": "100", "HLF_MAX_ATTEMPTS": "3"}
+    console_password = ""
+    if keep:
+        # The operations console, signed in with a password made for this run only (never written to a log).
+        console_password = secrets.token_urlsafe(12)
+        password_file = workdir / "console-password"
+        password_file.write_text(console_password + "\n")
+        password_file.chmod(0o600)
+        env.update(HLF_HTTP_PORT=str(_free_port()), HLF_CONSOLE_PASSWORD_FILE=str(password_file))
     try:
         async with running_service(url, portal, sender=sender, env=env) as service:
             waited = await _until(
@@ -147,6 +163,10 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
             _say(status.render_story(story))
             if keep:
                 pause_lars = f"UPDATE mentors SET status = 'paused' WHERE id = '{lars}'"  # noqa: S608 - shown, not run
+                _say(
+                    f"\noperations console: http://127.0.0.1:{service.state.http_port}/  "
+                    f"(one-time demo password: {console_password})"
+                )
                 _say(
                     f"\nstill running. In another shell:\n  export HLF_DATABASE_URL='{url}'\n"
                     f"  hlf-actors status\n  hlf-actors status {kari}\n"

@@ -29,6 +29,7 @@ __all__ = [
     "AutoTransitioned",
     "CircuitClosed",
     "CircuitOpened",
+    "ConsoleAction",
     "CredentialCheck",
     "DeadLettered",
     "DeviceDead",
@@ -255,6 +256,16 @@ class PublicListingStale(_Payload, frozen=True, kw_only=True):
     reason: str
 
 
+class ConsoleAction(_Payload, frozen=True, kw_only=True):
+    """Someone did something from the operations console (``hlf_actors.console``): the audit log shows humans too.
+    Not projected: the action's own events (``sync_requested``, ``requeued``, ``credential_check``…) do the work."""
+
+    actor: str  # who: the signed-in account (Entra ID's preferred_username or oid), or "password" for the shared one
+    action: Literal["force_sync", "requeue", "requeue_all", "reconcile", "check_credentials"]
+    target: str | None = None  # the mentor or dead letter acted on, when there is one
+    detail: str = ""  # how it went, in one line
+
+
 class UnknownPayload(_Payload, frozen=True, kw_only=True, gc=True):
     """A kind (or version) this code does not know. Kept so the log can be shown, ignored by projections."""
 
@@ -282,6 +293,7 @@ Payload = (
     | PublicListingConfirmed
     | PublicListingStale
     | DeviceDead
+    | ConsoleAction
     | UnknownPayload
 )
 
@@ -306,6 +318,7 @@ _KINDS: dict[str, type[_Payload]] = {
     "public_listing_confirmed": PublicListingConfirmed,
     "public_listing_stale": PublicListingStale,
     "device_dead": DeviceDead,
+    "console_action": ConsoleAction,
 }
 _KIND_OF: dict[type[_Payload], str] = {v: k for k, v in _KINDS.items()}
 

@@ -4,21 +4,17 @@
 worked; a hot standby answers 503 with ``"role": "standby"`` (alive, but not the one doing the work). The body is
 JSON either way so an operator can read it with curl.
 
-The HTTP server is a few lines on anyio rather than a framework: two GET routes, one connection per request.
+``hlf_actors.web`` serves both, next to the operations console.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import anyio
 import msgspec
-from anyio.abc import SocketStream
-from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics", "serve_http"]
+__all__ = ["Health", "Metrics"]
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -103,57 +99,3 @@ class Health(msgspec.Struct, frozen=True):
     incident_since: str | None = None
     incident_fix: str | None = None
     alerts: str = "on"  # "off" when HLF_ALERTS=off: nobody is told about failures
-
-
-async def _answer(stream: SocketStream, health: Callable[[], Health], metrics: Metrics) -> None:
-    async with stream:
-        request = b""
-        with anyio.move_on_after(5):
-            while b"\r\n\r\n" not in request and len(request) < 8192:
-                chunk = await stream.receive(4096)
-                if not chunk:
-                    break
-                request += chunk
-        line = request.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
-        path = line[1].split("?", 1)[0] if len(line) >= 2 else ""
-        status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
-        if len(line) >= 2 and line[0] != "GET":
-            status, body = "405 Method Not Allowed", b"GET only\n"
-        elif path == "/healthz":
-            h = health()
-            status = "200 OK" if h.status == "ok" else "503 Service Unavailable"
-            content_type, body = "application/json", msgspec.json.encode(h) + b"\n"
-        elif path == "/metrics":
-            status, content_type, body = "200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()
-        head = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        try:
-            await stream.send(head + body)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
-
-
-async def serve_http(
-    host: str,
-    port: int,
-    health: Callable[[], Health],
-    metrics: Metrics,
-    *,
-    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until cancelled; reports the bound port through ``task_status`` (useful with port 0)."""
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
-    bound: Any = listener.extra(anyio.abc.SocketAttribute.local_port)
-    logger.info("health and metrics on http://{}:{}/healthz and /metrics", host, bound)
-    task_status.started(int(bound))
-
-    async def handle(stream: SocketStream) -> None:
-        try:
-            await _answer(stream, health, metrics)
-        except Exception as err:  # a bad client must never take the endpoint down
-            logger.debug("health endpoint: {}", err)
-
-    async with listener:
-        await listener.serve(handle)

@@ -41,10 +41,11 @@ from .errors import MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .incidents import Incident, Incidents
 from .listing_probe import ListingProbe
-from .metrics import Health, Metrics, serve_http
+from .metrics import Health, Metrics
 from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
 from .retry import default_jitter
+from .web import build_app, serve_http
 
 __all__ = ["Service", "ServiceState"]
 
@@ -247,8 +248,21 @@ class Service:
                     name="duplicate check",
                 )
                 if self.config.http_port:
+                    console = None
+                    if self.config.console_enabled:
+                        from .console import Console  # templates and sign-in load only when the console is on
+
+                        console = Console(
+                            self.config,
+                            pool=pool,
+                            portal=self._portal,
+                            alerting=alerting,
+                            health=self.health,
+                            clock=self._clock,
+                        ).app()
+                    app = build_app(self.health, self.metrics, console)
                     self.state.http_port = await tg.start(
-                        serve_http, self.config.http_host, self.config.http_port, self.health, self.metrics
+                        serve_http, self.config.http_host, self.config.http_port, app
                     )
                 task_status.started()
                 await self._stop.wait()

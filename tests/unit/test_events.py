@@ -19,6 +19,7 @@ from hlf_actors.events import (
     AutoTransitioned,
     CircuitClosed,
     CircuitOpened,
+    ConsoleAction,
     CredentialCheck,
     DeadLettered,
     DeviceDead,
@@ -135,6 +136,9 @@ EXAMPLES: dict[str, Payload] = {
         organisation_id=UUID("0b6f8d1e-2c4a-4e7b-8f9a-1d2c3b4a5e6f"),
         reason="UNREGISTERED",
         alert="hlf_sync_failure",
+    ),
+    "console_action": ConsoleAction(
+        actor="ops@hlf.example", action="requeue", target="dead_letter:42", detail="re-queued dead letter 42"
     ),
 }
 

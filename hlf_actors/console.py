@@ -1,0 +1,640 @@
+"""The operations console: what `hlf-actors status` and friends show, as pages, with one button per fix.
+
+Operations staff would rather look at a page than read a table. Every page is rendered on the server and works
+without JavaScript (Jinja2 templates and one stylesheet shipped in the wheel; the host has no internet, so nothing
+comes from a CDN). The chart is inline SVG drawn here.
+
+    /                   overview: sync states, circuit, credentials, last reconcile and night, oldest open change,
+                        the last 24 h (syncs and failures per hour, the public listing's exposure window)
+    /mentors            search by name or id, filter by state;  /mentors/{id}: the story, as `status MENTOR` tells it
+    /dead-letters       open ones and their cause; re-queue one or all
+    /alerts             recent pushes, failures and dead devices, per organisation
+    /expiry             last night's run, reminders sent, upcoming expiries per organisation
+    /actions            force sync, reconcile now, check credentials now, and the console's audit log
+
+It runs on the leader and on a standby alike (a standby says so on every page), because every action goes through
+the database: force sync and re-queue call the SQL functions the CLI calls (``hlf_force_sync``,
+``hlf_requeue_dead_letter``), whose events and NOTIFY the leader picks up like any other change; "reconcile now" and
+"check credentials now" run here, as `hlf-actors reconcile` and `check-credentials` run on any machine, and write
+their sync requests and ``credential_check`` events for the leader to act on. Each action also appends a
+``console_action`` event naming who did it (mentor-less, so the audit list reads an index, not the whole log).
+
+Reads use short-lived synchronous connections in a worker thread, so the pages reuse ``status.py`` as it is and a
+slow page never holds a connection the actors need.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from uuid import UUID
+
+import anyio
+import jinja2
+import psycopg
+from loguru import logger
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from . import db, status
+from .alerting import Alerting
+from .clock import Clock
+from .config import Config
+from .console_auth import (
+    LoginLimiter,
+    OidcSignIn,
+    PasswordCheck,
+    SecurityHeaders,
+    SignInRefused,
+    csrf_token,
+    csrf_valid,
+    is_loopback_url,
+    who,
+)
+from .credentials import check_credentials
+from .events import ConsoleAction, NewEvent, encode_payload
+from .metrics import Health
+from .reconcile import ListingPortal, alert_aborted, reconcile
+
+__all__ = ["Console"]
+
+_HERE = Path(__file__).parent
+_STATES = ("pending", "retrying", "in_sync", "dead_lettered")
+_SESSION_HOURS = 8
+T = TypeVar("T")
+_Handler = Callable[[Request, str], Awaitable[Response]]  # a page or an action, given the signed-in user
+
+
+@dataclass(frozen=True)
+class ChartHour:
+    """One hour of the overview's chart, with its bars already placed (SVG user units)."""
+
+    label: str
+    x: float
+    synced: int
+    failed: int
+    synced_y: float
+    synced_h: float
+    failed_y: float
+    failed_h: float
+    exposure_s: float | None
+
+
+@dataclass(frozen=True)
+class Chart:
+    hours: list[ChartHour]
+    width: int
+    height: int
+    bar: float
+    peak: int
+    exposure_points: str  # an SVG polyline's points; empty when the probe confirmed nothing
+    exposure_peak_s: float
+
+
+_CHART_SQL = """
+SELECT to_timestamp(floor(extract(epoch FROM recorded_at) / 3600) * 3600) AS hour,  -- UTC hours, whatever TimeZone
+       count(*) FILTER (WHERE kind = 'attempt_succeeded'),
+       count(*) FILTER (WHERE kind IN ('attempt_failed', 'dead_lettered')),
+       max((data ->> 'exposure_ms')::bigint) FILTER (WHERE kind = 'public_listing_confirmed')
+FROM event_log
+WHERE recorded_at > %s
+  AND kind IN ('attempt_succeeded', 'attempt_failed', 'dead_lettered', 'public_listing_confirmed')
+GROUP BY 1"""
+
+
+def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime, zone: tzinfo = UTC) -> Chart:
+    """Place 24 hourly bars (successes up, failures stacked on top) and the exposure line; hours are labelled in
+    ``zone`` (HLF_TIMEZONE). Pure."""
+    width, height, top = 720, 180, 10
+    bar = width / 24
+    end = now.replace(minute=0, second=0, microsecond=0)
+    by_hour = {r[0]: r for r in rows}
+    slots = [end - timedelta(hours=23 - i) for i in range(24)]
+    peak = max([1] + [(by_hour[h][1] + by_hour[h][2]) for h in slots if h in by_hour])
+    exposure_peak_ms = max([0] + [by_hour[h][3] or 0 for h in slots if h in by_hour])
+    scale = (height - top) / peak
+    hours: list[ChartHour] = []
+    points: list[str] = []
+    for i, h in enumerate(slots):
+        _, synced, failed, exposure = by_hour.get(h, (h, 0, 0, None))
+        synced_h, failed_h = synced * scale, failed * scale
+        x = i * bar
+        hours.append(
+            ChartHour(
+                label=f"{h.astimezone(zone):%H:%M}",
+                x=round(x + 2, 1),
+                synced=synced,
+                failed=failed,
+                synced_y=round(height - synced_h, 1),
+                synced_h=round(synced_h, 1),
+                failed_y=round(height - synced_h - failed_h, 1),
+                failed_h=round(failed_h, 1),
+                exposure_s=None if exposure is None else exposure / 1000,
+            )
+        )
+        if exposure is not None and exposure_peak_ms:
+            points.append(f"{x + bar / 2:.1f},{height - (height - top) * exposure / exposure_peak_ms:.1f}")
+    return Chart(
+        hours=hours,
+        width=width,
+        height=height,
+        bar=round(bar - 4, 1),
+        peak=peak,
+        exposure_points=" ".join(points),
+        exposure_peak_s=exposure_peak_ms / 1000,
+    )
+
+
+_NIGHT_SQL = """
+SELECT run_key, owner, started_at, finished_at, outcome, attempts, detail
+FROM hlf_job_runs WHERE job = 'cert_expiry' ORDER BY run_key DESC LIMIT 1"""
+
+_MENTORS_SQL = """
+SELECT m.id, m.full_name, m.status, o.name, s.state, s.attempts, s.last_error, s.updated_at
+FROM mentors m
+JOIN organisations o ON o.id = m.organisation_id
+LEFT JOIN sync_status s ON s.mentor_id = m.id
+WHERE (%(q)s::text IS NULL OR m.full_name ILIKE %(like)s OR m.id::text = lower(%(q)s))
+  AND (%(state)s::text IS NULL OR s.state = %(state)s)
+ORDER BY m.full_name, m.id
+LIMIT 200"""
+
+_RECENT_ALERTS_SQL = """
+SELECT e.recorded_at, e.kind, e.data ->> 'alert', e.data ->> 'target', e.data ->> 'error',
+       coalesce((e.data ->> 'unregistered')::boolean, false), e.mentor_id, m.full_name, o.name
+FROM event_log e
+LEFT JOIN mentors m ON m.id = e.mentor_id
+LEFT JOIN organisations o ON o.id = m.organisation_id
+WHERE e.kind IN ('alert_sent', 'alert_failed')
+ORDER BY e.seq DESC
+LIMIT 100"""
+
+_ALERTS_PER_ORG_SQL = """
+SELECT coalesce(o.name, '(operations)'),
+       count(*) FILTER (WHERE e.kind = 'alert_sent'),
+       count(*) FILTER (WHERE e.kind = 'alert_failed'),
+       count(*) FILTER (WHERE (e.data ->> 'unregistered')::boolean)
+FROM event_log e
+LEFT JOIN mentors m ON m.id = e.mentor_id
+LEFT JOIN organisations o ON o.id = m.organisation_id
+WHERE e.kind IN ('alert_sent', 'alert_failed') AND e.recorded_at > now() - interval '7 days'
+GROUP BY 1 ORDER BY 1"""
+
+_REMINDERS_SQL = """
+SELECT r.sent_at, r.mentor_id, m.full_name, o.name, r.threshold_day, r.certification_expiry_date, r.pushed_at,
+       r.superseded
+FROM cert_expiry_reminders r
+JOIN mentors m ON m.id = r.mentor_id
+JOIN organisations o ON o.id = m.organisation_id
+ORDER BY r.sent_at DESC
+LIMIT 100"""
+
+_UPCOMING_SQL = """
+WITH latest AS (SELECT mentor_id, max(expires_on) AS expires_on FROM certifications GROUP BY mentor_id)
+SELECT o.name, m.id, m.full_name, l.expires_on, l.expires_on - %(today)s::date
+FROM latest l
+JOIN mentors m ON m.id = l.mentor_id
+JOIN organisations o ON o.id = m.organisation_id
+WHERE m.status = 'active' AND l.expires_on BETWEEN %(today)s::date AND %(today)s::date + 60
+ORDER BY o.name, l.expires_on, m.full_name
+LIMIT 500"""
+
+_AUDIT_SQL = """
+SELECT recorded_at, data FROM event_log
+WHERE mentor_id IS NULL AND kind = 'console_action' AND (%s::text IS NULL OR data ->> 'target' = %s)
+ORDER BY seq DESC LIMIT 50"""
+
+
+class Console:
+    """The console's pages and actions, bound to the running service's pool, portal client and alerting."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        pool: AsyncConnectionPool[Any],
+        portal: object,
+        alerting: Alerting,
+        health: Callable[[], Health],
+        clock: Clock,
+    ) -> None:
+        assert config.console_enabled, "the console needs a way to sign in"
+        self._config = config
+        self._url = config.require_database()
+        self._pool = pool
+        self._portal = portal
+        self._alerting = alerting
+        self._health = health
+        self._clock = clock
+        self._password = PasswordCheck(config.console_password) if config.console_password else None
+        self._oidc = OidcSignIn(config) if config.console_oidc_issuer else None
+        self._limiter = LoginLimiter()
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+        )
+        env.filters["ago"] = _ago
+        env.filters["at"] = _at
+        self._templates = Jinja2Templates(env=env)
+
+    # -- wiring -------------------------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        cfg = self._config
+        loopback = is_loopback_url(cfg.console_url) if cfg.console_url else cfg.http_host in {"127.0.0.1", "::1"}
+        routes = [
+            Route("/", self._page(self._overview)),
+            Route("/mentors", self._page(self._mentors)),
+            Route("/mentors/{mentor_id}", self._page(self._mentor)),
+            Route("/dead-letters", self._page(self._dead_letters)),
+            Route("/alerts", self._page(self._alerts)),
+            Route("/expiry", self._page(self._expiry)),
+            Route("/actions", self._page(self._actions)),
+            Route("/actions/force-sync", self._action(self._force_sync), methods=["POST"]),
+            Route("/actions/requeue", self._action(self._requeue), methods=["POST"]),
+            Route("/actions/requeue-all", self._action(self._requeue_all), methods=["POST"]),
+            Route("/actions/reconcile", self._action(self._reconcile), methods=["POST"]),
+            Route("/actions/check-credentials", self._action(self._check_credentials), methods=["POST"]),
+            Route("/login", self._login_form, methods=["GET"]),
+            Route("/login", self._login_password, methods=["POST"]),
+            Route("/login/entra", self._login_oidc, methods=["GET"]),
+            Route("/auth/callback", self._oidc_callback, methods=["GET"], name="auth_callback"),
+            Route("/logout", self._logout, methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=_HERE / "static"), name="static"),
+        ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={psycopg.OperationalError: self._database_away},
+            middleware=[
+                Middleware(SecurityHeaders),
+                Middleware(
+                    SessionMiddleware,
+                    secret_key=secrets.token_urlsafe(32),
+                    session_cookie="hlf_console",
+                    max_age=_SESSION_HOURS * 3600,
+                    same_site="lax",
+                    https_only=not loopback,
+                ),
+            ],
+        )
+
+    def _page(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            user = request.session.get("user")
+            if not isinstance(user, str):
+                return RedirectResponse("/login", status_code=303)
+            return await handler(request, user)
+
+        return guarded
+
+    def _action(self, handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            user = request.session.get("user")
+            form = await request.form()
+            if not isinstance(user, str):
+                return self._refuse(request, "Sign in first.", 403)
+            if not csrf_valid(request.session, form.get("csrf")):
+                return self._refuse(request, "This form has expired or did not come from the console: reload it.", 403)
+            return await handler(request, user)
+
+        return guarded
+
+    def _render(self, request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
+        health = self._health()
+        context.setdefault("error", None)
+        context.update(
+            user=request.session.get("user"),
+            role=health.role,
+            csrf=csrf_token(request.session),
+            flash=request.session.pop("flash", None),
+            states=_STATES,
+        )
+        return self._templates.TemplateResponse(request, template, context, status_code=status_code)
+
+    async def _database_away(self, request: Request, err: Exception) -> Response:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        logger.warning("console: the database cannot be reached ({})", first)
+        return self._refuse(
+            request, "The database cannot be reached right now; the page will work again when it can.", 503
+        )
+
+    def _refuse(self, request: Request, reason: str, status_code: int) -> Response:
+        return self._render(request, "refused.html", status_code=status_code, reason=reason)
+
+    async def _read(self, read: Callable[[psycopg.Connection[Any]], T]) -> T:
+        def work() -> T:
+            kwargs = {**db.CONNECT_KWARGS, "application_name": "hlf-actors console"}
+            with psycopg.connect(self._url, autocommit=True, **kwargs) as conn:
+                return read(conn)
+
+        return await anyio.to_thread.run_sync(work)
+
+    def _done(self, request: Request, message: str, to: str) -> Response:
+        request.session["flash"] = message
+        return RedirectResponse(to, status_code=303)
+
+    # -- sign-in ------------------------------------------------------------------------------------------------
+
+    async def _login_form(self, request: Request) -> Response:
+        return self._render(request, "login.html", password=self._password is not None, entra=self._oidc is not None)
+
+    async def _login_password(self, request: Request) -> Response:
+        form = await request.form()
+        if self._password is None:
+            return self._refuse(request, "Password sign-in is not configured here.", 404)
+        if not csrf_valid(request.session, form.get("csrf")):
+            return self._refuse(request, "The sign-in form expired: reload it.", 403)
+        client = request.client.host if request.client else "unknown"
+        wait = self._limiter.retry_after(client)
+        if wait is not None:
+            response = self._render(
+                request,
+                "login.html",
+                429,
+                password=True,
+                entra=self._oidc is not None,
+                error=f"Too many failed sign-ins: try again in {wait:.0f} s.",
+            )
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
+        attempt = form.get("password")
+        ok = isinstance(attempt, str) and await anyio.to_thread.run_sync(self._password.matches, attempt)
+        if not ok:
+            self._limiter.failed(client)
+            logger.warning("console: failed password sign-in from {}", client)
+            return self._render(
+                request, "login.html", 401, password=True, entra=self._oidc is not None, error="Wrong password."
+            )
+        self._sign_in(request, "password")
+        return RedirectResponse("/", status_code=303)
+
+    def _sign_in(self, request: Request, user: str) -> None:
+        request.session.clear()  # a new session id for the signed-in user: no fixation of a pre-sign-in cookie
+        request.session["user"] = user
+        csrf_token(request.session)
+        logger.info("console: {} signed in", user)
+
+    async def _login_oidc(self, request: Request) -> Response:
+        if self._oidc is None:
+            return self._refuse(request, "Entra ID sign-in is not configured here.", 404)
+        cfg = self._config
+        redirect_uri = (
+            f"{cfg.console_url.rstrip('/')}/auth/callback" if cfg.console_url else str(request.url_for("auth_callback"))
+        )
+        try:
+            response: Response = await self._oidc.redirect(request, redirect_uri)
+        except Exception as err:  # the identity provider's discovery document is unreachable or broken
+            logger.warning("console: cannot start Entra ID sign-in: {}", type(err).__name__)
+            return self._refuse(request, "The identity provider cannot be reached; try again shortly.", 502)
+        return response
+
+    async def _oidc_callback(self, request: Request) -> Response:
+        if self._oidc is None:
+            return self._refuse(request, "Entra ID sign-in is not configured here.", 404)
+        try:
+            claims = await self._oidc.claims(request)
+        except SignInRefused as err:
+            return self._refuse(request, str(err), 403)
+        user = who(claims)
+        if not self._oidc.admits(claims):
+            logger.warning("console: {} signed in but is not in the allowed group or role", user)
+            request.session.clear()
+            return self._refuse(request, f"{user} may not use this console: ask for the console's group or role.", 403)
+        self._sign_in(request, user)
+        return RedirectResponse("/", status_code=303)
+
+    async def _logout(self, request: Request) -> Response:
+        form = await request.form()
+        if not csrf_valid(request.session, form.get("csrf")):
+            return self._refuse(request, "This form has expired: reload it.", 403)
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    # -- pages --------------------------------------------------------------------------------------------------
+
+    async def _overview(self, request: Request, _user: str) -> Response:
+        cfg = self._config
+
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            now = datetime.now(UTC)
+            rows = conn.execute(_CHART_SQL, (now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23),))
+            return {
+                "summary": status.summary(
+                    conn, probe_on=cfg.public_listing_url is not None, deadline_s=cfg.public_listing_deadline_s
+                ),
+                "chart": chart(rows.fetchall(), now, cfg.zone),
+                "night": conn.execute(_NIGHT_SQL).fetchone(),
+            }
+
+        data = await self._read(read)
+        incident = data["summary"].incident
+        text = None
+        if incident is not None:
+            since = f"{incident['since']:%Y-%m-%d %H:%M:%S %Z}" if incident["since"] else "an unknown time"
+            text = (
+                f"OPEN ({incident['cause']}) since {since}: every send is held. {incident['error']}. "
+                f"Fix: {incident['fix']}. It heals by itself once fixed."
+            )
+        return self._render(request, "overview.html", incident=text, zone=cfg.timezone, **data)
+
+    async def _mentors(self, request: Request, _user: str) -> Response:
+        q = (request.query_params.get("q") or "").strip()[:200] or None
+        state = request.query_params.get("state") or None
+        if state not in (None, *_STATES):
+            state = None
+        like = "%" + _escape_like(q) + "%" if q else None
+        rows = await self._read(
+            lambda conn: conn.execute(_MENTORS_SQL, {"q": q, "like": like, "state": state}).fetchall()
+        )
+        return self._render(request, "mentors.html", rows=rows, q=q or "", state=state or "")
+
+    async def _mentor(self, request: Request, _user: str) -> Response:
+        try:
+            mentor_id = UUID(request.path_params["mentor_id"])
+        except ValueError:
+            return self._refuse(request, "That is not a mentor id.", 404)
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
+            target = f"mentor:{mentor_id}"
+            return status.mentor_story(conn, mentor_id), conn.execute(_AUDIT_SQL, (target, target)).fetchall()
+
+        story, audit = await self._read(read)
+        if story is None:
+            return self._refuse(request, f"No mentor {mentor_id} and no events about them.", 404)
+        return self._render(request, "mentor.html", story=story, text=status.render_story(story), audit=audit)
+
+    async def _dead_letters(self, request: Request, _user: str) -> Response:
+        letters = await self._read(lambda conn: status.dead_letters(conn, include_requeued=False))
+        return self._render(request, "dead_letters.html", letters=letters)
+
+    async def _alerts(self, request: Request, _user: str) -> Response:
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            return {
+                "recent": conn.execute(_RECENT_ALERTS_SQL).fetchall(),
+                "per_org": conn.execute(_ALERTS_PER_ORG_SQL).fetchall(),
+            }
+
+        return self._render(request, "alerts.html", **await self._read(read))
+
+    async def _expiry(self, request: Request, _user: str) -> Response:
+        today = self._clock.today(self._config.zone)
+
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            upcoming: dict[str, list[Any]] = {}
+            for row in conn.execute(_UPCOMING_SQL, {"today": today}).fetchall():
+                upcoming.setdefault(row[0], []).append(row)
+            return {
+                "night": conn.execute(_NIGHT_SQL).fetchone(),
+                "reminders": conn.execute(_REMINDERS_SQL).fetchall(),
+                "upcoming": upcoming,
+            }
+
+        return self._render(request, "expiry.html", today=today, **await self._read(read))
+
+    async def _actions(self, request: Request, _user: str) -> Response:
+        audit = await self._read(lambda conn: conn.execute(_AUDIT_SQL, (None, None)).fetchall())
+        return self._render(request, "actions.html", audit=audit)
+
+    # -- actions ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _audit(conn: psycopg.Connection[Any], action: ConsoleAction) -> None:
+        """Append the console_action event: mentor-less, like reconcile_finished (not projected, no inbox)."""
+        conn.execute(db.query("insert_event"), (None, NewEvent(None, action).kind, encode_payload(action).decode()))
+
+    async def _force_sync(self, request: Request, user: str) -> Response:
+        form = await request.form()
+        raw = str(form.get("mentor_id") or "").strip()
+        try:
+            mentor_id = UUID(raw)
+        except ValueError:
+            return self._done(request, f"Not a mentor id: {raw[:60]!r}.", "/actions")
+
+        def act(conn: psycopg.Connection[Any]) -> str:
+            with conn.transaction():
+                try:
+                    row = conn.execute("SELECT hlf_force_sync(%s)", (mentor_id,)).fetchone()
+                except psycopg.errors.NoDataFound:
+                    return f"No mentor with id {mentor_id}."
+                assert row is not None
+                detail = f"force sync of {mentor_id} requested (event {row[0]})"
+                self._audit(
+                    conn, ConsoleAction(actor=user, action="force_sync", target=f"mentor:{mentor_id}", detail=detail)
+                )
+            return detail[0].upper() + detail[1:] + "; the leader sends it now."
+
+        message = await self._read(act)
+        return self._done(request, message, f"/mentors/{mentor_id}")
+
+    async def _requeue(self, request: Request, user: str) -> Response:
+        form = await request.form()
+        raw = str(form.get("dead_letter_id") or "").strip()
+        if not raw.isdigit():
+            return self._done(request, f"Not a dead letter id: {raw[:30]!r}.", "/dead-letters")
+        message = await self._read(lambda conn: self._requeue_ids(conn, user, [int(raw)], "requeue"))
+        return self._done(request, message, "/dead-letters")
+
+    async def _requeue_all(self, request: Request, user: str) -> Response:
+        def act(conn: psycopg.Connection[Any]) -> str:
+            ids = [dl.id for dl in status.dead_letters(conn, include_requeued=False)]
+            return self._requeue_ids(conn, user, ids, "requeue_all") if ids else "No open dead letters."
+
+        return self._done(request, await self._read(act), "/dead-letters")
+
+    def _requeue_ids(
+        self, conn: psycopg.Connection[Any], user: str, ids: list[int], action: Literal["requeue", "requeue_all"]
+    ) -> str:
+        done: list[int] = []
+        problems: list[str] = []
+        for dl_id in ids:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT hlf_requeue_dead_letter(%s)", (dl_id,))
+                    done.append(dl_id)
+            except psycopg.errors.NoDataFound:
+                problems.append(f"no dead letter {dl_id}")
+            except psycopg.errors.UniqueViolation:
+                problems.append(f"dead letter {dl_id} was already re-queued")
+        detail = f"re-queued {len(done)} dead letter(s)" + (f": {', '.join(map(str, done[:20]))}" if done else "")
+        if problems:
+            detail += "; " + "; ".join(problems[:5])
+        target = f"dead_letter:{ids[0]}" if action == "requeue" else None
+        self._audit(conn, ConsoleAction(actor=user, action=action, target=target, detail=detail))
+        return detail[0].upper() + detail[1:] + "."
+
+    async def _reconcile(self, request: Request, user: str) -> Response:
+        portal = self._portal
+        if not isinstance(portal, ListingPortal):
+            return self._done(request, "This service's portal client cannot read the listing.", "/actions")
+        try:
+            async with self._pool.connection() as conn:
+                report = await reconcile(
+                    conn,
+                    portal,
+                    today=self._clock.today(self._config.zone),
+                    max_missing=self._config.reconcile_max_missing,
+                )
+            await alert_aborted(self._alerting, report)
+        except Exception as err:  # a failed run is reported on the page; the periodic job goes on
+            detail = f"reconciliation failed: {type(err).__name__}: {str(err)[:200]}"
+        else:
+            detail = (
+                f"reconciliation aborted, nothing requested: {report.aborted}"
+                if report.aborted is not None
+                else f"reconciled {report.mentors_checked} mentor(s) against {report.portal_records} portal record(s): "
+                f"{len(report.divergent)} divergent, {len(report.missing)} missing, {len(report.orphans)} orphans; "
+                f"{len(report.requested)} sync request(s) queued"
+            )
+        await self._read(lambda conn: self._audit(conn, ConsoleAction(actor=user, action="reconcile", detail=detail)))
+        return self._done(request, detail[0].upper() + detail[1:] + ".", "/actions")
+
+    async def _check_credentials(self, request: Request, user: str) -> Response:
+        portal = self._portal
+        if not isinstance(portal, ListingPortal):
+            return self._done(request, "This service's portal client cannot check its credentials.", "/actions")
+        try:
+            report = await check_credentials(portal, self._pool, self._alerting, trigger="console")
+            detail = report.describe()
+        except Exception as err:  # the database or the portal went away mid-check
+            detail = f"credential check failed: {type(err).__name__}: {str(err)[:200]}"
+        await self._read(
+            lambda conn: self._audit(conn, ConsoleAction(actor=user, action="check_credentials", detail=detail))
+        )
+        return self._done(request, detail[0].upper() + detail[1:] + ".", "/actions")
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _at(value: datetime | date | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{value:%Y-%m-%d}"
+
+
+def _ago(value: datetime | None) -> str:
+    if value is None:
+        return "never"
+    seconds = (datetime.now(UTC) - value).total_seconds()
+    if seconds < 120:
+        span = f"{seconds:.0f} s"
+    elif seconds < 7200:
+        span = f"{seconds / 60:.0f} min"
+    elif seconds < 172800:
+        span = f"{seconds / 3600:.1f} h"
+    else:
+        span = f"{seconds / 86400:.0f} days"
+    return f"{_at(value)} ({span} ago)"
