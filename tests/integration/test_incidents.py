@@ -326,6 +326,7 @@ async def test_an_outage_holds_the_queued_backlog_and_it_drains_after_healing(
             lambda: all_removed(conn, portal, mentors), timeout=120, what="all 2,000 removed after healing"
         )
         drained_s = time.monotonic() - healed
+    print(f"outage: {during} PATCHes during 30 s of 503s; all 2,000 in sync {drained_s:.1f} s after healing")
     assert during <= 10 + 6, f"{during} PATCHes went into the dead portal"
     assert drained_s <= 120
     assert all_unlisted(portal, mentors)
