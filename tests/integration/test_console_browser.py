@@ -122,7 +122,10 @@ async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_p
     ingrid, ingrid_rec = add_mentor(conn, bergen, portal=portal, name="Ingrid Berg")
     add_mentor(conn, bergen, portal=portal, name="Lars Dahl", status="paused")
     assert ola_rec is not None and ingrid_rec is not None
-    portal.always(Reply(status=403, body=b'{"error":{"code":"0x80040220","message":"no privilege"}}'), ingrid_rec)
+    # A record-level access check that fails for this record alone ("Troubleshoot Dataverse client errors",
+    # -2147187962): the tenant check passes, so it is Ingrid's own dead letter, not a tenant-wide incident.
+    refusal = b'{"error":{"code":"0x80048306","message":"Principal user lacks WriteAccess right(s) for record"}}'
+    portal.always(Reply(status=403, body=refusal), ingrid_rec)
 
     with FakeOidc() as oidc:
         oidc.user.update(preferred_username="ops@hlf.example", name="Ops Person", groups=[GROUP])
