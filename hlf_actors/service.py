@@ -69,7 +69,7 @@ async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s:
     row = await cur.fetchone()
     if not (row and row[0]):
         return False
-    token = f"listen-check:{os.getpid()}:{time.monotonic_ns()}"
+    token = f"{_LISTEN_CHECK}{os.getpid()}:{time.monotonic_ns()}"
     sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
     async with _closing(sender):
         await sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
@@ -77,6 +77,42 @@ async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s:
         if note.payload == token:
             return True
     return False
+
+
+class StrayNotifies:
+    """Counts NOTIFY payloads nobody should send and reports them at most once per ``every_s``, with a count.
+
+    Any role that can connect may NOTIFY our channel; one log line each let a loop of them fill the disk. The first
+    one is reported at once (an operator sees it start), the rest in one line per interval; ``flush`` is called
+    periodically so a burst that stopped is still reported.
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._count = 0
+        self._latest = ""
+        self._reported_at: float | None = None
+
+    def seen(self, payload: str) -> None:
+        self._count += 1
+        self._latest = payload
+        self.flush()
+
+    def flush(self) -> None:
+        now = self._clock()
+        if not self._count or (self._reported_at is not None and now - self._reported_at < self._every_s):
+            return
+        since = "" if self._reported_at is None else f" in the last {now - self._reported_at:.0f}s"
+        logger.warning(
+            "ignoring {} unexpected NOTIFY payload(s) on {}{} (latest: {!r})",
+            self._count,
+            CHANNEL,
+            since,
+            self._latest[:80],
+        )
+        self._count = 0
+        self._reported_at = now
 
 
 QUEUE_USAGE_WARNING = 0.5
@@ -95,6 +131,7 @@ def queue_usage_change(before: float, now: float) -> str | None:
 CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
+_LISTEN_CHECK = "listen-check:"
 _DRAIN_BATCH = 1000
 
 
@@ -129,6 +166,7 @@ class Service:
         max_actors: int = 2000,
         alert_retry_delays_s: tuple[float, ...] = (1.0, 5.0, 20.0),
         connect: Callable[[str], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+        stray_report_s: float = 60.0,
     ) -> None:
         self.config = config
         self.state = ServiceState()
@@ -143,6 +181,7 @@ class Service:
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
         self._connect = connect or _connect_listener
+        self._strays = StrayNotifies(stray_report_s)
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -375,11 +414,12 @@ class Service:
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
-        if payload not in _WAKE_PAYLOADS:
+        if payload not in _WAKE_PAYLOADS and not payload.startswith(_LISTEN_CHECK):
             # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
-            # costs one cheap inbox read, and waking up is always safe.
+            # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
+            # reaches every listener: ours, not stray.)
             self.state.malformed_notifications += 1
-            logger.warning("ignoring unexpected NOTIFY payload on {}: {!r}", CHANNEL, payload[:80])
+            self._strays.seen(payload)
         self._wake.set()
 
     # -- projector ----------------------------------------------------------------------------------------------
@@ -499,6 +539,7 @@ class Service:
     async def _sweep_forever(self) -> None:
         while True:
             await anyio.sleep(self.config.sweep_interval_s)
+            self._strays.flush()
             self._catch_up = True
             self._wake.set()
 
