@@ -21,7 +21,7 @@ import psycopg
 
 from . import __version__, db, status
 from .config import Config, load_config
-from .errors import ConfigError, HLFError, MigrationError
+from .errors import ConfigError, DatabaseUnusableError, HLFError, MigrationError
 
 __all__ = ["main"]
 
@@ -375,6 +375,9 @@ def _dispatch(args: argparse.Namespace, failed: BaseException | None = None) -> 
     except MigrationError as err:
         print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
         return 2
+    except DatabaseUnusableError as err:
+        print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
+        return 3
     except HLFError as err:
         print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
         return 1

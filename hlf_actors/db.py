@@ -32,6 +32,7 @@ __all__ = [
     "migrations",
     "pool",
     "query",
+    "refusal",
 ]
 
 # Dead peers must not hold a connection (and the leadership lock on it) for hours: libpq keepalives and a TCP
@@ -59,6 +60,25 @@ _SERVER_KEEPALIVES = (
 async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
     """Give an autocommit connection's server side the keepalive limits of CONNECT_KWARGS (no-op on Unix sockets)."""
     await conn.execute(_SERVER_KEEPALIVES)
+
+
+# What libpq says when the server answered and turned us away for good, or when the URL never made it to a
+# connection attempt. libpq gives no SQLSTATE for a failed connection, so its message is all there is. Not here on
+# purpose: "too many clients", "starting up", "shutting down", "Connection refused", timeouts: those pass.
+_REFUSALS = re.compile(
+    r"password authentication failed|authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects"
+    r"|role \S+ does not exist|database \S+ does not exist|invalid \S+ value|invalid connection option"
+    r"|missing \"=\" after|unterminated quoted string|invalid URI|invalid percent-encoded"
+)
+
+
+def refusal(err: psycopg.Error) -> str | None:
+    """The first line of ``err`` when it says the database URL can never work (malformed, or authentication or
+    the database refused by the server), else None: a connection that may work later."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, psycopg.ProgrammingError) or _REFUSALS.search(str(err)):
+        return first
+    return None
 
 
 @asynccontextmanager

@@ -36,7 +36,7 @@ from .alerting import Alerting
 from .alerts import AlertSender
 from .clock import Clock, SystemClock
 from .config import Config
-from .errors import MigrationError
+from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics, serve_http
@@ -132,6 +132,7 @@ CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
 _LISTEN_CHECK = "listen-check:"
+_UNREACHABLE_REPORT_S = 60.0
 _DRAIN_BATCH = 1000
 
 
@@ -221,6 +222,7 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._wait_for_database()
         pooled = await self._behind_transaction_pooler()
         async with db.pool(
             self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4, prepare=not pooled
@@ -228,6 +230,8 @@ class Service:
             await self._check_schema(pool)
             self.state.database_ok = True
             async with anyio.create_task_group() as tg:
+                if self.config.http_port:  # first: a process that cannot serve its port must not lead for a moment
+                    self.state.http_port = await self._serve_http(tg)
                 alerting = Alerting(
                     pool, self._sender, ops_topic=self.config.ops_topic, retry_delays_s=self._alert_retry_delays_s
                 )
@@ -254,14 +258,47 @@ class Service:
                     self.config.sweep_interval_s,
                     name="duplicate check",
                 )
-                if self.config.http_port:
-                    self.state.http_port = await tg.start(
-                        serve_http, self.config.http_host, self.config.http_port, self.health, self.metrics
-                    )
                 task_status.started()
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
                 tg.cancel_scope.cancel()
+
+    async def _serve_http(self, tg: TaskGroup) -> int:
+        """Start /healthz and /metrics; a port that cannot be bound is a configuration error (one line, exit 2).
+        The usual cause is a second `run` on the same host, the hot standby, left on the default port."""
+        host, port = self.config.http_host, self.config.http_port
+        try:
+            bound: int = await tg.start(serve_http, host, port, self.health, self.metrics)
+        except OSError as err:
+            raise ConfigError(
+                f"HLF_HTTP_PORT: cannot listen on {host}:{port} ({err.strerror or err}); a second `run` on this "
+                "host needs a port of its own (or HLF_HTTP_PORT=0)"
+            ) from None
+        return bound
+
+    async def _wait_for_database(self) -> None:
+        """Return once the database answers. A URL that can never work (malformed, authentication refused) is a
+        configuration error: raised at once, and `run` exits 3 with one line. A server that refuses connections or
+        does not answer may come back: keep trying with backoff, one log line a minute."""
+        delay, said_at = 0.5, -_UNREACHABLE_REPORT_S
+        started = anyio.current_time()
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
+            except psycopg.Error as err:
+                refused = db.refusal(err)
+                if refused is not None:
+                    raise DatabaseUnusableError(f"cannot use the database: {refused}") from None
+                now = anyio.current_time()
+                if now - said_at >= _UNREACHABLE_REPORT_S:
+                    said_at = now
+                    what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                    logger.warning("database unreachable for {:.0f}s, still trying ({})", now - started, what)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            async with _closing(conn):
+                return
 
     async def _behind_transaction_pooler(self) -> bool:
         """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements
@@ -340,6 +377,7 @@ class Service:
         leadership = self.runtime.leadership
         backoff = 0.1
         down_since: float | None = None
+        said_at = 0.0
         while True:
             try:
                 conn = await self._connect(self._url)
@@ -378,11 +416,14 @@ class Service:
                 self.metrics.reconnects.inc()
                 leadership.suspend()
                 what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                now = anyio.current_time()
                 if down_since is None:
-                    down_since = anyio.current_time()
+                    down_since = said_at = now
                     logger.warning("listener connection lost ({}); reconnecting", what)
-                # One line per try; tries back off to one per 5 s, so a long outage stays a few lines a minute.
-                logger.warning("listener: reconnecting in {:.1f}s ({})", backoff, what)
+                elif now - said_at >= _UNREACHABLE_REPORT_S:
+                    # Tries back off to one per 5 s; the log says so once a minute, so a long outage stays short.
+                    said_at = now
+                    logger.warning("listener: still reconnecting after {:.0f}s ({})", now - down_since, what)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
