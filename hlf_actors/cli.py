@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dead-letters", help="list or re-queue operations that could not be delivered")
     dl = s.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dl_list = dl.add_parser("list", help="open dead letters (with --all, re-queued ones too)")
+    dl_list = dl.add_parser("list", help="open dead letters (with --all, re-queued and resolved ones too)")
     dl_list.add_argument("--all", action="store_true")
     dl_re = dl.add_parser("requeue", help="run a dead-lettered operation again from attempt 1")
     dl_re.add_argument("id", nargs="?", type=int)

@@ -75,7 +75,7 @@ FOR UPDATE;
 SELECT mentor_id FROM sync_status WHERE mentor_id = ANY(%s) ORDER BY mentor_id FOR UPDATE;
 
 -- name: load_dead_letters
-SELECT id, mentor_id, operation, attempts, last_error, dead_lettered_at, requeued_at
+SELECT id, mentor_id, operation, attempts, last_error, dead_lettered_at, requeued_at, resolved_at, resolved_seq
 FROM dead_letters WHERE mentor_id = ANY(%s)
 ORDER BY id;
 
@@ -115,6 +115,7 @@ WHERE s.mentor_id = ANY(%s);
 SELECT d.id, d.mentor_id, d.operation
 FROM dead_letters d
 WHERE d.dead_lettered_at > now() - make_interval(hours => %s)
+  AND d.resolved_at IS NULL  -- a letter that closed itself before its alert went out needs none
   AND NOT EXISTS (
       SELECT 1 FROM event_log e
       WHERE e.mentor_id = d.mentor_id AND e.kind IN ('alert_sent', 'alert_failed')

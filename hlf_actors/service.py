@@ -531,7 +531,8 @@ class Service:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
             cur = await conn.execute(
-                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL), pg_notification_queue_usage()"
+                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
+                "pg_notification_queue_usage()"
             )
             checks = await cur.fetchone()
         self.metrics.open_dead_letters.set(checks[0] if checks else 0)
