@@ -81,6 +81,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     portal_rate_requests: int = 6000
     portal_rate_window_s: float = 300.0
     backoff_jitter: bool = True
+    # A leader whose heartbeat is older than this is fenced (its sessions terminated) and replaced by the standby.
+    leader_timeout_s: float = 15.0
 
     def __repr__(self) -> str:
         # A libpq URL may carry a password: show the settings, never that.
@@ -260,6 +262,13 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
 
+    leader_timeout_s = read.duration("HLF_LEADER_TIMEOUT", 15.0)
+    if leader_timeout_s < 1.0:
+        raise ConfigError(
+            f"HLF_LEADER_TIMEOUT: must be at least 1s (the leader beats 5 times per timeout), got "
+            f"{read.text('HLF_LEADER_TIMEOUT')!r}"
+        )
+
     return Config(
         database_url=read.text("HLF_DATABASE_URL"),
         dynamics_url=read.url("HLF_DYNAMICS_URL"),
@@ -291,4 +300,5 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         backoff_jitter=jitter_raw in {"on", "true", "1"},
         portal_rate_requests=rate_requests,
         portal_rate_window_s=rate_window,
+        leader_timeout_s=leader_timeout_s,
     )

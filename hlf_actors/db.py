@@ -83,7 +83,14 @@ def refusal(err: psycopg.Error) -> str | None:
 
 @asynccontextmanager
 async def pool(
-    url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0, prepare: bool = True
+    url: str,
+    *,
+    name: str,
+    max_size: int,
+    min_size: int = 1,
+    open_timeout: float = 30.0,
+    prepare: bool = True,
+    application_name: str | None = None,
 ) -> AsyncIterator[AsyncConnectionPool[Any]]:
     """An open pool of autocommit connections with the service's connection settings, closed on the way out
     (even when cancelled). Opening waits for ``min_size`` connections and raises if the database cannot be
@@ -94,7 +101,12 @@ async def pool(
         max_size=max_size,
         # Without server-side prepared statements behind a transaction pooler: the next transaction may run on
         # another server connection, which never saw the PREPARE.
-        kwargs={**CONNECT_KWARGS, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
+        kwargs={
+            **CONNECT_KWARGS,
+            "autocommit": True,
+            **({} if prepare else {"prepare_threshold": None}),
+            **({"application_name": application_name} if application_name else {}),
+        },
         configure=configure_session,
         open=False,
         name=name,

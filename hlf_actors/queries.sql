@@ -199,3 +199,35 @@ LEFT JOIN LATERAL (
 ) c ON true
 WHERE m.id IS NOT NULL OR s.mentor_id IS NOT NULL
 ORDER BY t.id;
+
+-- name: claim_leadership
+-- Run by the new leader on the connection that holds the leadership lock, right after taking it.
+INSERT INTO hlf_leader (id, term, backend_pid, session_tag, host, os_pid, since, beat_at)
+VALUES (1, 1, pg_backend_pid(), %(tag)s, %(host)s, %(os_pid)s, clock_timestamp(), clock_timestamp())
+ON CONFLICT (id) DO UPDATE SET term = hlf_leader.term + 1, backend_pid = EXCLUDED.backend_pid,
+    session_tag = EXCLUDED.session_tag, host = EXCLUDED.host, os_pid = EXCLUDED.os_pid, since = EXCLUDED.since,
+    beat_at = EXCLUDED.beat_at
+RETURNING term;
+
+-- name: leader_heartbeat
+-- Nothing to update once another process took over (or fenced us): the caller demotes itself.
+UPDATE hlf_leader SET beat_at = clock_timestamp() WHERE id = 1 AND term = %s RETURNING term;
+
+-- name: fence_stale_leader
+-- A standby that could not take the lock: if the leader's heartbeat is older than the timeout, bump the term (the
+-- row lock makes a heartbeat in flight wait, then find nothing to update) and terminate the sessions of the leader:
+-- the one holding the leadership lock and those of its pool, waiting up to 5 s for each to end. Terminating a
+-- session of the same role needs no superuser. Returns the sessions terminated (none while the leader is alive).
+WITH fenced AS (
+    UPDATE hlf_leader SET term = term + 1, beat_at = clock_timestamp()
+    WHERE id = 1 AND clock_timestamp() - beat_at > make_interval(secs => %(timeout_s)s)
+    RETURNING backend_pid, session_tag, host, os_pid
+), holders AS (
+    SELECT pid FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND classid = %(lock_hi)s::bigint::oid
+      AND objid = %(lock_lo)s::bigint::oid AND objsubid = 1
+)
+SELECT a.pid, f.host, f.os_pid, pg_terminate_backend(a.pid, 5000)
+FROM fenced f
+JOIN pg_stat_activity a ON a.pid IN (SELECT pid FROM holders) OR a.application_name = f.session_tag
+WHERE a.pid <> pg_backend_pid();

@@ -17,12 +17,13 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 import psycopg
@@ -115,6 +116,20 @@ class StrayNotifies:
         self._reported_at = now
 
 
+class _LeaderOnly:
+    """The portal as the actors see it: every PATCH first checks, at that very moment, that this process still
+    leads and its lease is fresh. A process frozen with actors queued for the concurrency limit would otherwise send
+    their PATCHes the instant it wakes, before anything has told it that a standby took over."""
+
+    def __init__(self, portal: Portal, leadership: Leadership) -> None:
+        self._portal = portal
+        self._leadership = leadership
+
+    async def set_listed(self, record_id: UUID, listed: bool) -> int:
+        await self._leadership.wait()
+        return await self._portal.set_listed(record_id, listed)
+
+
 QUEUE_USAGE_WARNING = 0.5
 
 
@@ -133,6 +148,14 @@ LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
 _LISTEN_CHECK = "listen-check:"
 _UNREACHABLE_REPORT_S = 60.0
+# The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
+# the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
+_BEATS_PER_TIMEOUT = 5
+_LEASE_SHARE = 0.5
+# /healthz fails once the event loop is this late: a hung or starved loop serves nobody, and a supervisor should
+# restart it. Measured by a task that sleeps _LAG_TICK_S and notes how late it woke.
+_LAG_LIMIT_S = 3.0
+_LAG_TICK_S = 0.5
 _DRAIN_BATCH = 1000
 
 
@@ -183,6 +206,12 @@ class Service:
         self._alert_retry_delays_s = alert_retry_delays_s
         self._connect = connect or _connect_listener
         self._strays = StrayNotifies(stray_report_s)
+        self._leadership = Leadership()
+        self._term: int | None = None  # our term in hlf_leader while we lead
+        # The application_name of this process's pool sessions: what a standby terminates to fence us.
+        self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
+        self._loop_tick: float | None = None  # when the lag monitor last woke (anyio clock)
+        self._loop_lag_s = 0.0
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -197,7 +226,7 @@ class Service:
 
     def health(self) -> Health:
         s = self.state
-        ok = s.leader and s.listening and s.database_ok
+        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= _LAG_LIMIT_S
         role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
         return Health(
             status="ok" if ok else "unavailable",
@@ -207,6 +236,24 @@ class Service:
             reconnects=s.reconnects,
             notifications="polling" if s.polling else "listen",
         )
+
+    def loop_lag_s(self) -> float:
+        """How late the event loop is: the lag the monitor last measured, or, if the monitor itself is overdue, how
+        overdue (a health request answered by a loop that just woke from a long stall sees that stall here)."""
+        if self._loop_tick is None:
+            return 0.0
+        overdue = anyio.current_time() - self._loop_tick - _LAG_TICK_S
+        return max(self._loop_lag_s, overdue)
+
+    async def _watch_loop_lag(self) -> None:
+        said = False
+        while True:
+            self._loop_tick = anyio.current_time()
+            await anyio.sleep(_LAG_TICK_S)
+            self._loop_lag_s = max(0.0, anyio.current_time() - self._loop_tick - _LAG_TICK_S)
+            if self._loop_lag_s > _LAG_LIMIT_S and not said:
+                logger.warning("event loop {:.1f}s late: /healthz fails until it keeps time again", self._loop_lag_s)
+            said = self._loop_lag_s > _LAG_LIMIT_S
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -225,7 +272,12 @@ class Service:
         await self._wait_for_database()
         pooled = await self._behind_transaction_pooler()
         async with db.pool(
-            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4, prepare=not pooled
+            self._url,
+            name="hlf-actors",
+            min_size=2,
+            max_size=self.config.portal_concurrency + 4,
+            prepare=not pooled,
+            application_name=self._session_tag,
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
@@ -239,6 +291,8 @@ class Service:
                 dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
                 self.runtime, self.dispatcher = runtime, dispatcher
                 tg.start_soon(runtime.recorder.run, name="recorder")
+                tg.start_soon(self._watch_loop_lag, name="loop lag")
+                tg.start_soon(self._beat_forever, pool, dispatcher, name="leader heartbeat")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
@@ -342,7 +396,7 @@ class Service:
         return Runtime(
             config=cfg,
             pool=pool,
-            portal=self._portal,
+            portal=_LeaderOnly(self._portal, self._leadership),
             clock=self._clock,
             limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
             recorder=Recorder(pool),
@@ -352,7 +406,7 @@ class Service:
                 probe_cap_s=min(cfg.backoff_max_ms / 1000, 30.0),
                 on_change=on_circuit,
             ),
-            leadership=Leadership(),
+            leadership=self._leadership,
             on_dead_letter=on_dead_letter,
             jitter=self._jitter,
             idle_s=self._idle_s,
@@ -383,13 +437,13 @@ class Service:
                 conn = await self._connect(self._url)
                 async with _closing(conn):
                     await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
-                    await self._become_leader(conn, dispatcher)
+                    claimed_at = await self._become_leader(conn, dispatcher)
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.polling = not await _listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
-                    leadership.gain()
+                    leadership.gain(lease_s=self._lease_s, sent_at=claimed_at)
                     self._catch_up = True
                     self._wake.set()
                     backoff = 0.1
@@ -409,6 +463,7 @@ class Service:
                         async for note in conn.notifies():
                             self._on_notify(note.payload)
             except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
+                self._term = None
                 self.state.listening = False
                 self.state.leader = False
                 self.state.database_ok = False
@@ -435,23 +490,91 @@ class Service:
             await conn.execute("SELECT 1")
             self._wake.set()
 
-    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> None:
+    @property
+    def _lease_s(self) -> float:
+        return self.config.leader_timeout_s * _LEASE_SHARE
+
+    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> float:
+        """Wait until this connection holds the leadership lock, fencing a leader whose heartbeat stopped; record
+        us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
         said = False
         while True:
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
             row = await cur.fetchone()
             if row and row[0]:
                 self._was_leader = True
-                return
+                claimed_at = time.monotonic()
+                params = {"tag": self._session_tag, "host": socket.gethostname()[:200], "os_pid": os.getpid()}
+                cur = await conn.execute(db.query("claim_leadership"), params)
+                claimed = await cur.fetchone()
+                assert claimed is not None
+                self._term = int(claimed[0])
+                return claimed_at
             if self._was_leader:
-                # Someone took over while we were disconnected: our actors must not send any more.
+                # Someone took over while we were disconnected (or frozen): our actors must not send any more.
                 logger.warning("leadership was taken over by another process; stopping this one's actors")
                 dispatcher.cancel_all()
                 self._was_leader = False
+                said = False
+            self.state.database_ok = True  # connected and answered: a standby, not a process still starting
             if not said:
                 logger.info("standby: another hlf-actors process is the leader; waiting to take over")
                 said = True
+            if await self._fence_stale_leader(conn):
+                continue  # its lock is free now: take it at once
             await anyio.sleep(self._standby_poll_s)
+
+    async def _fence_stale_leader(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Terminate the sessions of a leader whose heartbeat is older than HLF_LEADER_TIMEOUT (a frozen process
+        keeps its connection, and so the lock, healthy in PostgreSQL's eyes). True if one was fenced."""
+        params = {
+            "timeout_s": self.config.leader_timeout_s,
+            "lock_hi": LEADER_LOCK >> 32,
+            "lock_lo": LEADER_LOCK & 0xFFFF_FFFF,
+        }
+        cur = await conn.execute(db.query("fence_stale_leader"), params)
+        rows = await cur.fetchall()
+        if not rows:
+            return False
+        _, host, os_pid, _ = rows[0]
+        logger.warning(
+            "the leader (pid {} on {}) sent no heartbeat for over {:g}s: fenced it ({} session(s) terminated); "
+            "taking over",
+            os_pid,
+            host,
+            self.config.leader_timeout_s,
+            sum(1 for r in rows if r[3]),
+        )
+        return True
+
+    async def _beat_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        """While we lead, prove it every HLF_LEADER_TIMEOUT / 5 from this event loop; each beat the database accepts
+        extends the lease. A beat that finds our term gone means a standby fenced us: demote before anything else
+        is sent. A beat that fails (database trouble) just lets the lease run out; the listener sorts that out."""
+        interval = self.config.leader_timeout_s / _BEATS_PER_TIMEOUT
+        while True:
+            await anyio.sleep(interval)
+            term = self._term
+            if term is None:
+                continue
+            sent_at = time.monotonic()
+            try:
+                with anyio.fail_after(self._lease_s):
+                    async with pool.connection() as conn:
+                        cur = await conn.execute(db.query("leader_heartbeat"), (term,))
+                        accepted = await cur.fetchone() is not None
+            except (psycopg.Error, TimeoutError):
+                continue
+            if term != self._term:
+                continue  # leadership changed hands while the beat was out; the listener's turn
+            if accepted:
+                self._leadership.renew(lease_s=self._lease_s, sent_at=sent_at)
+                continue
+            logger.warning("another process took over the leadership (our heartbeat found a newer term): standby")
+            self._term = None
+            self._leadership.suspend()
+            self.state.leader = False
+            dispatcher.cancel_all()
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1

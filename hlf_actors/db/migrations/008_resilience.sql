@@ -30,3 +30,19 @@ FROM (
     ORDER BY d2.id, e.seq
 ) s
 WHERE d.id = s.id;
+
+-- The leader's heartbeat (service.py, "leadership"). The session advisory lock says who leads, but a frozen
+-- process (SIGSTOP, a hung event loop) keeps its connection, and so the lock, healthy in PostgreSQL's eyes forever.
+-- The leader proves it is alive by moving beat_at from its event loop every HLF_LEADER_TIMEOUT / 5; a standby that
+-- finds beat_at older than HLF_LEADER_TIMEOUT bumps term (the old leader's next heartbeat then finds nothing to
+-- update and it demotes itself) and terminates the old leader's sessions, which frees the lock.
+CREATE TABLE hlf_leader (
+    id          int PRIMARY KEY DEFAULT 1 CHECK (id = 1),  -- one row: there is one leader
+    term        bigint NOT NULL,       -- +1 at every takeover and every fencing
+    backend_pid int NOT NULL,          -- the leader's listener session, which holds the leadership lock
+    session_tag text NOT NULL,         -- application_name of the leader's other sessions (its pool)
+    host        text NOT NULL,         -- where the leader runs, and its process id: for operators
+    os_pid      int NOT NULL,
+    since       timestamptz NOT NULL,
+    beat_at     timestamptz NOT NULL
+);
