@@ -63,3 +63,14 @@ def test_without_a_lease_leadership_is_held_until_suspended() -> None:
     assert leadership.held
     leadership.suspend()
     assert not leadership.held
+
+
+async def test_a_renewal_does_not_revive_leadership_the_listener_suspended() -> None:
+    clock = _Clock()
+    leadership = Leadership(clock)
+    leadership.gain(lease_s=1.0, sent_at=100.0)
+    leadership.suspend()
+    leadership.renew(lease_s=1.0, sent_at=100.5)  # a heartbeat through the pool while the listener reconnects
+    assert not leadership.held
+    leadership.gain(lease_s=1.0, sent_at=100.6)
+    assert leadership.held
