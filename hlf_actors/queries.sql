@@ -218,14 +218,17 @@ UPDATE hlf_leader SET beat_at = clock_timestamp() WHERE id = 1 AND term = %s RET
 -- row lock makes a heartbeat in flight wait, then find nothing to update) and terminate the sessions of the leader:
 -- the one holding the leadership lock and those of its pool, waiting up to 5 s for each to end. Terminating a
 -- session of the same role needs no superuser. Returns the sessions terminated (none while the leader is alive).
-WITH fenced AS (
-    UPDATE hlf_leader SET term = term + 1, beat_at = clock_timestamp()
-    WHERE id = 1 AND clock_timestamp() - beat_at > make_interval(secs => %(timeout_s)s)
-    RETURNING backend_pid, session_tag, host, os_pid
-), holders AS (
+WITH holders AS (
     SELECT pid FROM pg_locks
     WHERE locktype = 'advisory' AND granted AND classid = %(lock_hi)s::bigint::oid
-      AND objid = %(lock_lo)s::bigint::oid AND objsubid = 1
+      AND objid = %(lock_lo)s::bigint::oid AND objsubid = 1 AND pid <> pg_backend_pid()
+), fenced AS (
+    -- Only while someone holds the lock: a term bumped with nobody to terminate would demote a leader that then
+    -- kept the lock.
+    UPDATE hlf_leader SET term = term + 1, beat_at = clock_timestamp()
+    WHERE id = 1 AND clock_timestamp() - beat_at > make_interval(secs => %(timeout_s)s)
+      AND EXISTS (SELECT 1 FROM holders)
+    RETURNING backend_pid, session_tag, host, os_pid
 )
 SELECT a.pid, f.host, f.os_pid, pg_terminate_backend(a.pid, 5000)
 FROM fenced f
