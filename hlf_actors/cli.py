@@ -21,7 +21,7 @@ import psycopg
 
 from . import __version__, db, status
 from .config import Config, load_config
-from .errors import ConfigError, HLFError, MigrationError
+from .errors import ConfigError, DatabaseUnusableError, HLFError, MigrationError
 
 __all__ = ["main"]
 
@@ -346,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dead-letters", help="list or re-queue operations that could not be delivered")
     dl = s.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dl_list = dl.add_parser("list", help="open dead letters (with --all, re-queued ones too)")
+    dl_list = dl.add_parser("list", help="open dead letters (with --all, re-queued and resolved ones too)")
     dl_list.add_argument("--all", action="store_true")
     dl_re = dl.add_parser("requeue", help="run a dead-lettered operation again from attempt 1")
     dl_re.add_argument("id", nargs="?", type=int)
@@ -432,6 +432,9 @@ def _dispatch(args: argparse.Namespace, failed: BaseException | None = None) -> 
     except MigrationError as err:
         print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
         return 2
+    except DatabaseUnusableError as err:
+        print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
+        return 3
     except HLFError as err:
         print(f"hlf-actors {args.command}: {err}", file=sys.stderr)
         return 1

@@ -107,6 +107,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     console_oidc_client_secret: Secret | None = None
     console_allowed_group: str | None = None  # an Entra ID group object id (`groups` claim) or app role (`roles`)
     console_url: str | None = None  # HLF_CONSOLE_URL: the console's address as browsers see it (behind a proxy)
+    # A leader whose heartbeat is older than this is fenced (its sessions terminated) and replaced by the standby.
+    leader_timeout_s: float = 15.0
 
     def __repr__(self) -> str:
         # A libpq URL may carry a password: show the settings, never that.
@@ -358,6 +360,12 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
                 f"HLF_OPS_EMAIL_SMTP_PASSWORD_FILE: cannot read {password_file!r} ({err.strerror})"
             ) from None
     console = _console_settings(read)
+    leader_timeout_s = read.duration("HLF_LEADER_TIMEOUT", 15.0)
+    if leader_timeout_s < 1.0:
+        raise ConfigError(
+            f"HLF_LEADER_TIMEOUT: must be at least 1s (the leader beats 5 times per timeout), got "
+            f"{read.text('HLF_LEADER_TIMEOUT')!r}"
+        )
 
     return Config(
         database_url=read.text("HLF_DATABASE_URL"),
@@ -406,6 +414,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         ops_email_smtp_user=read.text("HLF_OPS_EMAIL_SMTP_USER"),
         ops_email_smtp_password=Secret(smtp_password) if smtp_password else None,
         **console,
+        leader_timeout_s=leader_timeout_s,
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "migrations",
     "pool",
     "query",
+    "refusal",
 ]
 
 # Dead peers must not hold a connection (and the leadership lock on it) for hours: libpq keepalives and a TCP
@@ -61,9 +62,35 @@ async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(_SERVER_KEEPALIVES)
 
 
+# What libpq says when the server answered and turned us away for good, or when the URL never made it to a
+# connection attempt. libpq gives no SQLSTATE for a failed connection, so its message is all there is. Not here on
+# purpose: "too many clients", "starting up", "shutting down", "Connection refused", timeouts: those pass.
+_REFUSALS = re.compile(
+    r"password authentication failed|authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects"
+    r"|role \S+ does not exist|database \S+ does not exist|invalid \S+ value|invalid connection option"
+    r"|missing \"=\" after|unterminated quoted string|invalid URI|invalid percent-encoded"
+)
+
+
+def refusal(err: psycopg.Error) -> str | None:
+    """The first line of ``err`` when it says the database URL can never work (malformed, or authentication or
+    the database refused by the server), else None: a connection that may work later."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, psycopg.ProgrammingError) or _REFUSALS.search(str(err)):
+        return first
+    return None
+
+
 @asynccontextmanager
 async def pool(
-    url: str, *, name: str, max_size: int, min_size: int = 1, open_timeout: float = 30.0, prepare: bool = True
+    url: str,
+    *,
+    name: str,
+    max_size: int,
+    min_size: int = 1,
+    open_timeout: float = 30.0,
+    prepare: bool = True,
+    application_name: str | None = None,
 ) -> AsyncIterator[AsyncConnectionPool[Any]]:
     """An open pool of autocommit connections with the service's connection settings, closed on the way out
     (even when cancelled). Opening waits for ``min_size`` connections and raises if the database cannot be
@@ -74,7 +101,12 @@ async def pool(
         max_size=max_size,
         # Without server-side prepared statements behind a transaction pooler: the next transaction may run on
         # another server connection, which never saw the PREPARE.
-        kwargs={**CONNECT_KWARGS, "autocommit": True, **({} if prepare else {"prepare_threshold": None})},
+        kwargs={
+            **CONNECT_KWARGS,
+            "autocommit": True,
+            **({} if prepare else {"prepare_threshold": None}),
+            **({"application_name": application_name} if application_name else {}),
+        },
         configure=configure_session,
         open=False,
         name=name,

@@ -3,6 +3,7 @@
     HLFError
      ├── ConfigError            a bad configuration value; start-up stops with one line
      ├── MigrationError         the database schema cannot be brought up to date
+ ├── DatabaseUnusableError  HLF_DATABASE_URL can never work: malformed, or the server refused us (exit 3)
      └── PortalError            a call to the Dynamics portal did not succeed
           ├── TransientPortalError      worth retrying: 408/429/5xx, timeouts, resets, garbage bodies
           │    └── ThrottledError       429 from service-protection limits: wait, but spend no attempt
@@ -23,6 +24,7 @@ __all__ = [
     "TENANT_CAUSES",
     "ConfigError",
     "CredentialError",
+    "DatabaseUnusableError",
     "HLFError",
     "MigrationError",
     "PermanentPortalError",
@@ -57,6 +59,11 @@ class ConfigError(HLFError):
 
 class MigrationError(HLFError):
     """The schema could not be migrated."""
+
+
+class DatabaseUnusableError(HLFError):
+    """Retrying cannot help: the database URL is malformed, or the server refused our role, password or database.
+    (A refused or unreachable connection is not this: the server may come back.)"""
 
 
 class PortalError(HLFError):

@@ -99,6 +99,9 @@ class NightReport(msgspec.Struct, frozen=True, kw_only=True):
     sql_s: float = 0.0  # of which in run_night's own statements; the rest is pushing (and Alerting's records of it)
     queries: int = 0  # SQL statements run_night issued itself (each push's alert record is Alerting's, not counted)
     holder: str | None = None  # for already_running / already_done: who ran it, and when
+    # Organisations or mentors whose reminders could not be claimed ("organisation <id>: <error>"); the rest of the
+    # night went on without them, and ops were alerted once.
+    skipped: tuple[str, ...] = ()
 
     def describe(self) -> str:
         if self.outcome == "already_running":
@@ -112,6 +115,7 @@ class NightReport(msgspec.Struct, frozen=True, kw_only=True):
             f"{f' ({by})' if by else ''}{undelivered}; {self.transitioned} mentor(s) moved to expired_cert; "
             f"{self.skipped_already_done} already reminded; {self.duration_s:.2f} s ({self.sql_s:.2f} s SQL), "
             f"{self.queries} queries"
+            + (f"; SKIPPED {len(self.skipped)}: {'; '.join(self.skipped)[:300]}" if self.skipped else "")
         )
 
 
@@ -176,8 +180,11 @@ WITH latest AS (
     JOIN organisations o ON o.id = m.organisation_id
     JOIN certifications c ON c.mentor_id = m.id
     WHERE m.status = 'active'
+      AND (%(org)s::uuid IS NULL OR m.organisation_id = %(org)s::uuid)
+      AND (%(mentor)s::uuid IS NULL OR m.id = %(mentor)s::uuid)
     GROUP BY m.id, o.id
-    HAVING max(c.expires_on) >= %(today)s
+    -- 'infinity' never expires, so it is never reminded about (and infinite dates cannot be subtracted).
+    HAVING max(c.expires_on) >= %(today)s AND isfinite(max(c.expires_on))
 ), crossed AS (
     SELECT l.mentor_id, l.organisation_id, l.expiry, l.expiry - %(today)s AS days_left, t.day AS threshold
     FROM latest l CROSS JOIN LATERAL unnest(l.reminder_days) AS t(day)
@@ -329,8 +336,15 @@ async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int
     if transitioned:
         log.info("{} mentor(s) with no valid certification moved to expired_cert", transitioned)
 
-    row = await (await db.execute(_CLAIM, {"today": today})).fetchone()
-    claim = msgspec.json.decode(row[0] if row else '{"already":0,"superseded":0,"due":[]}', type=_Claim)
+    claim, skipped = await _claim_isolated(db, today)
+    if skipped:
+        log.error("expiry check skipped {} organisation(s)/mentor(s): {}", len(skipped), "; ".join(skipped)[:500])
+        try:
+            await alerting.ops(
+                {"type": "hlf_expiry_check_incomplete", "night": today.isoformat(), "skipped": str(len(skipped))}
+            )
+        except Exception as err:  # the reminders that could be claimed still go out
+            log.opt(exception=err).error("could not alert ops about the skipped expiry checks: {}", err)
     targets: dict[UUID, _Targets] = {}
     if claim.due:
         orgs = sorted({d.organisation_id for d in claim.due})
@@ -387,8 +401,59 @@ async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int
         duration_s=round(_time.perf_counter() - started, 3),
         sql_s=round(db.seconds, 3),
         queries=db.queries,
+        skipped=tuple(skipped),
     )
     return report
+
+
+async def _claim(db: _Counted, today: date, *, org: UUID | None = None, mentor: UUID | None = None) -> _Claim:
+    # Its own transaction (a savepoint if the caller has one): a failed claim leaves no partial rows behind.
+    async with db.conn.transaction():
+        row = await (await db.execute(_CLAIM, {"today": today, "org": org, "mentor": mentor})).fetchone()
+    return msgspec.json.decode(row[0] if row else '{"already":0,"superseded":0,"due":[]}', type=_Claim)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:160]
+
+
+async def _claim_isolated(db: _Counted, today: date) -> tuple[_Claim, list[str]]:
+    """Tonight's reminders, claimed in one statement; if that fails on some row's data, organisation by
+    organisation, and within a failing organisation mentor by mentor, so one bad row costs one mentor its
+    reminder instead of costing everyone theirs. Returns the claims and what was skipped. A lost connection is
+    not data: it ends the night as before (the scheduler runs it again)."""
+    try:
+        return await _claim(db, today), []
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as err:
+        logger.warning("expiry check: claiming every reminder at once failed ({}); isolating", _first_line(err))
+    claims: list[_Claim] = []
+    skipped: list[str] = []
+    active = "SELECT DISTINCT organisation_id FROM mentors WHERE status = 'active' ORDER BY 1"
+    for (org,) in await (await db.execute(active)).fetchall():
+        try:
+            claims.append(await _claim(db, today, org=org))
+            continue
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            pass
+        members = "SELECT id FROM mentors WHERE status = 'active' AND organisation_id = %s ORDER BY id"
+        for (mentor,) in await (await db.execute(members, (org,))).fetchall():
+            try:
+                claims.append(await _claim(db, today, org=org, mentor=mentor))
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as err:
+                skipped.append(f"mentor {mentor} of organisation {org}: {_first_line(err)}")
+    merged = _Claim(
+        already=sum(c.already for c in claims),
+        superseded=sum(c.superseded for c in claims),
+        due=sorted((d for c in claims for d in c.due), key=lambda d: (str(d.organisation_id), str(d.mentor_id))),
+    )
+    return merged, skipped
 
 
 def _reminder_data(due: _Due) -> dict[str, str]:

@@ -116,6 +116,14 @@ class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     last_error: str | None
     dead_lettered_at: datetime
     requeued_at: datetime | None
+    # Set when a later attempt for the mentor succeeded and left it in sync: the letter closed itself. (Defaults:
+    # archive snapshots written before the columns existed decode as "not resolved".)
+    resolved_at: datetime | None = None
+    resolved_seq: int | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.requeued_at is None and self.resolved_at is None
 
 
 class MentorProjection(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -251,6 +259,13 @@ class MentorFold:
         self.last_error = None
         self.listed = payload.operation == "restore"
         self.next_attempt_at = None
+        if current:
+            # The portal now agrees with the mentor's latest state: whatever an open dead letter failed to send is
+            # moot, and re-queueing it would only send a redundant PATCH.
+            letters = self._dead_letters
+            for i, letter in enumerate(letters):
+                if letter.open:
+                    letters[i] = msgspec.structs.replace(letter, resolved_at=event.recorded_at, resolved_seq=event.seq)
 
     def _skipped(self, event: Event, payload: SyncSkipped) -> None:
         current = not self.uncovered_xids or self._answered(payload)
@@ -426,8 +441,12 @@ async def _refold(conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID]
 _ARCHIVE_SNAPSHOTS = "SELECT mentor_id, cut_seq, projection::text FROM projection_snapshots WHERE mentor_id = ANY(%s)"
 
 
-def _touches_letters(events: Iterable[Event]) -> bool:
-    return any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
+# The events whose fold may create or change a dead letter (a success resolves the open ones).
+_LETTER_TYPES = (DeadLettered, Requeued, AttemptSucceeded)
+
+
+def _touches_letters(events: Iterable[Event | NewEvent]) -> bool:
+    return any(isinstance(e.payload, _LETTER_TYPES) for e in events)
 
 
 async def _project(
@@ -475,7 +494,7 @@ async def append(
     handled like any late event, by re-folding the mentor from the log.
     """
     mentors = sorted({e.mentor_id for e in events if e.mentor_id is not None and is_projected(e)})
-    letters = any(isinstance(e.payload, DeadLettered | Requeued) for e in events)
+    letters = _touches_letters(events)
     load = await _send_load(conn, mentors, lock=True, letters=letters) if mentors else None
     inserts: list[psycopg.AsyncCursor[Any]] = []
     for new in events:

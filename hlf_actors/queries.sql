@@ -75,7 +75,7 @@ FOR UPDATE;
 SELECT mentor_id FROM sync_status WHERE mentor_id = ANY(%s) ORDER BY mentor_id FOR UPDATE;
 
 -- name: load_dead_letters
-SELECT id, mentor_id, operation, attempts, last_error, dead_lettered_at, requeued_at
+SELECT id, mentor_id, operation, attempts, last_error, dead_lettered_at, requeued_at, resolved_at, resolved_seq
 FROM dead_letters WHERE mentor_id = ANY(%s)
 ORDER BY id;
 
@@ -115,6 +115,7 @@ WHERE s.mentor_id = ANY(%s);
 SELECT d.id, d.mentor_id, d.operation
 FROM dead_letters d
 WHERE d.dead_lettered_at > now() - make_interval(hours => %s)
+  AND d.resolved_at IS NULL  -- a letter that closed itself before its alert went out needs none
   AND NOT EXISTS (
       SELECT 1 FROM event_log e
       WHERE e.mentor_id = d.mentor_id AND e.kind IN ('alert_sent', 'alert_failed')
@@ -216,3 +217,38 @@ LEFT JOIN LATERAL (
 ) c ON true
 WHERE m.id IS NOT NULL OR s.mentor_id IS NOT NULL
 ORDER BY t.id;
+
+-- name: claim_leadership
+-- Run by the new leader on the connection that holds the leadership lock, right after taking it.
+INSERT INTO hlf_leader (id, term, backend_pid, session_tag, host, os_pid, since, beat_at)
+VALUES (1, 1, pg_backend_pid(), %(tag)s, %(host)s, %(os_pid)s, clock_timestamp(), clock_timestamp())
+ON CONFLICT (id) DO UPDATE SET term = hlf_leader.term + 1, backend_pid = EXCLUDED.backend_pid,
+    session_tag = EXCLUDED.session_tag, host = EXCLUDED.host, os_pid = EXCLUDED.os_pid, since = EXCLUDED.since,
+    beat_at = EXCLUDED.beat_at
+RETURNING term;
+
+-- name: leader_heartbeat
+-- Nothing to update once another process took over (or fenced us): the caller demotes itself.
+UPDATE hlf_leader SET beat_at = clock_timestamp() WHERE id = 1 AND term = %s RETURNING term;
+
+-- name: fence_stale_leader
+-- A standby that could not take the lock: if the leader's heartbeat is older than the timeout, bump the term (the
+-- row lock makes a heartbeat in flight wait, then find nothing to update) and terminate the sessions of the leader:
+-- the one holding the leadership lock and those of its pool, waiting up to 5 s for each to end. Terminating a
+-- session of the same role needs no superuser. Returns the sessions terminated (none while the leader is alive).
+WITH holders AS (
+    SELECT pid FROM pg_locks
+    WHERE locktype = 'advisory' AND granted AND classid = %(lock_hi)s::bigint::oid
+      AND objid = %(lock_lo)s::bigint::oid AND objsubid = 1 AND pid <> pg_backend_pid()
+), fenced AS (
+    -- Only while someone holds the lock: a term bumped with nobody to terminate would demote a leader that then
+    -- kept the lock.
+    UPDATE hlf_leader SET term = term + 1, beat_at = clock_timestamp()
+    WHERE id = 1 AND clock_timestamp() - beat_at > make_interval(secs => %(timeout_s)s)
+      AND EXISTS (SELECT 1 FROM holders)
+    RETURNING backend_pid, session_tag, host, os_pid
+)
+SELECT a.pid, f.host, f.os_pid, pg_terminate_backend(a.pid, 5000)
+FROM fenced f
+JOIN pg_stat_activity a ON a.pid IN (SELECT pid FROM holders) OR a.application_name = f.session_tag
+WHERE a.pid <> pg_backend_pid();

@@ -17,12 +17,13 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 import psycopg
@@ -37,7 +38,7 @@ from .alerts import AlertSender
 from .clock import Clock, SystemClock
 from .config import Config
 from .credentials import CheckablePortal
-from .errors import MigrationError
+from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .incidents import Incident, Incidents
 from .listing_probe import ListingProbe
@@ -73,7 +74,7 @@ async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s:
     row = await cur.fetchone()
     if not (row and row[0]):
         return False
-    token = f"listen-check:{os.getpid()}:{time.monotonic_ns()}"
+    token = f"{_LISTEN_CHECK}{os.getpid()}:{time.monotonic_ns()}"
     sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
     async with _closing(sender):
         await sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
@@ -81,6 +82,56 @@ async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s:
         if note.payload == token:
             return True
     return False
+
+
+class StrayNotifies:
+    """Counts NOTIFY payloads nobody should send and reports them at most once per ``every_s``, with a count.
+
+    Any role that can connect may NOTIFY our channel; one log line each let a loop of them fill the disk. The first
+    one is reported at once (an operator sees it start), the rest in one line per interval; ``flush`` is called
+    periodically so a burst that stopped is still reported.
+    """
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._count = 0
+        self._latest = ""
+        self._reported_at: float | None = None
+
+    def seen(self, payload: str) -> None:
+        self._count += 1
+        self._latest = payload
+        self.flush()
+
+    def flush(self) -> None:
+        now = self._clock()
+        if not self._count or (self._reported_at is not None and now - self._reported_at < self._every_s):
+            return
+        since = "" if self._reported_at is None else f" in the last {now - self._reported_at:.0f}s"
+        logger.warning(
+            "ignoring {} unexpected NOTIFY payload(s) on {}{} (latest: {!r})",
+            self._count,
+            CHANNEL,
+            since,
+            self._latest[:80],
+        )
+        self._count = 0
+        self._reported_at = now
+
+
+class _LeaderOnly:
+    """The portal as the actors see it: every PATCH first checks, at that very moment, that this process still
+    leads and its lease is fresh. A process frozen with actors queued for the concurrency limit would otherwise send
+    their PATCHes the instant it wakes, before anything has told it that a standby took over."""
+
+    def __init__(self, portal: Portal, leadership: Leadership) -> None:
+        self._portal = portal
+        self._leadership = leadership
+
+    async def set_listed(self, record_id: UUID, listed: bool) -> int:
+        await self._leadership.wait()
+        return await self._portal.set_listed(record_id, listed)
 
 
 QUEUE_USAGE_WARNING = 0.5
@@ -99,6 +150,16 @@ def queue_usage_change(before: float, now: float) -> str | None:
 CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
+_LISTEN_CHECK = "listen-check:"
+_UNREACHABLE_REPORT_S = 60.0
+# The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
+# the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
+_BEATS_PER_TIMEOUT = 5
+_LEASE_SHARE = 0.5
+# /healthz fails once the event loop is this late: a hung or starved loop serves nobody, and a supervisor should
+# restart it. Measured by a task that sleeps _LAG_TICK_S and notes how late it woke.
+_LAG_LIMIT_S = 3.0
+_LAG_TICK_S = 0.5
 _DRAIN_BATCH = 1000
 
 
@@ -136,6 +197,7 @@ class Service:
         ops_channels: Sequence[OpsChannel] | None = None,  # default: every channel the config names
         outbox_every_s: float = 5.0,
         outbox_backoff_s: tuple[float, float] = (5.0, 900.0),
+        stray_report_s: float = 60.0,
     ) -> None:
         self.config = config
         self.state = ServiceState()
@@ -153,6 +215,13 @@ class Service:
         self._ops_channels = ops_channels
         self._outbox_every_s = outbox_every_s
         self._outbox_backoff_s = outbox_backoff_s
+        self._strays = StrayNotifies(stray_report_s)
+        self._leadership = Leadership()
+        self._term: int | None = None  # our term in hlf_leader while we lead
+        # The application_name of this process's pool sessions: what a standby terminates to fence us.
+        self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
+        self._loop_tick: float | None = None  # when the lag monitor last woke (anyio clock)
+        self._loop_lag_s = 0.0
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -167,7 +236,7 @@ class Service:
 
     def health(self) -> Health:
         s = self.state
-        ok = s.leader and s.listening and s.database_ok
+        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= _LAG_LIMIT_S
         role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
         incident = self.runtime.incidents.incident if self.runtime is not None and s.leader else None
         return Health(
@@ -182,6 +251,24 @@ class Service:
             incident_fix=incident.fix if incident else None,
             alerts="off" if self.config.alerts_off else "on",
         )
+
+    def loop_lag_s(self) -> float:
+        """How late the event loop is: the lag the monitor last measured, or, if the monitor itself is overdue, how
+        overdue (a health request answered by a loop that just woke from a long stall sees that stall here)."""
+        if self._loop_tick is None:
+            return 0.0
+        overdue = anyio.current_time() - self._loop_tick - _LAG_TICK_S
+        return max(self._loop_lag_s, overdue)
+
+    async def _watch_loop_lag(self) -> None:
+        said = False
+        while True:
+            self._loop_tick = anyio.current_time()
+            await anyio.sleep(_LAG_TICK_S)
+            self._loop_lag_s = max(0.0, anyio.current_time() - self._loop_tick - _LAG_TICK_S)
+            if self._loop_lag_s > _LAG_LIMIT_S and not said:
+                logger.warning("event loop {:.1f}s late: /healthz fails until it keeps time again", self._loop_lag_s)
+            said = self._loop_lag_s > _LAG_LIMIT_S
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -205,9 +292,15 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self._wait_for_database()
         pooled = await self._behind_transaction_pooler()
         async with db.pool(
-            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4, prepare=not pooled
+            self._url,
+            name="hlf-actors",
+            min_size=2,
+            max_size=self.config.portal_concurrency + 4,
+            prepare=not pooled,
+            application_name=self._session_tag,
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
@@ -225,8 +318,12 @@ class Service:
                 runtime = self._runtime(pool, tg, alerting)
                 dispatcher = Dispatcher(runtime, tg, max_actors=self._max_actors)
                 self.runtime, self.dispatcher = runtime, dispatcher
+                if self.config.http_port:  # first: a process that cannot serve its port must not lead for a moment
+                    self.state.http_port = await self._serve_http(tg, pool, alerting)
                 tg.start_soon(runtime.recorder.run, name="recorder")
                 tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
+                tg.start_soon(self._watch_loop_lag, name="loop lag")
+                tg.start_soon(self._beat_forever, pool, dispatcher, name="leader heartbeat")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
@@ -247,23 +344,6 @@ class Service:
                     self.config.sweep_interval_s,
                     name="duplicate check",
                 )
-                if self.config.http_port:
-                    console = None
-                    if self.config.console_enabled:
-                        from .console import Console  # templates and sign-in load only when the console is on
-
-                        console = Console(
-                            self.config,
-                            pool=pool,
-                            portal=self._portal,
-                            alerting=alerting,
-                            health=self.health,
-                            clock=self._clock,
-                        ).app()
-                    app = build_app(self.health, self.metrics, console)
-                    self.state.http_port = await tg.start(
-                        serve_http, self.config.http_host, self.config.http_port, app
-                    )
                 task_status.started()
                 await self._stop.wait()
                 await self._shut_down(runtime, dispatcher)
@@ -277,6 +357,50 @@ class Service:
             return
         async with open_ops_channels(self.config, self._sender) as built:
             yield built
+
+    async def _serve_http(self, tg: TaskGroup, pool: AsyncConnectionPool[Any], alerting: Alerting) -> int:
+        """Start /healthz, /metrics and the console; a port that cannot be bound is a configuration error (one line,
+        exit 2). The usual cause is a second `run` on the same host, the hot standby, left on the default port."""
+        host, port = self.config.http_host, self.config.http_port
+        console = None
+        if self.config.console_enabled:
+            from .console import Console  # templates and sign-in load only when the console is on
+
+            console = Console(
+                self.config, pool=pool, portal=self._portal, alerting=alerting, health=self.health, clock=self._clock
+            ).app()
+        try:
+            bound: int = await tg.start(serve_http, host, port, build_app(self.health, self.metrics, console))
+        except OSError as err:
+            raise ConfigError(
+                f"HLF_HTTP_PORT: cannot listen on {host}:{port} ({err.strerror or err}); a second `run` on this "
+                "host needs a port of its own (or HLF_HTTP_PORT=0)"
+            ) from None
+        return bound
+
+    async def _wait_for_database(self) -> None:
+        """Return once the database answers. A URL that can never work (malformed, authentication refused) is a
+        configuration error: raised at once, and `run` exits 3 with one line. A server that refuses connections or
+        does not answer may come back: keep trying with backoff, one log line a minute."""
+        delay, said_at = 0.5, -_UNREACHABLE_REPORT_S
+        started = anyio.current_time()
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
+            except psycopg.Error as err:
+                refused = db.refusal(err)
+                if refused is not None:
+                    raise DatabaseUnusableError(f"cannot use the database: {refused}") from None
+                now = anyio.current_time()
+                if now - said_at >= _UNREACHABLE_REPORT_S:
+                    said_at = now
+                    what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                    logger.warning("database unreachable for {:.0f}s, still trying ({})", now - started, what)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            async with _closing(conn):
+                return
 
     async def _behind_transaction_pooler(self) -> bool:
         """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements
@@ -322,7 +446,7 @@ class Service:
         return Runtime(
             config=cfg,
             pool=pool,
-            portal=self._portal,
+            portal=_LeaderOnly(self._portal, self._leadership),
             clock=self._clock,
             limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
             recorder=Recorder(pool),
@@ -332,7 +456,7 @@ class Service:
                 probe_cap_s=min(cfg.backoff_max_ms / 1000, 30.0),
                 on_change=on_circuit,
             ),
-            leadership=Leadership(),
+            leadership=self._leadership,
             incidents=incidents,
             on_dead_letter=on_dead_letter,
             jitter=self._jitter,
@@ -359,19 +483,20 @@ class Service:
         leadership = self.runtime.leadership
         backoff = 0.1
         down_since: float | None = None
+        said_at = 0.0
         while True:
             try:
                 conn = await self._connect(self._url)
                 async with _closing(conn):
                     await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
-                    await self._become_leader(conn, dispatcher)
+                    claimed_at = await self._become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.polling = not await _listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
-                    leadership.gain()
+                    leadership.gain(lease_s=self._lease_s, sent_at=claimed_at)
                     self._catch_up = True
                     self._wake.set()
                     backoff = 0.1
@@ -391,6 +516,7 @@ class Service:
                         async for note in conn.notifies():
                             self._on_notify(note.payload)
             except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
+                self._term = None
                 self.state.listening = False
                 self.state.leader = False
                 self.state.database_ok = False
@@ -398,11 +524,14 @@ class Service:
                 self.metrics.reconnects.inc()
                 leadership.suspend()
                 what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                now = anyio.current_time()
                 if down_since is None:
-                    down_since = anyio.current_time()
+                    down_since = said_at = now
                     logger.warning("listener connection lost ({}); reconnecting", what)
-                # One line per try; tries back off to one per 5 s, so a long outage stays a few lines a minute.
-                logger.warning("listener: reconnecting in {:.1f}s ({})", backoff, what)
+                elif now - said_at >= _UNREACHABLE_REPORT_S:
+                    # Tries back off to one per 5 s; the log says so once a minute, so a long outage stays short.
+                    said_at = now
+                    logger.warning("listener: still reconnecting after {:.0f}s ({})", now - down_since, what)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -414,31 +543,100 @@ class Service:
             await conn.execute("SELECT 1")
             self._wake.set()
 
-    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> None:
+    @property
+    def _lease_s(self) -> float:
+        return self.config.leader_timeout_s * _LEASE_SHARE
+
+    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> float:
+        """Wait until this connection holds the leadership lock, fencing a leader whose heartbeat stopped; record
+        us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
         said = False
         while True:
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
             row = await cur.fetchone()
             if row and row[0]:
                 self._was_leader = True
-                return
+                claimed_at = time.monotonic()
+                params = {"tag": self._session_tag, "host": socket.gethostname()[:200], "os_pid": os.getpid()}
+                cur = await conn.execute(db.query("claim_leadership"), params)
+                claimed = await cur.fetchone()
+                assert claimed is not None
+                self._term = int(claimed[0])
+                return claimed_at
             if self._was_leader:
-                # Someone took over while we were disconnected: our actors must not send any more.
+                # Someone took over while we were disconnected (or frozen): our actors must not send any more.
                 logger.warning("leadership was taken over by another process; stopping this one's actors")
                 dispatcher.cancel_all()
                 self._was_leader = False
+                said = False
+            self.state.database_ok = True  # connected and answered: a standby, not a process still starting
             if not said:
                 logger.info("standby: another hlf-actors process is the leader; waiting to take over")
                 said = True
+            if await self._fence_stale_leader(conn):
+                continue  # its lock is free now: take it at once
             await anyio.sleep(self._standby_poll_s)
+
+    async def _fence_stale_leader(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Terminate the sessions of a leader whose heartbeat is older than HLF_LEADER_TIMEOUT (a frozen process
+        keeps its connection, and so the lock, healthy in PostgreSQL's eyes). True if one was fenced."""
+        params = {
+            "timeout_s": self.config.leader_timeout_s,
+            "lock_hi": LEADER_LOCK >> 32,
+            "lock_lo": LEADER_LOCK & 0xFFFF_FFFF,
+        }
+        cur = await conn.execute(db.query("fence_stale_leader"), params)
+        rows = await cur.fetchall()
+        if not rows:
+            return False
+        _, host, os_pid, _ = rows[0]
+        logger.warning(
+            "the leader (pid {} on {}) sent no heartbeat for over {:g}s: fenced it ({} session(s) terminated); "
+            "taking over",
+            os_pid,
+            host,
+            self.config.leader_timeout_s,
+            sum(1 for r in rows if r[3]),
+        )
+        return True
+
+    async def _beat_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        """While we lead, prove it every HLF_LEADER_TIMEOUT / 5 from this event loop; each beat the database accepts
+        extends the lease. A beat that finds our term gone means a standby fenced us: demote before anything else
+        is sent. A beat that fails (database trouble) just lets the lease run out; the listener sorts that out."""
+        interval = self.config.leader_timeout_s / _BEATS_PER_TIMEOUT
+        while True:
+            await anyio.sleep(interval)
+            term = self._term
+            if term is None:
+                continue
+            sent_at = time.monotonic()
+            try:
+                with anyio.fail_after(self._lease_s):
+                    async with pool.connection() as conn:
+                        cur = await conn.execute(db.query("leader_heartbeat"), (term,))
+                        accepted = await cur.fetchone() is not None
+            except (psycopg.Error, TimeoutError):
+                continue
+            if term != self._term:
+                continue  # leadership changed hands while the beat was out; the listener's turn
+            if accepted:
+                self._leadership.renew(lease_s=self._lease_s, sent_at=sent_at)
+                continue
+            logger.warning("another process took over the leadership (our heartbeat found a newer term): standby")
+            self._term = None
+            self._leadership.suspend()
+            self.state.leader = False
+            dispatcher.cancel_all()
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
-        if payload not in _WAKE_PAYLOADS:
+        if payload not in _WAKE_PAYLOADS and not payload.startswith(_LISTEN_CHECK):
             # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
-            # costs one cheap inbox read, and waking up is always safe.
+            # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
+            # reaches every listener: ours, not stray.)
             self.state.malformed_notifications += 1
-            logger.warning("ignoring unexpected NOTIFY payload on {}: {!r}", CHANNEL, payload[:80])
+            self._strays.seen(payload)
         self._wake.set()
 
     # -- projector ----------------------------------------------------------------------------------------------
@@ -509,7 +707,8 @@ class Service:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
             cur = await conn.execute(
-                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL), pg_notification_queue_usage()"
+                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
+                "pg_notification_queue_usage()"
             )
             checks = await cur.fetchone()
         self.metrics.open_dead_letters.set(checks[0] if checks else 0)
@@ -558,6 +757,7 @@ class Service:
     async def _sweep_forever(self) -> None:
         while True:
             await anyio.sleep(self.config.sweep_interval_s)
+            self._strays.flush()
             self._catch_up = True
             self._wake.set()
 

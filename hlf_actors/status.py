@@ -65,6 +65,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     dead_lettered_at: datetime
     requeued_at: datetime | None
+    resolved_at: datetime | None = None  # a later attempt succeeded: the letter closed itself
 
 
 class Story(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,7 +97,7 @@ def summary(
                   (SELECT count(*) FROM hlf_inbox),
                   least((SELECT min(updated_at) FROM sync_status WHERE state IN ('pending', 'retrying')),
                         (SELECT min(e.recorded_at) FROM hlf_inbox i JOIN event_log e USING (seq))),
-                  (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL),
+                  (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL),
                   (SELECT max(recorded_at) FROM event_log),
                   (SELECT recorded_at FROM event_log WHERE kind = 'attempt_succeeded' ORDER BY seq DESC LIMIT 1),
                   (SELECT kind = 'circuit_opened' FROM event_log
@@ -311,9 +312,9 @@ def render_summary_json(s: Summary) -> str:
 def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
     rows = conn.execute(
         """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
-                  d.requeued_at
+                  d.requeued_at, d.resolved_at
            FROM dead_letters d LEFT JOIN mentors m ON m.id = d.mentor_id
-           WHERE %s OR d.requeued_at IS NULL
+           WHERE %s OR (d.requeued_at IS NULL AND d.resolved_at IS NULL)
            ORDER BY d.id""",
         (include_requeued,),
     ).fetchall()
@@ -327,6 +328,7 @@ def render_dead_letters(letters: list[DeadLetter]) -> str:
     for d in letters:
         since = f"{d.dead_lettered_at:%Y-%m-%d %H:%M:%S}"
         error = (d.last_error or "")[:80] + ("  [re-queued]" if d.requeued_at else "")
+        error += "  [resolved: synced since]" if d.resolved_at else ""
         lines.append(f"{d.id:>8}  {d.mentor_id!s:36}  {d.operation:9}  {d.attempts:>5}  {since:19}  {error}")
     lines.append(f"{len(letters)} dead letter(s); re-queue with `hlf-actors dead-letters requeue ID` or `--all`")
     return "\n".join(lines)

@@ -507,7 +507,9 @@ class Bed:
         return int(row[0]) if row else 0
 
     def dead_letter_count(self) -> int:
-        row = self.conn.execute("SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL").fetchone()
+        row = self.conn.execute(
+            "SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL"
+        ).fetchone()
         return int(row[0]) if row else 0
 
     def right(self) -> bool:

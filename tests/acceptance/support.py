@@ -107,13 +107,17 @@ class World:
 
     def start(self, **env: str) -> ServiceProcess:
         """Start `hlf-actors run` (``env`` overrides the test defaults) and wait until it leads and listens."""
-        log_path = self._workdir / f"service-{len(self.processes) + 1}.log"
-        process = ServiceProcess(service_env(self.db_url, self.portal.env(), self._fcm_env, **env), log_path)
-        self.processes.append(process)
-        process.start()
+        process = self.spawn(**env)
         process.wait_leader()
         self._wait_for_startup_expiry_check()
         return process
+
+    def spawn(self, **env: str) -> ServiceProcess:
+        """Start `hlf-actors run` and return at once: for a standby, or a process expected to fail."""
+        log_path = self._workdir / f"service-{len(self.processes) + 1}.log"
+        process = ServiceProcess(service_env(self.db_url, self.portal.env(), self._fcm_env, **env), log_path)
+        self.processes.append(process)
+        return process.start()
 
     def _wait_for_startup_expiry_check(self) -> None:
         """On start the leader runs the certification-expiry check of the last night it may have missed; it moves

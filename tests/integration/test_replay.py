@@ -162,7 +162,9 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
             elif kind == "requeue":
                 wait_until(lambda: settled(conn, ids), "the dead letters to be written")
                 for (letter,) in conn.execute(  # every open one of the example: this step is rare enough
-                    "SELECT id FROM dead_letters WHERE mentor_id = ANY(%s) AND requeued_at IS NULL", (ids,)
+                    "SELECT id FROM dead_letters WHERE mentor_id = ANY(%s) AND requeued_at IS NULL "
+                    "AND resolved_at IS NULL",
+                    (ids,),
                 ).fetchall():
                     try:
                         conn.execute("SELECT hlf_requeue_dead_letter(%s)", (letter,))
@@ -177,6 +179,22 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
 
         checked = verify(db_url)
         assert checked.differences == 0, replay.render_report(checked)
+        # A letter closed itself only at a success after it; a mentor in sync has no open letter left.
+        assert conn.execute(
+            """SELECT count(*) FROM dead_letters d
+               LEFT JOIN event_log e ON e.seq = d.resolved_seq
+               WHERE d.mentor_id = ANY(%s) AND d.resolved_seq IS NOT NULL
+                 AND (e.kind IS DISTINCT FROM 'attempt_succeeded' OR e.mentor_id <> d.mentor_id OR e.seq < d.id)""",
+            (ids,),
+        ).fetchone() == (0,)
+        assert conn.execute(
+            """SELECT count(*) FROM dead_letters d JOIN sync_status s USING (mentor_id)
+               WHERE d.mentor_id = ANY(%s) AND s.state = 'in_sync' AND d.requeued_at IS NULL
+                 AND d.resolved_at IS NULL AND EXISTS (
+                     SELECT 1 FROM event_log e WHERE e.mentor_id = d.mentor_id AND e.seq > d.id
+                       AND e.kind = 'attempt_succeeded')""",
+            (ids,),
+        ).fetchone() == (0,)
         expected = sum(n - 1 for n in reminders.values())
         assert findings(checked, ids, "reminder_sent_twice") == expected
         assert findings(checked, ids, "patch_succeeded_twice") == 0  # the service never PATCHes twice for nothing

@@ -233,6 +233,33 @@ def test_requeue_marks_only_the_matching_letter() -> None:
     assert unknown.dead_letters == before.dead_letters
 
 
+def test_a_later_success_that_leaves_the_mentor_in_sync_resolves_the_open_letters() -> None:
+    before = _two_dead_letters()
+    requeued = apply(before, ev(5, Requeued(dead_letter_id=2)))
+
+    # A success answering an older change leaves the mentor pending: the letters stay open.
+    newer = apply(requeued, ev(6, changed()))
+    early = apply(newer, ev(7, succeeded(for_seq=3)))
+    assert early.sync is not None and early.sync.state == "pending"
+    assert [dl.open for dl in early.dead_letters] == [False, True]
+    assert all(dl.resolved_at is None for dl in early.dead_letters)
+
+    settled = apply(early, ev(8, succeeded(for_seq=6)))
+    first, second = settled.dead_letters
+    assert settled.sync is not None and settled.sync.state == "in_sync"
+    assert first == requeued.dead_letters[0]  # re-queued already: closed, not resolved again
+    assert (second.resolved_at, second.resolved_seq, second.open) == (T0 + timedelta(seconds=8), 8, False)
+
+    # A later success keeps the first resolution; a new dead letter after it is open.
+    again = apply(settled, ev(9, succeeded(for_seq=6)))
+    assert again.dead_letters == settled.dead_letters
+    later = apply(
+        apply(again, ev(10, changed())),
+        ev(11, DeadLettered(operation="remove", attempts=1, last_error="403", for_seq=10)),
+    )
+    assert [dl.open for dl in later.dead_letters] == [False, False, True]
+
+
 def test_alerts_and_circuit_events_leave_the_projection_untouched() -> None:
     before = project(ev(1, changed()), ev(2, failed(for_seq=1, attempt=1)))
     for event in (
@@ -380,6 +407,11 @@ def test_folding_incrementally_equals_folding_in_one_go(events: list[Event], cut
     first_change = next((e.seq for e in events if isinstance(e.payload, StatusChanged | SyncRequested)), None)
     letters = [e.seq for e in events if isinstance(e.payload, DeadLettered) and first_change and e.seq > first_change]
     assert [dl.id for dl in batch.dead_letters] == letters
+    # A letter is resolved only by a success after it, and then only if that success left the mentor in sync.
+    for letter in batch.dead_letters:
+        if letter.resolved_seq is not None:
+            resolving = next(e for e in events if e.seq == letter.resolved_seq)
+            assert isinstance(resolving.payload, AttemptSucceeded) and resolving.seq > letter.id
 
 
 @settings(max_examples=200, deadline=None, database=None)
