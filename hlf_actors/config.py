@@ -73,6 +73,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     public_listing_url: str | None = None
     public_listing_deadline_s: float = 1200.0
     public_listing_match: Literal["portal_record_id", "full_name"] = "portal_record_id"
+    app_schema: str = "public"
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
@@ -256,6 +257,11 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     if match_raw not in {"portal_record_id", "full_name"}:
         raise ConfigError(f"HLF_PUBLIC_LISTING_MATCH: expected portal_record_id or full_name, got {match_raw!r}")
 
+    # It is spliced into search_path and DDL, so only a plain lower-case PostgreSQL name is accepted.
+    app_schema = read.text("HLF_APP_SCHEMA") or "public"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", app_schema) or app_schema == "hlf":
+        raise ConfigError(f"HLF_APP_SCHEMA: expected a lower-case schema name other than hlf, got {app_schema!r}")
+
     jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
         raise ConfigError(f"HLF_BACKOFF_JITTER: expected on or off, got {jitter_raw!r}")
@@ -285,6 +291,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         public_listing_url=read.url("HLF_PUBLIC_LISTING_URL"),
         public_listing_deadline_s=read.duration("HLF_PUBLIC_LISTING_DEADLINE", 1200.0),
         public_listing_match="full_name" if match_raw == "full_name" else "portal_record_id",
+        app_schema=app_schema,
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),
