@@ -198,7 +198,11 @@ def run_cli(config: Config) -> int:
             sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
             try:
                 async with db.pool(
-                    config.database_url, name="hlf-check-credentials", max_size=2, open_timeout=15
+                    config.database_url,
+                    name="hlf-check-credentials",
+                    max_size=2,
+                    open_timeout=15,
+                    app_schema=config.app_schema,
                 ) as pool:
                     alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
                     return await check_credentials(portal, pool, alerting, trigger="check-credentials")

@@ -333,7 +333,7 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
     async def main() -> ReconcileReport:
         portal = DynamicsClient(config)
         try:
-            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+            conn = await db.connect_async(url, app_schema=config.app_schema)
             async with conn:
                 return await reconcile(conn, portal, today=SystemClock().today(config.zone), page_size=page_size)
         finally:
@@ -354,7 +354,7 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
         print(f"{len(report.requested)} sync request(s) queued; `hlf-actors run` sends them")
         return 0
     print(f"waiting up to {wait:.0f}s for the service to fix {len(report.requested)} mentor(s)…")
-    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
+    with db.connect(url, app_schema=config.app_schema) as conn:
         outcome = wait_for_requests(conn, report.requested, timeout=wait)
     print(f"fixed {len(outcome.fixed)} of {len(report.requested)}")
     for mentor_id in outcome.failed[:limit]:

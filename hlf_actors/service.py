@@ -16,6 +16,7 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -184,7 +185,12 @@ class Service:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         pooled = await self._behind_transaction_pooler()
         async with db.pool(
-            self._url, name="hlf-actors", min_size=2, max_size=self.config.portal_concurrency + 4, prepare=not pooled
+            self._url,
+            name="hlf-actors",
+            min_size=2,
+            max_size=self.config.portal_concurrency + 4,
+            prepare=not pooled,
+            app_schema=self.config.app_schema,
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
@@ -207,7 +213,7 @@ class Service:
                     tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
                 tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
                 tg.start_soon(
-                    duplicates.watch,
+                    functools.partial(duplicates.watch, app_schema=self.config.app_schema),
                     self._url,
                     pool,
                     alerting,
@@ -305,7 +311,8 @@ class Service:
             try:
                 conn = await self._connect(self._url)
                 async with _closing(conn):
-                    await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
+                    # its search_path, and a vanished leader's lock must not outlive it on the server
+                    await db.configure_session(conn, self.config.app_schema)
                     await self._become_leader(conn, dispatcher)
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.state.polling = not await _listen_works(conn, self._url)
