@@ -116,7 +116,10 @@ def _table_problems(conn: psycopg.Connection[Any], schema: str, table: str, role
             problems.append(f"{qualified}.{column} is {kind}, expected {' or '.join(accepted)}")
         if column == "id" and not has_default:
             problems.append(f"{qualified}.id has no default (gen_random_uuid() or an identity)")
-    if table == "mentors" and "status" in columns:
+    readable = _one(
+        conn, "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), 'SELECT')", (schema, table)
+    )
+    if table == "mentors" and "status" in columns and readable:  # unreadable: named below as a missing privilege
         found = conn.execute(
             f"SELECT status::text, count(*) FROM {_ident(schema)}.mentors"  # noqa: S608 — quoted identifiers only
             " WHERE status::text <> ALL(%s) GROUP BY 1 ORDER BY 1",
