@@ -583,3 +583,34 @@ def _service_part(schema: str) -> str:
     from hlf_actors.testing.schema_dump import service_objects
 
     return service_objects(schema)
+
+
+def test_greenfield_in_another_app_schema(
+    empty_db: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _url(empty_db)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+    monkeypatch.setenv("HLF_APP_SCHEMA", "app")
+    code, output = _migrate(monkeypatch, url, capsys)
+    assert code == 0, output
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in db.APP_TABLES:
+            assert conn.execute("SELECT to_regclass(%s)", (f"app.{table}",)).fetchone() == (f"app.{table}",)
+            assert conn.execute("SELECT to_regclass(%s)", (f"public.{table}",)).fetchone() == (None,)
+        conn.execute("SET search_path = app")  # the app's own view: its schema, no hlf
+        org = conn.execute("INSERT INTO organisations (name) VALUES ('A') RETURNING id").fetchone()
+        assert org is not None
+        mentor = conn.execute(
+            "INSERT INTO mentors (organisation_id, full_name) VALUES (%s, 'M') RETURNING id", (org[0],)
+        ).fetchone()
+        assert mentor is not None
+        assert conn.execute("SELECT hlf_force_sync(%s)", (mentor[0],)).fetchone() is not None
+        kinds = conn.execute("SELECT kind FROM hlf.event_log WHERE mentor_id = %s ORDER BY seq", (mentor[0],))
+        assert [r[0] for r in kinds] == ["status_changed", "sync_requested"]
+        path = conn.execute(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'hlf_mentor_changed' AND pronamespace = 'hlf'::regnamespace"
+        ).fetchone()
+        assert path == (["search_path=hlf, app, pg_temp"],)
+    monkeypatch.setenv("HLF_DATABASE_URL", url)
+    assert cli.main(["replay", "--verify"]) == 0, capsys.readouterr()

@@ -38,6 +38,7 @@ def test_defaults_match_the_contract() -> None:
     assert config.http_port == 8080
     assert config.public_listing_url is None
     assert config.public_listing_deadline_s == 1200.0
+    assert config.app_schema == "public"
 
 
 def test_scope_defaults_to_the_org_root_and_can_be_set() -> None:
@@ -94,6 +95,8 @@ BAD_VALUES = [
     ("HLF_DYNAMICS_ENTITY_SET", {"HLF_DYNAMICS_ENTITY_SET": "hlf_mentor'listings"}),
     ("HLF_HTTP_PORT", {"HLF_HTTP_PORT": "70000"}),
     ("HLF_PORTAL_CONCURRENCY", {"HLF_PORTAL_CONCURRENCY": "0"}),
+    ("HLF_APP_SCHEMA", {"HLF_APP_SCHEMA": "public; DROP TABLE mentors"}),
+    ("HLF_APP_SCHEMA", {"HLF_APP_SCHEMA": "hlf"}),
 ]
 
 
