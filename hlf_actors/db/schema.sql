@@ -225,11 +225,12 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION public.hlf_expire_certifications(p_today date) RETURNS integer
+CREATE FUNCTION public.hlf_expire_certifications(today date) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'hlf', 'public', 'pg_temp'
     AS $$
 DECLARE
+    p_today date := hlf_expire_certifications.today;
     changed int;
 BEGIN
     PERFORM hlf_require('expire_certifications', NULL);
@@ -256,16 +257,16 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION public.hlf_force_sync(p_mentor uuid) RETURNS bigint
+CREATE FUNCTION public.hlf_force_sync(mentor_id uuid) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'hlf', 'public', 'pg_temp'
     AS $$
 BEGIN
-    PERFORM hlf_require('force_sync', p_mentor);
-    IF NOT EXISTS (SELECT 1 FROM mentors WHERE id = p_mentor) THEN
-        RAISE EXCEPTION 'no mentor with id %', p_mentor USING ERRCODE = 'no_data_found';
+    PERFORM hlf_require('force_sync', hlf_force_sync.mentor_id);
+    IF NOT EXISTS (SELECT 1 FROM mentors m WHERE m.id = hlf_force_sync.mentor_id) THEN
+        RAISE EXCEPTION 'no mentor with id %', hlf_force_sync.mentor_id USING ERRCODE = 'no_data_found';
     END IF;
-    RETURN hlf_append_event(p_mentor, 'sync_requested', jsonb_build_object('reason', 'force_sync'));
+    RETURN hlf_append_event(hlf_force_sync.mentor_id, 'sync_requested', jsonb_build_object('reason', 'force_sync'));
 END;
 $$;
 
@@ -287,12 +288,13 @@ CREATE FUNCTION public.hlf_mentor_sync_state() RETURNS TABLE(mentor_id uuid, org
     WHERE hlf_authorize(hlf_caller(), 'read', m.id)
 $$;
 
-CREATE FUNCTION public.hlf_requeue_dead_letter(p_id bigint) RETURNS bigint
+CREATE FUNCTION public.hlf_requeue_dead_letter(dead_letter_id bigint) RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'hlf', 'public', 'pg_temp'
     AS $$
 DECLARE
-    dl dead_letters%ROWTYPE;
+    p_id bigint := hlf_requeue_dead_letter.dead_letter_id;
+    dl   dead_letters%ROWTYPE;
 BEGIN
     SELECT * INTO dl FROM dead_letters WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN

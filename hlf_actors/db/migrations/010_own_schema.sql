@@ -35,21 +35,29 @@ BEGIN
 END;
 $$;
 
+-- The app calls these through the Data API with named arguments ({"mentor_id": …}), so they take the contract's
+-- parameter names (shared/INTERFACE.md); a parameter cannot be renamed in place, hence DROP and CREATE. Unqualified,
+-- the DROP finds the one definition there is: in hlf on a first install, in the app schema on an old-layout one.
+DROP FUNCTION hlf_force_sync(uuid);
+DROP FUNCTION hlf_requeue_dead_letter(bigint);
+DROP FUNCTION hlf_expire_certifications(date);
+
 -- Force sync: re-send the mentor's current state even if the service believes the portal agrees.
-CREATE OR REPLACE FUNCTION hlf_force_sync(p_mentor uuid) RETURNS bigint LANGUAGE plpgsql AS $$
+CREATE FUNCTION hlf_force_sync(mentor_id uuid) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM hlf_require('force_sync', p_mentor);
-    IF NOT EXISTS (SELECT 1 FROM mentors WHERE id = p_mentor) THEN
-        RAISE EXCEPTION 'no mentor with id %', p_mentor USING ERRCODE = 'no_data_found';
+    PERFORM hlf_require('force_sync', hlf_force_sync.mentor_id);
+    IF NOT EXISTS (SELECT 1 FROM mentors m WHERE m.id = hlf_force_sync.mentor_id) THEN
+        RAISE EXCEPTION 'no mentor with id %', hlf_force_sync.mentor_id USING ERRCODE = 'no_data_found';
     END IF;
-    RETURN hlf_append_event(p_mentor, 'sync_requested', jsonb_build_object('reason', 'force_sync'));
+    RETURN hlf_append_event(hlf_force_sync.mentor_id, 'sync_requested', jsonb_build_object('reason', 'force_sync'));
 END;
 $$;
 
 -- Re-queue a dead letter: the mentor's actor runs the operation again from attempt 1.
-CREATE OR REPLACE FUNCTION hlf_requeue_dead_letter(p_id bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+CREATE FUNCTION hlf_requeue_dead_letter(dead_letter_id bigint) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
-    dl dead_letters%ROWTYPE;
+    p_id bigint := hlf_requeue_dead_letter.dead_letter_id;
+    dl   dead_letters%ROWTYPE;
 BEGIN
     SELECT * INTO dl FROM dead_letters WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -68,8 +76,9 @@ END;
 $$;
 
 -- The nightly expiry, as 002 wrote it, behind the hook (the service's role passes the default one).
-CREATE OR REPLACE FUNCTION hlf_expire_certifications(p_today date) RETURNS int LANGUAGE plpgsql AS $$
+CREATE FUNCTION hlf_expire_certifications(today date) RETURNS int LANGUAGE plpgsql AS $$
 DECLARE
+    p_today date := hlf_expire_certifications.today;
     changed int;
 BEGIN
     PERFORM hlf_require('expire_certifications', NULL);
