@@ -614,3 +614,17 @@ def test_greenfield_in_another_app_schema(
         assert path == (["search_path=hlf, app, pg_temp"],)
     monkeypatch.setenv("HLF_DATABASE_URL", url)
     assert cli.main(["replay", "--verify"]) == 0, capsys.readouterr()
+
+
+def test_attach_refuses_a_column_a_migration_added_only_to_its_copy(empty_db: str) -> None:
+    """A later migration that adds a column to an app table adds it to migrate's copy in hlf on a first brownfield
+    install; migrate must stop there rather than drop the copy and leave the app's table without it."""
+    attach = (ROOT / "hlf_actors" / "db" / "steps" / "attach.sql").read_text()
+    with psycopg.connect(_url(empty_db)) as conn:
+        conn.execute(_APP_TABLES)
+        conn.execute("CREATE SCHEMA hlf")
+        conn.execute("CREATE TABLE hlf.coordinator_devices (LIKE public.coordinator_devices)")
+        conn.execute("ALTER TABLE hlf.coordinator_devices ADD COLUMN dead_at timestamptz")
+        conn.execute("SELECT set_config('hlf.app_schema', 'public', true), set_config('hlf.app_callable', '', true)")
+        with pytest.raises(errors.RaiseException, match=r"public\.coordinator_devices\.dead_at"):
+            conn.execute(attach.encode())

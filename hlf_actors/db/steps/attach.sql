@@ -12,6 +12,7 @@ DECLARE
     tbl      text;
     trig     record;
     fn       record;
+    missing  text;
     old_path text := current_setting('search_path');
 BEGIN
     -- pg_get_triggerdef and regprocedure qualify names only when they are not visible: make nothing visible.
@@ -21,6 +22,19 @@ BEGIN
         IF to_regclass(format('%I.%I', app, tbl)) IS NULL THEN
             EXECUTE format('ALTER TABLE hlf.%I SET SCHEMA %I', tbl, app);
         ELSE
+            -- A migration that added a column to an app table added it to the copy in hlf: the app's own table
+            -- lacks it, and the service would fail at its first use. Say so now, and change nothing.
+            missing := (
+                SELECT string_agg(format('%I.%I.%I', app, tbl, a.attname), ', ' ORDER BY a.attnum)
+                FROM pg_attribute a
+                WHERE a.attrelid = format('hlf.%I', tbl)::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                  AND NOT EXISTS (SELECT 1 FROM pg_attribute b
+                                  WHERE b.attrelid = format('%I.%I', app, tbl)::regclass AND b.attname = a.attname
+                                    AND NOT b.attisdropped));
+            IF missing IS NOT NULL THEN
+                RAISE EXCEPTION 'the app''s table lacks column(s) the service''s migrations define: %', missing
+                    USING HINT = 'add them to the app''s table, or keep service state in schema hlf';
+            END IF;
             FOR trig IN
                 SELECT pg_get_triggerdef(t.oid) AS def FROM pg_trigger t
                 WHERE t.tgrelid = format('hlf.%I', tbl)::regclass AND NOT t.tgisinternal ORDER BY t.tgname
