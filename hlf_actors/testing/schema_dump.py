@@ -7,12 +7,14 @@ service owns: everything in hlf, the triggers on the app's tables and the functi
 
     python -m hlf_actors.testing.schema_dump [URL] > hlf_actors/db/schema.sql
 
-(no URL: a scratch database on the test server, migrated from scratch, dropped afterwards) writes the declared
+(no URL: a scratch database on the tests' server, HLF_TEST_DATABASE_URL or 127.0.0.1:5432, migrated from scratch and
+dropped afterwards) writes the declared
 schema that ``tests/integration/test_attach.py`` compares the migrations with.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -63,15 +65,13 @@ def service_objects(schema_text: str, app_schema: str = "public") -> str:
     return "\n\n".join(kept) + "\n"
 
 
-def _scratch() -> str:
-    from tests.conftest import SERVER  # the same server the tests use
-
-    params: dict[str, Any] = {k: v for k, v in SERVER.items() if k in ("host", "port", "user", "password")}
+def _scratch(server: str) -> str:
+    params: dict[str, Any] = conninfo_to_dict(server)
     name = f"hlf_schema_{uuid.uuid4().hex[:8]}"
-    admin = make_conninfo("", **params, dbname=SERVER.get("dbname", "postgres"))
+    admin = make_conninfo("", **{**params, "dbname": params.get("dbname", "postgres")})
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo("", **params, dbname=name)
+    url = make_conninfo("", **{**params, "dbname": name})
     try:
         with psycopg.connect(url) as conn:
             db.migrate(conn)
@@ -86,4 +86,5 @@ if __name__ == "__main__":
         conninfo_to_dict(sys.argv[1])  # a bad URL fails here, with libpq's own message
         sys.stdout.write(dump_schema(sys.argv[1]))
     else:
-        sys.stdout.write(_scratch())
+        # The tests' server: HLF_TEST_DATABASE_URL, else the local one (tests/conftest.py).
+        sys.stdout.write(_scratch(os.environ.get("HLF_TEST_DATABASE_URL") or "host=127.0.0.1 port=5432 user=postgres"))
