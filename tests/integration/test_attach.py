@@ -34,6 +34,7 @@ from hlf_actors import cli, db
 from hlf_actors.replay import replay
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.pgbouncer import PgBouncer
 from hlf_actors.testing.schema_dump import dump_schema
 from tests.conftest import SERVER
 
@@ -392,6 +393,29 @@ async def test_supabase_app_acts_and_reads_through_the_hook(
     monkeypatch.chdir(ROOT / "tests")
     assert cli.main(["replay", "--verify"]) == 0, capsys.readouterr()
     assert cli.main(["status"]) in (0, 1), capsys.readouterr()
+
+
+@pytest.mark.anyio
+async def test_the_service_works_through_a_session_pooler_as_its_own_role(
+    supabase: Supabase,
+    portal: FakePortal,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Supabase's session pooler, played by PgBouncer in session mode: each client keeps one server connection, so
+    the service's own SET search_path holds (the database and the role have no default here) and LISTEN works."""
+    supabase.grant()
+    code, output = _migrate(monkeypatch, supabase.service_url, capsys)
+    assert code == 0, output
+    with PgBouncer(supabase.service_url, tmp_path / "pgbouncer", pool_mode="session") as bouncer:
+        async with running_service(bouncer.url, portal) as service:
+            await eventually(lambda: service.state.listening, what="the listener")
+            assert not service.state.polling
+            with psycopg.connect(supabase.admin_url, autocommit=True) as app:
+                _as(app, "authenticated", supabase.user_b)
+                assert app.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (supabase.b1,)).rowcount == 1
+            await eventually(lambda: portal.listed(supabase.records[supabase.b1]) is False, what="B1 removed")
 
 
 def test_brownfield_that_differs_is_refused_whole(
