@@ -7,6 +7,7 @@ database-wide search_path: the service must find schema hlf on its own, as it do
   claims, the app's tables populated with RLS on and the app's policies, default privileges granting everything new
   to anon and authenticated. On it, migrate and the service run as ``hlf_service``, a non-superuser created with the
   SQL of docs/operations.md; the authorisation hook is the Supabase one from the same page.
+  The same through a session pooler (PgBouncer in session mode), and a greenfield install in another app schema.
 - Brownfield tables that differ from the contract: migrate names every problem, exits 2, changes nothing.
 - An upgrade from the old layout (everything in public, migrations 001-006 applied as the last release did).
 - Migrations from scratch equal the declared schema (hlf_actors/db/schema.sql), and brownfield plus triggers equals
