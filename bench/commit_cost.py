@@ -191,6 +191,8 @@ def main() -> None:
     try:
         with psycopg.connect(url) as conn:
             db.migrate(conn)
+            # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
         with psycopg.connect(url, autocommit=True) as conn:
             mentors = _seed(conn, args.mentors)
             schema = Schema(conn)

@@ -56,6 +56,9 @@ def _urls() -> tuple[str, str]:
 def _seed(url: str, mentors: int, organisations: int) -> None:
     with psycopg.connect(url) as conn:
         db.migrate(conn)
+        # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
+        conn.execute("SET search_path = hlf, public")
         conn.execute("SET session_replication_role = replica")  # the seeding's own events are not measured
         conn.execute(
             """INSERT INTO organisations (name, reminder_days)

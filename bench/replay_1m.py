@@ -105,6 +105,8 @@ def _database(name: str, keep: bool) -> tuple[str, bool]:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     with psycopg.connect(url) as conn:
         db.migrate(conn)
+        # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
     return url, True
 
 

@@ -40,6 +40,8 @@ def _database() -> str:
     url = make_conninfo(**params)
     with psycopg.connect(url) as conn:
         db.migrate(conn)
+        # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+        conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
     return url
 
 

@@ -80,7 +80,8 @@ WHERE coalesce(delivered_at, gave_up_at) < clock_timestamp() - interval '7 days'
 # A device is dead only with the token it had when FCM said so; a new token makes it live again.
 _MARK_DEAD = """
 INSERT INTO hlf_dead_devices (device_id, fcm_token, organisation_id, reason)
-SELECT d.id, d.fcm_token, d.organisation_id, %s FROM coordinator_devices d WHERE d.id = %s AND d.fcm_token = %s
+SELECT d.id::text, d.fcm_token, d.organisation_id, %s FROM coordinator_devices d
+WHERE d.id::text = %s AND d.fcm_token = %s
 ON CONFLICT DO NOTHING
 RETURNING device_id, organisation_id
 """

@@ -389,7 +389,13 @@ async def _main(args: argparse.Namespace, config: Config, out: TextIO, err: Text
         async with AsyncExitStack() as stack:
             try:
                 pool = await stack.enter_async_context(
-                    db.pool(url, name="hlf-break-glass", max_size=config.portal_concurrency + 2, open_timeout=15)
+                    db.pool(
+                        url,
+                        name="hlf-break-glass",
+                        max_size=config.portal_concurrency + 2,
+                        open_timeout=15,
+                        app_schema=config.app_schema,
+                    )
                 )
             except psycopg.OperationalError:
                 raise _Fail("cannot reach the database (HLF_DATABASE_URL)", 3) from None

@@ -35,7 +35,7 @@ class _Fail(Exception):
 def _connect(config: Config) -> psycopg.Connection[Any]:
     url = config.require_database()
     try:
-        return psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+        return db.connect(url, app_schema=config.app_schema)
     except psycopg.OperationalError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _Fail(f"cannot reach the database: {first}", 3) from None
@@ -60,7 +60,7 @@ def _date(text: str) -> date:
 
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
     with _connect(config) as conn:
-        applied = db.migrate(conn)
+        applied = db.migrate(conn, app_schema=config.app_schema)
     if applied:
         for m in applied:
             print(f"applied {m.version:03d}_{m.name}")
@@ -183,6 +183,7 @@ def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
     from .clock import SystemClock
     from .expiry import NightReport, default_owner, run_night
     from .logs import setup_logging
+    from .ops_channels import open_ops_channels
 
     with _connect(config) as conn:
         have = db.applied_migrations(conn)
@@ -209,8 +210,13 @@ def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
     async def main() -> NightReport:
         sender = LazySender()
         try:
-            async with db.pool(config.require_database(), name="hlf-check-expiry", max_size=10) as pool:
-                alerting = Alerting(pool, sender, ops_topic=config.ops_topic)
+            async with (
+                db.pool(
+                    config.require_database(), name="hlf-check-expiry", max_size=10, app_schema=config.app_schema
+                ) as pool,
+                open_ops_channels(config, sender) as channels,
+            ):
+                alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
                 owner = default_owner("check-expiry")
                 return await run_night(pool, alerting, today=today, job_lock_owner=owner, rerun=args.again)
         finally:
@@ -291,11 +297,14 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     url = config.require_database()
     if args.archive_before is not None:
         archived = replay.archive(
-            url, older_than=timedelta(days=args.archive_before), progress=replay.Progress(label="archive")
+            url,
+            older_than=timedelta(days=args.archive_before),
+            progress=replay.Progress(label="archive"),
+            app_schema=config.app_schema,
         )
         print(replay.render_archive(archived))
     progress = replay.Progress(label="verify" if args.verify else "replay")
-    report = replay.replay(url, verify=args.verify, progress=progress)
+    report = replay.replay(url, verify=args.verify, progress=progress, app_schema=config.app_schema)
     print(replay.render_report(report))
     return 1 if args.verify and report.differences else 0
 

@@ -83,6 +83,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     public_listing_min_interval_s: float = 30.0
     public_listing_marker: str | None = None
     public_listing_page_param: str | None = None  # HTML mode: the query parameter that numbers a list's pages
+    app_schema: str = "public"
     # Not in the contract's table: tuning knobs with safe defaults, for operators who need them.
     sweep_interval_s: float = 30.0
     poll_interval_s: float = 1.0
@@ -327,6 +328,10 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     page_param = read.text("HLF_PUBLIC_LISTING_PAGE_PARAM")
     if page_param is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", page_param):
         raise ConfigError(f"HLF_PUBLIC_LISTING_PAGE_PARAM: expected a query parameter name, got {page_param!r}")
+    # It is spliced into search_path and DDL, so only a plain lower-case PostgreSQL name is accepted.
+    app_schema = read.text("HLF_APP_SCHEMA") or "public"
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", app_schema) or app_schema == "hlf":
+        raise ConfigError(f"HLF_APP_SCHEMA: expected a lower-case schema name other than hlf, got {app_schema!r}")
 
     jitter_raw = (read.text("HLF_BACKOFF_JITTER") or "on").lower()
     if jitter_raw not in {"on", "off", "true", "false", "1", "0"}:
@@ -399,6 +404,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         public_listing_min_interval_s=read.duration("HLF_PUBLIC_LISTING_MIN_INTERVAL", 30.0),
         public_listing_marker=read.text("HLF_PUBLIC_LISTING_MARKER"),
         public_listing_page_param=page_param,
+        app_schema=app_schema,
         sweep_interval_s=read.duration("HLF_SWEEP_INTERVAL", 30.0),
         poll_interval_s=read.duration("HLF_POLL_INTERVAL", 1.0),
         portal_timeout_s=read.duration("HLF_PORTAL_TIMEOUT", 30.0),

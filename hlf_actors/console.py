@@ -333,8 +333,9 @@ class Console:
 
     async def _read(self, read: Callable[[psycopg.Connection[Any]], T]) -> T:
         def work() -> T:
-            kwargs = {**db.CONNECT_KWARGS, "application_name": "hlf-actors console"}
-            with psycopg.connect(self._url, autocommit=True, **kwargs) as conn:
+            with db.connect(
+                self._url, app_schema=self._config.app_schema, application_name="hlf-actors console"
+            ) as conn:
                 return read(conn)
 
         return await anyio.to_thread.run_sync(work)

@@ -204,7 +204,13 @@ def run_cli(config: Config) -> int:
             sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
             try:
                 async with (
-                    db.pool(config.database_url, name="hlf-check-credentials", max_size=2, open_timeout=15) as pool,
+                    db.pool(
+                        config.database_url,
+                        name="hlf-check-credentials",
+                        max_size=2,
+                        open_timeout=15,
+                        app_schema=config.app_schema,
+                    ) as pool,
                     open_ops_channels(config, sender) as channels,
                 ):
                     alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)

@@ -1,13 +1,25 @@
 """Database plumbing: migrations, connection settings, and the named queries in ``queries.sql``.
 
 Migrations are ``db/migrations/NNN_name.sql`` files applied in order, each in its own transaction, and recorded
-in ``hlf_schema_migrations`` with a checksum. Re-running ``migrate`` applies only what is missing; two migrators
+in ``hlf.hlf_schema_migrations`` with a checksum. Re-running ``migrate`` applies only what is missing; two migrators
 started at once serialise on an advisory lock. An applied file whose text later changed is refused, because the
 schema it describes is no longer the one the database has.
+
+Where things live: the mentor app's four tables and the functions it may call in the app's schema
+(``HLF_APP_SCHEMA``, default ``public``), everything else the service owns in schema ``hlf``, out of the app API's
+reach. Statements are written unqualified and every service connection runs with ``search_path = hlf, <app>``,
+so a migration needs no schema names. ``migrate`` is one transaction:
+
+    preflight (attach.py)    privileges and, where the app's tables exist, their columns: every problem, one message
+    relocate                 the old layout (service objects in the app schema) moves to hlf
+    pending migrations       whatever they create lands in hlf
+    attach                   app tables: new ones move to the app schema, existing ones get the triggers
+    harden                   SECURITY DEFINER + fixed search_path, no grants and RLS on hlf
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -24,16 +36,27 @@ from psycopg_pool import AsyncConnectionPool
 from .errors import MigrationError
 
 __all__ = [
+    "APP_CALLABLE",
+    "APP_TABLES",
     "CONNECT_KWARGS",
+    "SERVICE_SCHEMA",
     "Migration",
     "applied_migrations",
     "configure_session",
+    "connect",
+    "connect_async",
     "migrate",
     "migrations",
     "pool",
     "query",
     "refusal",
+    "search_path",
 ]
+
+SERVICE_SCHEMA = "hlf"
+APP_TABLES = ("organisations", "mentors", "certifications", "coordinator_devices")
+# The functions the app may call: they live in the app schema, run as the service's role, and ask the hook.
+APP_CALLABLE = ("hlf_force_sync", "hlf_expire_certifications", "hlf_requeue_dead_letter", "hlf_mentor_sync_state")
 
 # Dead peers must not hold a connection (and the leadership lock on it) for hours: libpq keepalives and a TCP
 # user timeout make the kernel give up on a silent host within about half a minute. Ignored on Unix sockets.
@@ -57,8 +80,22 @@ _SERVER_KEEPALIVES = (
 )
 
 
-async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Give an autocommit connection's server side the keepalive limits of CONNECT_KWARGS (no-op on Unix sockets)."""
+def search_path(app_schema: str) -> str:
+    """The service's search_path: its own schema first, then the app's (a name config.py has validated)."""
+    return f"{SERVICE_SCHEMA}, {app_schema}"
+
+
+# A session-level SET rather than libpq's `options=-c search_path=…`: Supabase's pooler and PgBouncer drop or refuse
+# that startup parameter, while a SET holds for the whole session on a direct connection and a session pooler.
+# Behind a transaction pooler a session setting is not ours either: there the role's own default
+# (`ALTER ROLE … SET search_path`, docs/operations.md) gives every server connection the same path.
+_SET_SEARCH_PATH = "SELECT set_config('search_path', %s, false)"
+
+
+async def configure_session(conn: psycopg.AsyncConnection[Any], app_schema: str = "public") -> None:
+    """Give an autocommit connection the service's search_path and its server side the keepalive limits of
+    CONNECT_KWARGS (no-op on Unix sockets)."""
+    await conn.execute(_SET_SEARCH_PATH, (search_path(app_schema),))
     await conn.execute(_SERVER_KEEPALIVES)
 
 
@@ -81,6 +118,28 @@ def refusal(err: psycopg.Error) -> str | None:
     return None
 
 
+def connect(url: str, *, app_schema: str = "public", **overrides: Any) -> psycopg.Connection[Any]:
+    """An autocommit connection with the service's settings and search_path."""
+    conn = psycopg.connect(url, **{**CONNECT_KWARGS, "autocommit": True, **overrides})
+    try:
+        conn.execute(_SET_SEARCH_PATH, (search_path(app_schema),))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def connect_async(url: str, *, app_schema: str = "public", **overrides: Any) -> psycopg.AsyncConnection[Any]:
+    """The async twin of ``connect``."""
+    conn = await psycopg.AsyncConnection.connect(url, **{**CONNECT_KWARGS, "autocommit": True, **overrides})
+    try:
+        await conn.execute(_SET_SEARCH_PATH, (search_path(app_schema),))
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 @asynccontextmanager
 async def pool(
     url: str,
@@ -91,6 +150,7 @@ async def pool(
     open_timeout: float = 30.0,
     prepare: bool = True,
     application_name: str | None = None,
+    app_schema: str = "public",
 ) -> AsyncIterator[AsyncConnectionPool[Any]]:
     """An open pool of autocommit connections with the service's connection settings, closed on the way out
     (even when cancelled). Opening waits for ``min_size`` connections and raises if the database cannot be
@@ -107,7 +167,7 @@ async def pool(
             **({} if prepare else {"prepare_threshold": None}),
             **({"application_name": application_name} if application_name else {}),
         },
-        configure=configure_session,
+        configure=functools.partial(configure_session, app_schema=app_schema),
         open=False,
         name=name,
     )
@@ -149,20 +209,42 @@ def migrations() -> list[Migration]:
 
 
 def applied_migrations(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    exists = conn.execute("SELECT to_regclass('hlf_schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute("SELECT to_regclass('hlf.hlf_schema_migrations') IS NOT NULL").fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute("SELECT version, checksum FROM hlf_schema_migrations").fetchall()
+    rows = conn.execute("SELECT version, checksum FROM hlf.hlf_schema_migrations").fetchall()
     return {int(v): str(c) for v, c in rows}
 
 
-def migrate(conn: psycopg.Connection[Any]) -> list[Migration]:
-    """Apply every migration the database lacks; return the ones applied. Safe to run again and concurrently."""
+def _step(name: str) -> bytes:
+    return (resources.files("hlf_actors") / "db" / "steps" / f"{name}.sql").read_bytes()
+
+
+def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> list[Migration]:
+    """Apply every migration the database lacks; return the ones applied. Safe to run again and concurrently.
+    One transaction: a database that fails the preflight check, or any step, is left exactly as it was."""
+    from .attach import preflight
+
     applied_now: list[Migration] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        problems = preflight(conn, app_schema)
+        if problems:
+            raise MigrationError(
+                f"the database is not ready for the service ({len(problems)} problem(s), nothing was changed):\n  - "
+                + "\n  - ".join(problems)
+            )
+        conn.execute("SELECT set_config('search_path', %s, true)", (search_path(app_schema),))
+        conn.execute("SELECT set_config('hlf.app_schema', %s, true)", (app_schema,))
+        conn.execute("SELECT set_config('hlf.app_callable', %s, true)", (",".join(APP_CALLABLE),))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS hlf")
+        legacy = conn.execute(
+            "SELECT to_regclass(format('%%I.hlf_schema_migrations', %s::text)) IS NOT NULL", (app_schema,)
+        ).fetchone()
+        if legacy and legacy[0]:
+            _run_step(conn, "relocate")
         conn.execute(
-            """CREATE TABLE IF NOT EXISTS hlf_schema_migrations (
+            """CREATE TABLE IF NOT EXISTS hlf.hlf_schema_migrations (
                    version    int PRIMARY KEY,
                    name       text NOT NULL,
                    checksum   text NOT NULL,
@@ -181,7 +263,7 @@ def migrate(conn: psycopg.Connection[Any]) -> list[Migration]:
                 with conn.transaction():
                     conn.execute(migration.sql.encode())
                     conn.execute(
-                        "INSERT INTO hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        "INSERT INTO hlf.hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                         (migration.version, migration.name, migration.checksum),
                     )
             except psycopg.Error as err:
@@ -189,7 +271,17 @@ def migrate(conn: psycopg.Connection[Any]) -> list[Migration]:
                     f"migration {migration.version:03d}_{migration.name} failed: {err.diag.message_primary or err}"
                 ) from err
             applied_now.append(migration)
+        _run_step(conn, "attach")
+        _run_step(conn, "harden")
     return applied_now
+
+
+def _run_step(conn: psycopg.Connection[Any], name: str) -> None:
+    try:
+        with conn.transaction():
+            conn.execute(_step(name))
+    except psycopg.Error as err:
+        raise MigrationError(f"migrate step {name} failed: {err.diag.message_primary or err}") from err
 
 
 @cache

@@ -68,7 +68,7 @@ def _ms(seconds: float) -> str:
 
 
 async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep: bool) -> None:
-    conn = psycopg.connect(url, autocommit=True)
+    conn = db.connect(url)
     oslo = add_organisation(conn, "HLF Oslo", alert_topic="hlf-oslo-coordinators")
     bergen = add_organisation(conn, "HLF Bergen")
     add_device(conn, oslo, "demo-device-token-coordinator-anna")
@@ -156,7 +156,7 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
                 f"→ removed in {_ms(took)}"
             )
 
-            _say("\n" + status.render_summary(status.summary(psycopg.connect(url))))
+            _say("\n" + status.render_summary(status.summary(db.connect(url))))
             _say("\nIngrid's story from the event log (`hlf-actors status MENTOR`):")
             story = status.mentor_story(conn, ingrid)
             assert story is not None

@@ -312,6 +312,7 @@ async def watch(
     alert_every_s: float,
     *,
     detect_every_s: float = DETECT_EVERY_S,
+    app_schema: str = "public",
 ) -> None:
     """The live service's duplicate check, while leader.
 
@@ -322,7 +323,7 @@ async def watch(
     """
     from .replay import DuplicateScan  # replay builds on this module
 
-    scan = DuplicateScan(url)
+    scan = DuplicateScan(url, app_schema)
     next_detect = 0.0
     while True:
         await leader()

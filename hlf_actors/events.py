@@ -145,7 +145,7 @@ class DeviceDead(_Payload, frozen=True, kw_only=True):
     """FCM called a coordinator device's token dead: the device is not targeted again until the app writes a new
     token for it (``hlf_dead_devices``)."""
 
-    device_id: UUID  # coordinator_devices.id
+    device_id: str  # coordinator_devices.id, as text (the app's id may be a uuid or an integer)
     organisation_id: UUID
     reason: str  # UNREGISTERED, INVALID_ARGUMENT or SENDER_ID_MISMATCH
     alert: str  # the payload type whose push found it dead

@@ -224,9 +224,9 @@ SELECT json_build_object(
 _TARGETS = """
 SELECT o.id, o.alert_topic,
        coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}'),
-       coalesce(array_agg(d.id ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+       coalesce(array_agg(d.id::text ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
 FROM organisations o
-LEFT JOIN (coordinator_devices d LEFT JOIN hlf_dead_devices x ON x.device_id = d.id AND x.fcm_token = d.fcm_token)
+LEFT JOIN (coordinator_devices d LEFT JOIN hlf_dead_devices x ON x.device_id = d.id::text AND x.fcm_token = d.fcm_token)
     ON d.organisation_id = o.id AND x.device_id IS NULL
 WHERE o.id = ANY(%s)
 GROUP BY o.id

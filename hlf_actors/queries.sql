@@ -128,12 +128,13 @@ ORDER BY d.id;
 SELECT o.alert_topic,
        coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL),
                 '{}'),
-       coalesce(array_agg(d.id ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL), '{}'),
+       coalesce(array_agg(d.id::text ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL AND x.device_id IS NULL),
+                '{}'),
        m.full_name
 FROM mentors m
 JOIN organisations o ON o.id = m.organisation_id
 LEFT JOIN coordinator_devices d ON d.organisation_id = o.id
-LEFT JOIN hlf_dead_devices x ON x.device_id = d.id AND x.fcm_token = d.fcm_token
+LEFT JOIN hlf_dead_devices x ON x.device_id = d.id::text AND x.fcm_token = d.fcm_token
 WHERE m.id = %s
 GROUP BY o.alert_topic, m.full_name;
 

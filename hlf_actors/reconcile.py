@@ -408,7 +408,7 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
     async def main() -> ReconcileReport:
         portal = DynamicsClient(config)
         try:
-            conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
+            conn = await db.connect_async(url, app_schema=config.app_schema)
             async with conn:
                 report = await reconcile(
                     conn,
@@ -421,7 +421,9 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
                 sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
                 try:
                     async with (
-                        db.pool(url, name="hlf-reconcile", max_size=1, open_timeout=15) as pool,
+                        db.pool(
+                            url, name="hlf-reconcile", max_size=1, open_timeout=15, app_schema=config.app_schema
+                        ) as pool,
                         open_ops_channels(config, sender) as channels,
                     ):
                         alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
@@ -450,7 +452,7 @@ def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: i
         print(f"{len(report.requested)} sync request(s) queued; `hlf-actors run` sends them")
         return 0
     print(f"waiting up to {wait:.0f}s for the service to fix {len(report.requested)} mentor(s)…")
-    with psycopg.connect(url, autocommit=True, **db.CONNECT_KWARGS) as conn:
+    with db.connect(url, app_schema=config.app_schema) as conn:
         outcome = wait_for_requests(conn, report.requested, timeout=wait)
     print(f"fixed {len(outcome.fixed)} of {len(report.requested)}")
     for mentor_id in outcome.failed[:limit]:

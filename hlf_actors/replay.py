@@ -444,8 +444,8 @@ class _Built(msgspec.Struct, kw_only=True):
     pending: dict[UUID, list[Finding]]
 
 
-def _connect(url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(url, autocommit=True, **{**db.CONNECT_KWARGS, "application_name": "hlf-actors replay"})
+def _connect(url: str, app_schema: str) -> psycopg.Connection[Any]:
+    return db.connect(url, app_schema=app_schema, application_name="hlf-actors replay")
 
 
 @contextmanager
@@ -631,11 +631,18 @@ def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bo
     )
 
 
-def replay(url: str, *, verify: bool = False, progress: Progress | None = None, detail_limit: int = 20) -> ReplayReport:
+def replay(
+    url: str,
+    *,
+    verify: bool = False,
+    progress: Progress | None = None,
+    detail_limit: int = 20,
+    app_schema: str = "public",
+) -> ReplayReport:
     """Rebuild every projection from the log; unless ``verify``, make the live tables equal to it."""
     progress = progress if progress is not None else Progress()
     started = time.monotonic()
-    with _connect(url) as writer, _connect(url) as reader, _replay_lock(writer):
+    with _connect(url, app_schema) as writer, _connect(url, app_schema) as reader, _replay_lock(writer):
         built = _rebuild(reader, writer, progress)
         report = _finish(writer, built, apply_changes=not verify, limit=detail_limit)
     return msgspec.structs.replace(report, seconds=time.monotonic() - started)
@@ -717,7 +724,9 @@ _DELETE_ARCHIVED = (
 _DELETE_CHUNK = 50_000  # seqs per delete transaction
 
 
-def archive(url: str, *, older_than: timedelta, progress: Progress | None = None) -> ArchiveReport:
+def archive(
+    url: str, *, older_than: timedelta, progress: Progress | None = None, app_schema: str = "public"
+) -> ArchiveReport:
     """Move events older than ``older_than`` to event_log_archive, keeping replay exact.
 
     The cut is a seq: every event up to it is archived, and it stays below anything still in the inbox. Each
@@ -728,7 +737,7 @@ def archive(url: str, *, older_than: timedelta, progress: Progress | None = None
     """
     progress = progress if progress is not None else Progress(label="archive")
     started = time.monotonic()
-    with _connect(url) as writer, _connect(url) as reader, _replay_lock(writer):
+    with _connect(url, app_schema) as writer, _connect(url, app_schema) as reader, _replay_lock(writer):
         reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         reader.read_only = True
         writer.execute("DROP TABLE IF EXISTS pg_temp.projection_snapshots_new")
@@ -804,15 +813,14 @@ class DuplicateScan:
     """Raise the duplicate findings of the mentors whose events committed since the previous scan (all mentors on
     the first). Synchronous: the service runs it in a worker thread. Keeps the snapshot of its last scan."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, app_schema: str = "public") -> None:
         self._url = url
+        self._app_schema = app_schema
         self._since: str | None = None
         self._recheck: set[UUID] = set()
 
     def run(self, stop: threading.Event | None = None) -> list[FindingRow]:
-        with psycopg.connect(
-            self._url, autocommit=True, **{**db.CONNECT_KWARGS, "application_name": "hlf-actors duplicates"}
-        ) as conn:
+        with db.connect(self._url, app_schema=self._app_schema, application_name="hlf-actors duplicates") as conn:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             found: list[Finding] = []

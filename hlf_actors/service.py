@@ -16,6 +16,7 @@ leadership is back, and if another process took it meanwhile they are cancelled 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -301,6 +302,7 @@ class Service:
             max_size=self.config.portal_concurrency + 4,
             prepare=not pooled,
             application_name=self._session_tag,
+            app_schema=self.config.app_schema,
         ) as pool:
             await self._check_schema(pool)
             self.state.database_ok = True
@@ -336,7 +338,7 @@ class Service:
                     tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
                 tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
                 tg.start_soon(
-                    duplicates.watch,
+                    functools.partial(duplicates.watch, app_schema=self.config.app_schema),
                     self._url,
                     pool,
                     alerting,
@@ -488,7 +490,8 @@ class Service:
             try:
                 conn = await self._connect(self._url)
                 async with _closing(conn):
-                    await db.configure_session(conn)  # a vanished leader's lock must not outlive it on the server
+                    # its search_path, and a vanished leader's lock must not outlive it on the server
+                    await db.configure_session(conn, self.config.app_schema)
                     claimed_at = await self._become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
                     await conn.execute(f"LISTEN {CHANNEL}")

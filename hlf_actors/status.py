@@ -129,9 +129,9 @@ def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     if not (row and row[0]):
         return []
     rows = conn.execute(
-        """SELECT o.id, o.name, array_agg(d.id ORDER BY x.marked_at, d.id)
+        """SELECT o.id, o.name, array_agg(x.device_id ORDER BY x.marked_at, x.device_id)
            FROM hlf_dead_devices x
-           JOIN coordinator_devices d ON d.id = x.device_id AND d.fcm_token = x.fcm_token
+           JOIN coordinator_devices d ON d.id::text = x.device_id AND d.fcm_token = x.fcm_token
            JOIN organisations o ON o.id = d.organisation_id
            GROUP BY o.id, o.name ORDER BY o.name, o.id"""
     ).fetchall()

@@ -350,6 +350,8 @@ class Bed:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
         with psycopg.connect(self.url()) as conn:
             db.migrate(conn)
+            # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
         self._conn = psycopg.connect(self.url(), autocommit=True)
         self.portal.start()
         self.fcm.start()

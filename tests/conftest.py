@@ -77,8 +77,22 @@ postgresql = factories.postgresql("postgresql_noproc")
 
 @pytest.fixture
 def db_url(postgresql: psycopg.Connection[Any]) -> str:
-    """A libpq conninfo for this test's own, freshly migrated database."""
+    """A libpq conninfo for this test's own, freshly migrated database.
+
+    Its default search_path is ``hlf, public``, so that tests (and a PgBouncer in front of it) read the service's
+    tables unqualified, as the service's own connections do. A real deployment sets no database default: the
+    app's connections do not see hlf. The tests of that layout (tests/integration/test_attach.py) build their
+    databases without it."""
     info = postgresql.info
+    with psycopg.connect(
+        host=info.host,
+        port=info.port,
+        user=info.user,
+        dbname=info.dbname,
+        password=info.password or None,
+        autocommit=True,
+    ) as admin:
+        admin.execute(f'ALTER DATABASE "{info.dbname}" SET search_path = hlf, public')
     return make_conninfo(
         host=info.host, port=info.port, user=info.user, dbname=info.dbname, password=info.password or None
     )

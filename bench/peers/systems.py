@@ -91,6 +91,8 @@ class System:
             from hlf_actors import db
 
             db.migrate(conn)
+            # The bench reads the service's tables unqualified, as the tests do (tests/conftest.py).
+            conn.execute(f'ALTER DATABASE "{conn.info.dbname}" SET search_path = hlf, public')
             return
         conn.execute(_PEER_TABLES)
         if self.name == "poller":

@@ -40,6 +40,7 @@ def test_defaults_match_the_contract() -> None:
     assert config.public_listing_deadline_s == 1200.0
     assert config.public_listing_min_interval_s == 30.0
     assert config.public_listing_marker is None and config.public_listing_page_param is None
+    assert config.app_schema == "public"
 
 
 def test_scope_defaults_to_the_org_root_and_can_be_set() -> None:
@@ -104,6 +105,8 @@ BAD_VALUES = [
     ("HLF_PORTAL_CONCURRENCY", {"HLF_PORTAL_CONCURRENCY": "0"}),
     ("HLF_PUBLIC_LISTING_MIN_INTERVAL", {"HLF_PUBLIC_LISTING_MIN_INTERVAL": "often"}),
     ("HLF_PUBLIC_LISTING_PAGE_PARAM", {"HLF_PUBLIC_LISTING_PAGE_PARAM": "page=2&x"}),
+    ("HLF_APP_SCHEMA", {"HLF_APP_SCHEMA": "public; DROP TABLE mentors"}),
+    ("HLF_APP_SCHEMA", {"HLF_APP_SCHEMA": "hlf"}),
 ]
 
 

@@ -132,7 +132,7 @@ EXAMPLES: dict[str, Payload] = {
         operation="remove", for_seq=52, waited_ms=1_200_400, reason="the listing still shows the mentor"
     ),
     "device_dead": DeviceDead(
-        device_id=UUID("5f0c3a52-8f0e-4c59-9d4e-2a1b7c3d9e10"),
+        device_id="5f0c3a52-8f0e-4c59-9d4e-2a1b7c3d9e10",
         organisation_id=UUID("0b6f8d1e-2c4a-4e7b-8f9a-1d2c3b4a5e6f"),
         reason="UNREGISTERED",
         alert="hlf_sync_failure",

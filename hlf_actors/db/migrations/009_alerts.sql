@@ -4,9 +4,11 @@
 -- A coordinator device FCM called dead (UNREGISTERED, INVALID_ARGUMENT about its token, SENDER_ID_MISMATCH).
 -- Keyed by the device AND the token it had: when the app writes a new token for the device (UPDATE) or a new
 -- device row (INSERT), no row here matches it any more and the device is live again. A service-owned table
--- rather than a column, so the app's table keeps only the columns of the contract.
+-- rather than a column, so the app's table keeps only the columns of the contract. No foreign key to the app's
+-- table: the service's schema must not depend on (or need REFERENCES on) the app's tables; a row whose device
+-- the app deleted matches nothing and is harmless.
 CREATE TABLE hlf_dead_devices (
-    device_id       uuid NOT NULL REFERENCES coordinator_devices (id) ON DELETE CASCADE,
+    device_id       text NOT NULL,  -- coordinator_devices.id as text: the app's id may be a uuid or an integer
     fcm_token       text NOT NULL,
     organisation_id uuid NOT NULL,
     reason          text NOT NULL,  -- the FCM error code: UNREGISTERED, INVALID_ARGUMENT, SENDER_ID_MISMATCH
