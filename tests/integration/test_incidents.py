@@ -189,13 +189,16 @@ async def test_a_tenant_misconfiguration_is_one_incident_that_heals_once_fixed(
     cause: str,
 ) -> None:
     mentors = seed(conn, portal, 10)
-    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS):
+    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS) as service:
         await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
         breakage(portal, True)
         pause_all(conn, mentors)
         await eventually(lambda: ops_alerts(fcm), what="the ops alert")
         await anyio.sleep(1.0)  # several incident checks, all failing
         assert_held(conn, fcm, mentors, cause)
+        health = service.health()  # what /healthz's body says
+        assert health.incident == cause and health.incident_since and health.incident_fix
+        assert f'hlf_tenant_incident_open{{cause="{cause}"}} 1.0'.encode() in service.metrics.render()
         (alert,) = ops_alerts(fcm)
         assert alert["type"] == "hlf_portal_incident" and alert["cause"] == cause and alert["fix"]
         assert not any(portal.listed(record) is False for _, record in mentors)
@@ -203,6 +206,8 @@ async def test_a_tenant_misconfiguration_is_one_incident_that_heals_once_fixed(
         breakage(portal, False)
         await eventually(lambda: all_removed(conn, portal, mentors), what="every held mentor removed once fixed")
         await eventually(lambda: len(ops_alerts(fcm)) == 2, what="the all-clear")
+        assert service.health().incident is None
+        assert b"hlf_tenant_incident_open{" not in service.metrics.render()
     assert [a["type"] for a in ops_alerts(fcm)] == ["hlf_portal_incident", "hlf_portal_incident_resolved"]
     assert ops_alerts(fcm)[1]["cause"] == cause
     assert count(conn, "SELECT count(*) FROM dead_letters") == 0
