@@ -133,12 +133,11 @@ class Incidents:
                 self._probing = self._probe_taken = False
                 self._notify()
             return
-        transition, _ = await record_verdict(
-            self._pool, self._alerting, ok=False, error=str(err), cause=err.cause, trigger=trigger
-        )
-        since = datetime.now().astimezone() if transition == "failed" or current is None else current.since
-        self._open(Incident(cause=err.cause, error=str(err), since=since))
+        # Hold everyone first: the record and the ops alert take round trips, and every send meanwhile would fail
+        # the same way.
+        self._open(Incident(cause=err.cause, error=str(err), since=datetime.now().astimezone()))
         self._poked.set()
+        await record_verdict(self._pool, self._alerting, ok=False, error=str(err), cause=err.cause, trigger=trigger)
 
     async def decide(self, err: Exception) -> Literal["tenant", "mentor", "unknown"]:
         """An answer that does not say whose problem it is: run the tenant check once (concurrent callers share it)
