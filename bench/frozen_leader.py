@@ -41,6 +41,8 @@ def _database() -> str:
     url = make_conninfo(**params)
     with psycopg.connect(url) as conn:
         db.migrate(conn)
+        # The bench reads the service's tables (schema hlf) as well as the app's, on one connection.
+        conn.execute(f'ALTER DATABASE "{_DB}" SET search_path = hlf, public')
     return url
 
 
