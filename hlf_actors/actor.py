@@ -43,7 +43,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, projections, writer
 from .clock import Clock
 from .config import Config
 from .errors import (
@@ -87,7 +87,7 @@ class Portal(Protocol):
 
 
 def work_from_drain(
-    projection: projections.MentorProjection, facts: projections.MentorFacts, read_at: float
+    projection: projections.MentorProjection, facts: writer.MentorFacts, read_at: float
 ) -> Work | None:
     """The Work ``mentor_work`` would read, from what a drain folded and read (the same columns, the same rules)."""
     sync = projection.sync
@@ -336,7 +336,7 @@ class Recorder:
     async def _write(self, batch: list[_Outcome]) -> None:
         # Pipeline mode: BEGIN, the row locks and the inserts travel together, then the projection and COMMIT.
         async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            appended, projected = await projections.append(conn, [e for o in batch for e in o.events])
+            appended, projected = await writer.append(conn, [e for o in batch for e in o.events])
         start = 0
         for outcome in batch:
             outcome.appended = appended[start : start + len(outcome.events)]

@@ -34,7 +34,7 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, writer
 from .alerts import AlertSender, Delivery, Notice
 from .events import AlertFailed, AlertSent, DeviceDead, NewEvent, Operation
 from .ops_channels import ChannelResult, FcmTopicChannel, OpsChannel
@@ -327,12 +327,12 @@ class Alerting:
                         reason,
                     )
             if events:
-                await projections.append(conn, events)
+                await writer.append(conn, events)
 
     async def _append(self, events: Sequence[NewEvent]) -> None:
         if events:
             async with self._pool.connection() as conn, conn.transaction():
-                await projections.append(conn, events)
+                await writer.append(conn, events)
 
     @staticmethod
     def events(
@@ -380,7 +380,7 @@ class Alerting:
         self._log(mentor_id, results, data)
         if events:
             async with self._pool.connection() as conn, conn.transaction():
-                await projections.append(conn, events)
+                await writer.append(conn, events)
 
 
 def _failed(payload: Mapping[str, str], target: str, error: str, *, will_retry: bool = False) -> AlertFailed:

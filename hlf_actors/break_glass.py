@@ -42,7 +42,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, writer
 from .clock import SystemClock
 from .config import Config, Secret, load_config
 from .credentials import probe
@@ -162,7 +162,7 @@ class _Run:
         if not sendable:
             return
         async with self._pool.connection() as conn, conn.transaction():
-            await projections.append(conn, [NewEvent(m, SyncRequested(reason="break_glass")) for m in sendable])
+            await writer.append(conn, [NewEvent(m, SyncRequested(reason="break_glass")) for m in sendable])
         # Read again: this snapshot sees the requests just committed, so the outcomes answer them.
         work = [w for w in await self.work(sendable) if w.record_id is not None]
         self.no_record.extend(set(sendable) - {w.mentor_id for w in work})  # unlinked in between: stays pending
@@ -172,7 +172,7 @@ class _Run:
 
     async def _record(self, mentor_id: UUID, *payloads: Payload) -> None:
         async with self._pool.connection() as conn, conn.transaction():
-            await projections.append(conn, [NewEvent(mentor_id, p) for p in payloads])
+            await writer.append(conn, [NewEvent(mentor_id, p) for p in payloads])
 
     async def _one(self, work: _Work, progress: _Progress) -> None:
         async with self._limiter:

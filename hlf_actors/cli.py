@@ -287,7 +287,7 @@ def cmd_check_alerts(config: Config, _args: argparse.Namespace) -> int:
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from . import replay
+    from . import archival, replay
 
     with _connect(config) as conn:
         have = db.applied_migrations(conn)
@@ -296,13 +296,13 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         raise MigrationError(f"the database lacks migrations {', '.join(missing)}: run `hlf-actors migrate` first")
     url = config.require_database()
     if args.archive_before is not None:
-        archived = replay.archive(
+        archived = archival.archive(
             url,
             older_than=timedelta(days=args.archive_before),
             progress=replay.Progress(label="archive"),
             app_schema=config.app_schema,
         )
-        print(replay.render_archive(archived))
+        print(archival.render_archive(archived))
     progress = replay.Progress(label="verify" if args.verify else "replay")
     report = replay.replay(url, verify=args.verify, progress=progress, app_schema=config.app_schema)
     print(replay.render_report(report))

@@ -35,7 +35,7 @@ import msgspec
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, writer
 from .alerting import Alerting
 from .config import Config
 from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
@@ -147,7 +147,7 @@ async def record_verdict(
         check = CredentialCheck(
             ok=ok, error=error, transition=transition, trigger=trigger, duration_ms=duration_ms, cause=cause
         )
-        await projections.append(conn, [NewEvent(None, check)])
+        await writer.append(conn, [NewEvent(None, check)])
     if transition == "failed":
         assert error is not None and cause is not None
         logger.error("tenant-wide incident ({}; {}): {}; alerting ops", cause, trigger, error)

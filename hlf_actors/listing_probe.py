@@ -48,7 +48,7 @@ import httpx
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import projections
+from . import writer
 from .alerting import Alerting
 from .config import Config
 from .events import Event, NewEvent, Operation, PublicListingConfirmed, PublicListingStale
@@ -458,7 +458,7 @@ class ListingProbe:
                 del self._watches[w.mentor_id]
         if events:
             async with self._pool.connection() as conn, conn.transaction():
-                await projections.append(conn, events)
+                await writer.append(conn, events)
         for w in stale:
             await self._stale_alert(w, seen_at)
 

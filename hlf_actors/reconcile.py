@@ -48,7 +48,7 @@ import msgspec
 import psycopg
 from loguru import logger
 
-from . import db, projections
+from . import db, writer
 from .actor import Portal, Runtime
 from .alerting import Alerting
 from .config import Config
@@ -250,11 +250,11 @@ async def reconcile(
     )
     async with conn.transaction():
         if untrusted is None:
-            await projections.append(conn, [NewEvent(None, report.finished())])
+            await writer.append(conn, [NewEvent(None, report.finished())])
             return report
         cur3 = await conn.execute(db.query("latest_reconcile_outcome"))
         previous = await cur3.fetchone()
-        await projections.append(conn, [NewEvent(None, report.aborted_event(max_missing))])
+        await writer.append(conn, [NewEvent(None, report.aborted_event(max_missing))])
     return msgspec.structs.replace(report, first_abort=previous is None or previous[0] != "reconcile_aborted")
 
 

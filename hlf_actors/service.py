@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, duplicates, expiry, projections
+from . import db, duplicates, expiry, projections, writer
 from .actor import Circuit, Dispatcher, Leadership, Portal, Recorder, Runtime, Work, work_from_drain, work_from_row
 from .alerting import Alerting
 from .alerts import AlertSender
@@ -437,7 +437,7 @@ class Service:
         async def on_circuit(opened: bool, failing: int) -> None:
             payload = CircuitOpened(failing_mentors=failing) if opened else CircuitClosed()
             async with pool.connection() as conn, conn.transaction():
-                await projections.append(conn, [NewEvent(None, payload)])
+                await writer.append(conn, [NewEvent(None, payload)])
             if opened:
                 data = {"type": "hlf_portal_outage", "failing_mentors": str(failing)}
                 tg.start_soon(self._guarded, alerting.ops(data), "outage alert")
@@ -687,7 +687,7 @@ class Service:
         while True:
             # Pipeline mode: two round trips a batch (lock + take + load + facts; write + COMMIT).
             async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                drained = await projections.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
+                drained = await writer.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
                 read_at = time.perf_counter()
                 for mentor_id, projection in drained.projected.items():
                     to_wake.pop(mentor_id, None)

@@ -10,10 +10,11 @@ import psycopg
 import pytest
 
 from hlf_actors.events import decode_event
-from hlf_actors.projections import PROJECTED_KINDS, fold, sync_row_from_db
+from hlf_actors.projections import PROJECTED_KINDS, fold
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.writer import sync_row_from_db
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from hlf_actors import db, http_transport, projections
+from hlf_actors import db, http_transport, writer
 from hlf_actors.actor import Actor, Recorder, Work, work_from_drain, work_from_row
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.events import AttemptFailed, AttemptSucceeded, NewEvent
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.anyio
 TODAY = date(2026, 11, 24)
 
 
-async def _drain(db_url: str) -> projections.Drained:
+async def _drain(db_url: str) -> writer.Drained:
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.pipeline(), aconn.transaction():
-            return await projections.drain_inbox(aconn, today=TODAY)
+            return await writer.drain_inbox(aconn, today=TODAY)
 
 
 def _mentor_work(conn: psycopg.Connection[Any], mentor_id: UUID) -> Work:

@@ -23,11 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlf_actors import events, projections, replay
+from hlf_actors import archival, events, replay, writer
 from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.cli import main
-from hlf_actors.duplicates import DuplicateState, Finding, raise_findings
+from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
+from hlf_actors.projections import DuplicateState, Finding
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
@@ -282,7 +283,7 @@ async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(db_url: str, 
     mentor, _ = add_mentor(conn, org)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
         result: dict[str, replay.ReplayReport] = {}
         worker = threading.Thread(target=lambda: result.update(report=replay.replay(db_url, progress=quiet())))
         async with aconn.transaction():
@@ -290,7 +291,7 @@ async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(db_url: str, 
             row = await cur.fetchone()
             assert row is not None
             success = AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=0, snapshot=row[0])
-            appended, _ = await projections.append(aconn, [NewEvent(mentor, success)])
+            appended, _ = await writer.append(aconn, [NewEvent(mentor, success)])
             worker.start()
             await eventually(lambda: waiting_for_lock(conn, "LOCK TABLE sync_status"), what="the swap to wait")
         await anyio.to_thread.run_sync(worker.join, 10)
@@ -393,7 +394,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
 
         async def drain() -> None:
             async with aconn.transaction():
-                await projections.drain_inbox(aconn)
+                await writer.drain_inbox(aconn)
 
         await drain()
         change = conn.execute("SELECT max(seq) FROM event_log WHERE mentor_id = %s", (mentor,)).fetchone()
@@ -413,7 +414,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
     # A release that bumps sync_requested to version 2 still replays the version-1 rows, through the upgrade.
     conn.execute("SELECT hlf_force_sync(%s)", (mentor,))
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn, aconn.transaction():
-        await projections.drain_inbox(aconn)
+        await writer.drain_inbox(aconn)
     monkeypatch.setitem(events.CURRENT_VERSION, "sync_requested", 2)
     monkeypatch.setitem(events._UPGRADES, ("sync_requested", 1), lambda d: {**d, "reason": f"v1:{d['reason']}"})
     row = conn.execute(
@@ -439,20 +440,20 @@ async def test_duplicates_are_raised_and_alerted_once_across_replays_and_the_per
     other, _ = add_mentor(conn, org, portal=portal)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
         for _ in range(2):  # two senders answering the same change
             async with aconn.transaction():
                 cur = await aconn.execute("SELECT pg_current_snapshot()::text")
                 snap = await cur.fetchone()
                 assert snap is not None
                 success = AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=0, snapshot=snap[0])
-                await projections.append(aconn, [NewEvent(mentor, success)])
+                await writer.append(aconn, [NewEvent(mentor, success)])
         transition = {"from": "active", "to": "expired_cert", "today": "2031-05-02"}
         transition["certification_expiry_date"] = EXPIRY.isoformat()
         for _ in range(2):
             conn.execute("SELECT hlf_append_event(%s, 'auto_transitioned', %s)", (mentor, json.dumps(transition)))
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
     add_reminder(conn, mentor, 30)
     add_reminder(conn, mentor, 30)
     add_reminder(conn, mentor, 14)
@@ -506,7 +507,7 @@ def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
     org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org)
     add_reminder(conn, mentor, 7)
-    scan = replay.DuplicateScan(db_url)
+    scan = DuplicateScan(db_url)
     assert scan.run() == []
     add_reminder(conn, mentor, 7)
     raised = scan.run()
@@ -514,7 +515,7 @@ def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
     assert scan.run() == []
     # A finding whose row was lost is not raised twice: the duplicate_detected event remembers it.
     conn.execute("DELETE FROM duplicate_findings")
-    assert replay.DuplicateScan(db_url).run() == []
+    assert DuplicateScan(db_url).run() == []
     assert verify(db_url).tables[2].missing == 1
 
 
@@ -579,7 +580,7 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
 
         row = conn.execute("SELECT clock_timestamp() - %s", (cut_at[0],)).fetchone()
         assert row is not None
-        archived = await anyio.to_thread.run_sync(lambda: replay.archive(db_url, older_than=row[0], progress=quiet()))
+        archived = await anyio.to_thread.run_sync(lambda: archival.archive(db_url, older_than=row[0], progress=quiet()))
         assert archived.cut_seq is not None and archived.archived > 0 and archived.snapshots == 4
         kept = conn.execute("SELECT min(seq), (SELECT count(*) FROM event_log_archive) FROM event_log").fetchone()
         assert kept is not None and kept[0] > archived.cut_seq and kept[1] == archived.archived
@@ -597,7 +598,7 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
         assert (await anyio.to_thread.run_sync(lambda: verify(db_url))).differences == 0
         row = conn.execute("SELECT clock_timestamp() - %s", (cut_at[0],)).fetchone()
         assert row is not None
-        again = await anyio.to_thread.run_sync(lambda: replay.archive(db_url, older_than=row[0], progress=quiet()))
+        again = await anyio.to_thread.run_sync(lambda: archival.archive(db_url, older_than=row[0], progress=quiet()))
         assert again.cut_seq == archived.cut_seq
         left = conn.execute("SELECT count(*) FROM event_log WHERE seq <= %s", (archived.cut_seq,)).fetchone()
         assert left == (0,)
