@@ -51,13 +51,12 @@ from .errors import (
     ConfigError,
     HLFError,
     PermanentPortalError,
-    PortalError,
     TenantError,
     ThrottledError,
     TransientPortalError,
 )
-from .events import AttemptFailed, AttemptSucceeded, DeadLettered, NewEvent, Operation, Payload, SyncRequested
-from .retry import plan_delay_ms, throttle_delay_ms
+from .events import NewEvent, Operation, Payload, SyncRequested
+from .outcomes import Answering, Ladder, decide
 
 __all__ = ["MAX_TRIES", "Result", "main"]
 
@@ -76,16 +75,20 @@ class _Fail(Exception):
         self.code = code
 
 
-class _Work(msgspec.Struct, frozen=True):
+class _Target(msgspec.Struct, frozen=True):
+    """One row of ``break_glass_work``: the mentor, its portal record, and what a PATCH sent now would answer."""
+
     mentor_id: UUID
     record_id: UUID | None
-    eligible: bool
-    for_seq: int
-    snapshot: str
+    answering: Answering
+
+    @property
+    def eligible(self) -> bool:
+        return self.answering.operation == "restore"
 
     @property
     def operation(self) -> Operation:
-        return "restore" if self.eligible else "remove"
+        return self.answering.operation
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -144,12 +147,13 @@ class _Run:
         self.no_record: list[UUID] = []
         self.not_attempted = 0
 
-    async def work(self, mentor_ids: Sequence[UUID]) -> list[_Work]:
+    async def work(self, mentor_ids: Sequence[UUID]) -> list[_Target]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(db.query("break_glass_work"), (self._today, list(mentor_ids)))
             rows = await cur.fetchall()
         return [
-            _Work(m, record, bool(eligible), int(seq or 0), snapshot) for m, record, eligible, seq, snapshot in rows
+            _Target(m, record, Answering("restore" if eligible else "remove", int(seq or 0), snapshot))
+            for m, record, eligible, seq, snapshot in rows
         ]
 
     async def batch(self, mentor_ids: Sequence[UUID], progress: _Progress) -> None:
@@ -174,7 +178,7 @@ class _Run:
         async with self._pool.connection() as conn, conn.transaction():
             await writer.append(conn, [NewEvent(mentor_id, p) for p in payloads])
 
-    async def _one(self, work: _Work, progress: _Progress) -> None:
+    async def _one(self, work: _Target, progress: _Progress) -> None:
         async with self._limiter:
             if self.stopped:
                 self.not_attempted += 1
@@ -184,9 +188,12 @@ class _Run:
         self.results.append(result)
         progress.step()
 
-    async def _send(self, w: _Work) -> Result:
+    async def _send(self, w: _Target) -> Result:
         assert w.record_id is not None and self._portal is not None, "a dry run never sends"
         cfg = self._config
+        # No jitter: one process sends, so nobody retries in lock-step with it.
+        ladder = Ladder(cfg.backoff_base_ms, cfg.backoff_max_ms, MAX_TRIES, dead_letter_when_exhausted=False)
+        answering = w.answering
         attempt, throttles = 0, 0
         while True:
             attempt += 1
@@ -195,62 +202,31 @@ class _Run:
             except ThrottledError as err:
                 # Waited out without spending a try, as the actor does; but not for ever.
                 throttles += 1
-                delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=None)
                 give_up = throttles > _MAX_THROTTLES
-                await self._record(w.mentor_id, _failed(w, attempt, err, None if give_up else delay, throttled=True))
-                if give_up:
+                decision = decide(answering, attempt, err, ladder, give_up=give_up)
+                await self._record(w.mentor_id, *decision.events)
+                if decision.delay_ms is None:
                     return Result(w.mentor_id, w.operation, False, attempt, f"still throttled: {err}")
                 attempt -= 1
-                await anyio.sleep(min(delay, cfg.backoff_max_ms) / 1000)
+                await anyio.sleep(min(decision.delay_ms, cfg.backoff_max_ms) / 1000)
                 continue
             except TenantError as err:  # every mentor would fail the same way: stop, and say what to fix
-                await self._record(w.mentor_id, _failed(w, attempt, err, None))
+                await self._record(w.mentor_id, *decide(answering, attempt, err, ladder).events)
                 self.stopped = f"tenant-wide incident ({err.cause}): {err}; fix: {err.fix}"
                 return Result(w.mentor_id, w.operation, False, attempt, str(err))
             except TransientPortalError as err:
-                last = attempt >= MAX_TRIES
-                delay = plan_delay_ms(
-                    attempt, base_ms=cfg.backoff_base_ms, cap_ms=cfg.backoff_max_ms, retry_after_s=err.retry_after
-                )
                 # The last one keeps retryable=True and no delay: the mentor is left `retrying` for the service.
-                await self._record(w.mentor_id, _failed(w, attempt, err, None if last else delay))
-                if last:
+                decision = decide(answering, attempt, err, ladder)
+                await self._record(w.mentor_id, *decision.events)
+                if decision.delay_ms is None:
                     return Result(w.mentor_id, w.operation, False, attempt, str(err))
-                await anyio.sleep(delay / 1000)
+                await anyio.sleep(decision.delay_ms / 1000)
                 continue
             except PermanentPortalError as err:
-                dead = DeadLettered(
-                    operation=w.operation,
-                    attempts=attempt,
-                    last_error=str(err),
-                    for_seq=w.for_seq,
-                    snapshot=w.snapshot,
-                )
-                await self._record(w.mentor_id, _failed(w, attempt, err, None, retryable=False), dead)
+                await self._record(w.mentor_id, *decide(answering, attempt, err, ladder).events)
                 return Result(w.mentor_id, w.operation, False, attempt, f"dead-lettered: {err}")
-            await self._record(
-                w.mentor_id,
-                AttemptSucceeded(
-                    operation=w.operation, attempt=attempt, http_status=status, for_seq=w.for_seq, snapshot=w.snapshot
-                ),
-            )
+            await self._record(w.mentor_id, *decide(answering, attempt, status, ladder).events)
             return Result(w.mentor_id, w.operation, True, attempt)
-
-
-def _failed(
-    w: _Work, attempt: int, err: PortalError, delay_ms: int | None, *, retryable: bool = True, throttled: bool = False
-) -> AttemptFailed:
-    return AttemptFailed(
-        operation=w.operation,
-        attempt=attempt,
-        http_status=err.http_status,
-        retryable=retryable,
-        delay_ms=delay_ms,
-        error=str(err),
-        for_seq=w.for_seq,
-        throttled=throttled,
-        snapshot=w.snapshot,
-    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -33,19 +33,23 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections, writer
-from .actor import Circuit, Dispatcher, Leadership, Portal, Recorder, Runtime, Work, work_from_drain, work_from_row
+from .actor import Portal, Runtime, Work, work_from_drain, work_from_row
 from .alerting import Alerting
 from .alerts import AlertSender
+from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
 from .credentials import CheckablePortal
+from .dispatcher import Dispatcher
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .incidents import Incident, Incidents
+from .leadership import Leadership
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics
 from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
+from .recorder import Recorder
 from .retry import default_jitter
 from .web import build_app, serve_http
 

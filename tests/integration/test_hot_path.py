@@ -16,10 +16,11 @@ import psycopg
 import pytest
 
 from hlf_actors import db, http_transport, writer
-from hlf_actors.actor import Actor, Recorder, Work, work_from_drain, work_from_row
+from hlf_actors.actor import Actor, Work, work_from_drain, work_from_row
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.events import AttemptFailed, AttemptSucceeded, NewEvent
 from hlf_actors.http_transport import fast_transport
+from hlf_actors.recorder import Recorder
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.seed import add_certification, add_mentor, add_organisation, set_status
