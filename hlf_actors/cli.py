@@ -72,8 +72,8 @@ def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from loguru import logger
 
-    from .alerts import build_alert_sender
     from .dynamics import DynamicsClient
+    from .fcm import build_alert_sender
     from .logs import setup_logging
     from .service import Service
 
@@ -178,10 +178,10 @@ def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
 
-    from .alerting import Alerting
-    from .alerts import AlertSender, Delivery, build_alert_sender
+    from .alerts import Alerting
     from .clock import SystemClock
     from .expiry import NightReport, default_owner, run_night
+    from .fcm import AlertSender, Delivery, build_alert_sender
     from .logs import setup_logging
     from .ops_channels import open_ops_channels
 
@@ -246,7 +246,7 @@ def cmd_check_alerts(config: Config, _args: argparse.Namespace) -> int:
     import socket
     from datetime import UTC, datetime
 
-    from .alerts import build_alert_sender
+    from .fcm import build_alert_sender
     from .logs import setup_logging
     from .ops_channels import ChannelResult, build_ops_channels
 

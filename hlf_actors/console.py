@@ -48,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from . import db, status
-from .alerting import Alerting
+from .alerts import Alerting
 from .clock import Clock
 from .config import Config
 from .console_auth import (

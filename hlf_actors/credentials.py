@@ -36,7 +36,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, writer
-from .alerting import Alerting
+from .alerts import Alerting
 from .config import Config
 from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
 from .events import CredentialCheck, NewEvent
@@ -189,8 +189,8 @@ async def check_credentials(
 
 def run_cli(config: Config) -> int:
     """`hlf-actors check-credentials`: check, record (when a database is configured), print one line."""
-    from .alerts import build_alert_sender
     from .dynamics import DynamicsClient
+    from .fcm import build_alert_sender
     from .ops_channels import open_ops_channels
 
     config.require_portal()

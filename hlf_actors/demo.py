@@ -24,8 +24,8 @@ import psycopg
 from loguru import logger
 
 from . import db, status
-from .alerts import FirebaseAlertSender
 from .embedded import EmbeddedPostgres
+from .fcm import FirebaseAlertSender
 from .testing.fake_fcm import FakeFCM
 from .testing.fake_portal import FakePortal, Reply
 from .testing.harness import running_service

@@ -23,7 +23,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db
-from .alerting import Alerting
+from .alerts import Alerting
 from .events import DuplicateDetected, encode_payload
 from .history import changed_since, histories, unprojected
 from .projections import Finding, FindingRow, fold_mentor

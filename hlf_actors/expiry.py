@@ -56,11 +56,11 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from .alerting import Alerting
-from .alerts import Delivery, Notice
+from .alerts import Alerting
 from .clock import Clock
 from .config import Config
 from .events import ReminderSent, encode_payload
+from .fcm import Delivery, Notice
 
 __all__ = [
     "JOB",
@@ -220,7 +220,7 @@ SELECT json_build_object(
 )::text
 """
 
-# Live devices only: one FCM called dead with its current token is skipped (hlf_dead_devices, alerting.py).
+# Live devices only: one FCM called dead with its current token is skipped (hlf_dead_devices, alerts.py).
 _TARGETS = """
 SELECT o.id, o.alert_topic,
        coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}'),

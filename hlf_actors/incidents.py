@@ -33,7 +33,7 @@ import msgspec
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from .alerting import Alerting
+from .alerts import Alerting
 from .config import Config
 from .credentials import CheckablePortal, probe, read_tenant_state, record_verdict
 from .errors import TENANT_CAUSES, TenantError

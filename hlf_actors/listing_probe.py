@@ -49,7 +49,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import writer
-from .alerting import Alerting
+from .alerts import Alerting
 from .config import Config
 from .events import Event, NewEvent, Operation, PublicListingConfirmed, PublicListingStale
 from .metrics import Metrics

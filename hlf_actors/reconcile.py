@@ -50,7 +50,7 @@ from loguru import logger
 
 from . import db, writer
 from .actor import Portal, Runtime
-from .alerting import Alerting
+from .alerts import Alerting
 from .config import Config
 from .credentials import CheckablePortal
 from .dynamics import ListingRow
@@ -397,9 +397,9 @@ def wait_for_requests(
 
 def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: int = 50) -> int:
     """`hlf-actors reconcile`: one reconciliation, its findings, then (``wait`` > 0) how the requests ended."""
-    from .alerts import build_alert_sender
     from .clock import SystemClock
     from .dynamics import DynamicsClient
+    from .fcm import build_alert_sender
     from .ops_channels import open_ops_channels
 
     url = config.require_database()

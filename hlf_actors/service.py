@@ -34,8 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections, writer
 from .actor import Portal, Runtime, Work, work_from_drain, work_from_row
-from .alerting import Alerting
-from .alerts import AlertSender
+from .alerts import Alerting
 from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
@@ -43,6 +42,7 @@ from .credentials import CheckablePortal
 from .dispatcher import Dispatcher
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .fcm import AlertSender
 from .incidents import Incident, Incidents
 from .leadership import Leadership
 from .listing_probe import ListingProbe

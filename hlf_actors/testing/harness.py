@@ -15,11 +15,12 @@ from uuid import UUID
 import anyio
 import psycopg
 
-from ..alerts import AlertSender, RecordingAlertSender
 from ..config import Config, load_config
 from ..dynamics import DynamicsClient
+from ..fcm import AlertSender
 from ..service import Service
 from .fake_portal import FakePortal
+from .recording import RecordingAlertSender
 
 __all__ = ["eventually", "running_service", "sync_state", "test_config"]
 

@@ -21,7 +21,7 @@ import pytest
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.logs import setup_logging
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply, chaos_mix, token_chaos_mix

@@ -19,7 +19,6 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.service import Service
 from hlf_actors.testing import harness
@@ -27,6 +26,7 @@ from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.proxy import TcpProxy
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from hlf_actors import status
-from hlf_actors.alerts import FirebaseAlertSender
 from hlf_actors.cli import main
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service

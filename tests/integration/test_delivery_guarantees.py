@@ -143,10 +143,10 @@ async def test_a_second_process_waits_as_standby_and_takes_over(
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(6)]
     async with running_service(db_url, portal, standby_poll_s=0.05) as leader:
         await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors))
-        from hlf_actors.alerts import RecordingAlertSender
         from hlf_actors.dynamics import DynamicsClient
         from hlf_actors.service import Service
         from hlf_actors.testing.harness import test_config
+        from hlf_actors.testing.recording import RecordingAlertSender
 
         config = test_config(db_url, portal)
         client = DynamicsClient(config)

@@ -20,13 +20,14 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from hlf_actors.alerting import Alerting
-from hlf_actors.alerts import AlertSender, Delivery, FirebaseAlertSender, RecordingAlertSender
+from hlf_actors.alerts import Alerting
 from hlf_actors.config import Config, load_config
 from hlf_actors.expiry import NightReport, nightly_forever, run_night
+from hlf_actors.fcm import AlertSender, Delivery, FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_certification, add_device, add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from hlf_actors import status
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, RecordedRequest, Reply
 from hlf_actors.testing.harness import eventually, running_service

@@ -20,11 +20,11 @@ import pytest
 from loguru import logger
 
 from hlf_actors import status
-from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.fake_website import FakeWebsite, View
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio

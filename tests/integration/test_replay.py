@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hlf_actors import archival, events, replay, writer
-from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.cli import main
 from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
@@ -32,6 +31,7 @@ from hlf_actors.projections import DuplicateState, Finding
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio

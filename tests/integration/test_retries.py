@@ -13,7 +13,7 @@ import anyio
 import psycopg
 import pytest
 
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
