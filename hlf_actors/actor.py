@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 import anyio
@@ -46,6 +46,7 @@ from . import db, projections, writer
 from .circuit import Circuit
 from .clock import Clock
 from .config import Config
+from .dynamics import Portal
 from .errors import (
     PermanentPortalError,
     PortalError,
@@ -71,16 +72,11 @@ from .recorder import Recorder
 __all__ = [
     "Actor",
     "Mailbox",
-    "Portal",
     "Runtime",
     "Work",
     "work_from_drain",
     "work_from_row",
 ]
-
-
-class Portal(Protocol):
-    async def set_listed(self, record_id: UUID, listed: bool) -> int: ...
 
 
 def work_from_drain(

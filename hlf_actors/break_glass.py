@@ -46,7 +46,7 @@ from . import db, writer
 from .clock import SystemClock
 from .config import Config, Secret, load_config
 from .credentials import probe
-from .dynamics import DynamicsClient
+from .dynamics import DynamicsClient, Portal
 from .errors import (
     ConfigError,
     HLFError,
@@ -135,7 +135,7 @@ class _Progress:
 
 class _Run:
     def __init__(
-        self, config: Config, pool: AsyncConnectionPool[Any], portal: DynamicsClient | None, today: date
+        self, config: Config, pool: AsyncConnectionPool[Any], portal: Portal | None, today: date
     ) -> None:
         self._config = config
         self._pool = pool
@@ -385,7 +385,7 @@ async def _resync(
     args: argparse.Namespace,
     config: Config,
     pool: AsyncConnectionPool[Any],
-    portal: DynamicsClient | None,
+    portal: Portal | None,
     out: TextIO,
     err: TextIO,
 ) -> int:

@@ -63,9 +63,10 @@ from .console_auth import (
     who,
 )
 from .credentials import check_credentials
+from .dynamics import Portal
 from .events import ConsoleAction, NewEvent, encode_payload
 from .metrics import Health
-from .reconcile import ListingPortal, alert_aborted, reconcile
+from .reconcile import alert_aborted, reconcile
 
 __all__ = ["Console"]
 
@@ -224,7 +225,7 @@ class Console:
         config: Config,
         *,
         pool: AsyncConnectionPool[Any],
-        portal: object,
+        portal: Portal,
         alerting: Alerting,
         health: Callable[[], Health],
         clock: Clock,
@@ -575,8 +576,6 @@ class Console:
 
     async def _reconcile(self, request: Request, user: str) -> Response:
         portal = self._portal
-        if not isinstance(portal, ListingPortal):
-            return self._done(request, "This service's portal client cannot read the listing.", "/actions")
         try:
             async with self._pool.connection() as conn:
                 report = await reconcile(
@@ -601,8 +600,6 @@ class Console:
 
     async def _check_credentials(self, request: Request, user: str) -> Response:
         portal = self._portal
-        if not isinstance(portal, ListingPortal):
-            return self._done(request, "This service's portal client cannot check its credentials.", "/actions")
         try:
             report = await check_credentials(portal, self._pool, self._alerting, trigger="console")
             detail = report.describe()

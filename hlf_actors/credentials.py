@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -38,11 +38,11 @@ from psycopg_pool import AsyncConnectionPool
 from . import db, writer
 from .alerts import Alerting
 from .config import Config
+from .dynamics import Portal
 from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
 from .events import CredentialCheck, NewEvent
 
 __all__ = [
-    "CheckablePortal",
     "CredentialReport",
     "TenantState",
     "check_credentials",
@@ -54,11 +54,6 @@ __all__ = [
 
 _CHECK_LOCK = 0x484C_465F_4352_4544  # "HLF_CRED": one checker at a time decides transitions
 _ALERT_ERROR_CHARS = 200
-
-
-@runtime_checkable
-class CheckablePortal(Protocol):
-    async def tenant_check(self) -> None: ...
 
 
 class CredentialReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,7 +102,7 @@ async def read_tenant_state(conn: Any) -> TenantState:
     return TenantState(ok=ok, cause=(cause or "credentials") if ok is False else None, error=error, since=since)
 
 
-async def probe(portal: CheckablePortal) -> tuple[bool | None, str | None, str | None, float]:
+async def probe(portal: Portal) -> tuple[bool | None, str | None, str | None, float]:
     """The tenant check: (verdict, error, cause, milliseconds). Never raises a PortalError."""
     started = time.perf_counter()
     ok: bool | None = True
@@ -171,7 +166,7 @@ async def record_verdict(
 
 
 async def check_credentials(
-    portal: CheckablePortal,
+    portal: Portal,
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
     *,

@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -79,7 +79,7 @@ from .errors import (
 from .http_transport import fast_transport
 from .logs import hide_secret
 
-__all__ = ["DynamicsClient", "ListingRow", "parse_retry_after"]
+__all__ = ["DynamicsClient", "ListingRow", "Portal", "parse_retry_after"]
 
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _ODATA_HEADERS = {
@@ -108,6 +108,18 @@ _MISSING_PRIVILEGE = re.compile(r"is missing prv\w+ privilege", re.I)
 class ListingRow(msgspec.Struct, frozen=True):
     record_id: UUID
     listed: bool | None
+
+
+class Portal(Protocol):
+    """The Dynamics portal as every part of the service uses it: the actors and break-glass PATCH, reconciliation
+    reads the listing, the credential checks and incidents run the tenant check. ``DynamicsClient`` is the one
+    implementation; tests point it at ``testing.fake_portal.FakePortal``, a real HTTP server."""
+
+    async def set_listed(self, record_id: UUID, listed: bool) -> int: ...
+
+    async def tenant_check(self) -> None: ...
+
+    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]: ...
 
 
 class _Token(msgspec.Struct):

@@ -38,9 +38,9 @@ mentors are linked, nothing is requested: a ``reconcile_aborted`` event records 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import date
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 from uuid import UUID
 
 import anyio
@@ -49,16 +49,14 @@ import psycopg
 from loguru import logger
 
 from . import db, writer
-from .actor import Portal, Runtime
+from .actor import Runtime
 from .alerts import Alerting
 from .config import Config
-from .credentials import CheckablePortal
-from .dynamics import ListingRow
+from .dynamics import Portal
 from .events import NewEvent, ReconcileAborted, ReconcileFinished
 
 __all__ = [
     "Divergence",
-    "ListingPortal",
     "Orphan",
     "ReconcileReport",
     "RequestsOutcome",
@@ -72,11 +70,6 @@ __all__ = [
 
 PAGE_SIZE = 5000  # Dataverse's largest page
 _BATCH = 5000  # rows fetched, and sync requests appended, per round trip
-
-
-@runtime_checkable
-class ListingPortal(CheckablePortal, Protocol):
-    def listing(self, page_size: int = PAGE_SIZE) -> AsyncIterator[list[ListingRow]]: ...
 
 
 class Divergence(msgspec.Struct, frozen=True):
@@ -159,7 +152,7 @@ def _untrusted(listing_rows: int, linked: int, lacking: int, max_missing: float)
 
 async def reconcile(
     conn: psycopg.AsyncConnection[Any],
-    portal: ListingPortal,
+    portal: Portal,
     *,
     today: date,
     page_size: int = PAGE_SIZE,
@@ -285,9 +278,6 @@ def _summary_line(r: ReconcileReport) -> str:
 async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal) -> None:
     """The leader's periodic job: a tenant check at start-up, then every HLF_RECONCILE_EVERY a tenant check followed
     by a reconciliation. A failed run logs one line and waits for the next period."""
-    if not isinstance(portal, ListingPortal):
-        logger.warning("reconciliation and tenant checks are off: this portal client cannot read the listing")
-        return
     config = runtime.config
     incidents = runtime.incidents
     await runtime.leadership.wait()

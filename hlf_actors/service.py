@@ -33,13 +33,13 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections, writer
-from .actor import Portal, Runtime, Work, work_from_drain, work_from_row
+from .actor import Runtime, Work, work_from_drain, work_from_row
 from .alerts import Alerting
 from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
-from .credentials import CheckablePortal
 from .dispatcher import Dispatcher
+from .dynamics import ListingRow, Portal
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .fcm import AlertSender
@@ -137,6 +137,12 @@ class _LeaderOnly:
     async def set_listed(self, record_id: UUID, listed: bool) -> int:
         await self._leadership.wait()
         return await self._portal.set_listed(record_id, listed)
+
+    async def tenant_check(self) -> None:  # reads only: no leadership needed
+        await self._portal.tenant_check()
+
+    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
+        return self._portal.listing(page_size)
 
 
 QUEUE_USAGE_WARNING = 0.5
@@ -447,8 +453,7 @@ class Service:
                 tg.start_soon(self._guarded, alerting.ops(data), "outage alert")
 
         cfg = self.config
-        checkable = self._portal if isinstance(self._portal, CheckablePortal) else None
-        incidents = Incidents(cfg, pool, alerting, checkable, on_change=self._show_incident)
+        incidents = Incidents(cfg, pool, alerting, self._portal, on_change=self._show_incident)
         return Runtime(
             config=cfg,
             pool=pool,
