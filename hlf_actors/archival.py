@@ -17,13 +17,12 @@ import msgspec
 import psycopg
 from psycopg import sql
 
-from .errors import HLFError
+from .errors import ArchiveRaced
 from .history import histories
 from .projections import fold_mentor
 from .replay import Progress, connect, replay_lock
 
-__all__ = ["ArchiveRaced", "ArchiveReport", "archive", "render_archive"]
-
+__all__ = ["ArchiveRaced", "ArchiveReport", "archive"]
 
 
 class ArchiveReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,10 +30,6 @@ class ArchiveReport(msgspec.Struct, frozen=True, kw_only=True):
     archived: int
     snapshots: int
     seconds: float
-
-
-class ArchiveRaced(HLFError):
-    """An event older than the cut committed while the archival ran."""
 
 
 _SNAPSHOT_COLUMNS = ("mentor_id", "cut_seq", "projection", "duplicates")
@@ -136,10 +131,3 @@ def archive(
     return ArchiveReport(cut_seq=cut, archived=int(counted[0]), snapshots=snapshots, seconds=time.monotonic() - started)
 
 
-def render_archive(report: ArchiveReport) -> str:
-    if report.cut_seq is None:
-        return "archive: no event old enough"
-    return (
-        f"archived {report.archived:,} events up to seq {report.cut_seq} into event_log_archive, "
-        f"{report.snapshots:,} mentor snapshot(s) stored at the cut, in {report.seconds:.1f}s"
-    )

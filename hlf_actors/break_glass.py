@@ -1,8 +1,8 @@
 """Break-glass: re-sync mentors straight to the portal with newly issued credentials, without the service.
 
 For when `hlf-actors run` cannot do its job (its client secret expired and nobody can redeploy it yet, or it is
-broken) and the public listing must be made true now. An administrator runs ``scripts/break_glass_sync.py`` with the
-new credentials; it does what the actors would do, batch by batch::
+broken) and the public listing must be made true now. An administrator runs ``hlf-actors break-glass`` (or its
+wrapper ``scripts/break_glass_sync.py``) with the new credentials; it does what the actors would do, batch by batch::
 
     append sync_requested {reason: break_glass} per mentor     one transaction, folded into sync_status
     read eligibility, record id and pg_current_snapshot()      one statement; the snapshot sees those requests
@@ -48,6 +48,7 @@ from .config import Config, Secret, load_config
 from .credentials import probe
 from .dynamics import DynamicsClient, Portal
 from .errors import (
+    CommandFailed,
     ConfigError,
     HLFError,
     PermanentPortalError,
@@ -67,12 +68,6 @@ _GUIDS = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 _UNKNOWN_IDS = """SELECT t.id FROM unnest(%s::uuid[]) AS t(id)
 WHERE NOT EXISTS (SELECT 1 FROM mentors m WHERE m.id = t.id)
   AND NOT EXISTS (SELECT 1 FROM sync_status s WHERE s.mentor_id = t.id)"""
-
-
-class _Fail(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Target(msgspec.Struct, frozen=True):
@@ -229,9 +224,9 @@ class _Run:
             return Result(w.mentor_id, w.operation, True, attempt)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="break_glass_sync.py",
+        prog=prog,
         description="Re-sync mentors straight to the Dynamics portal with newly issued credentials, while the "
         "service is down or broken. Appends every attempt to event_log, as the service does.",
     )
@@ -256,7 +251,7 @@ def _secret(args: argparse.Namespace, prompt: Callable[[str], str], client_id: s
         try:
             value = args.client_secret_file.read_text().strip()
         except OSError as err:
-            raise _Fail(
+            raise CommandFailed(
                 f"cannot read --client-secret-file {str(args.client_secret_file)!r}: {err.strerror}", 2
             ) from None
     elif args.client_secret is not None:
@@ -269,7 +264,7 @@ def _secret(args: argparse.Namespace, prompt: Callable[[str], str], client_id: s
     else:
         value = prompt(f"new client secret for {client_id} (not echoed): ").strip()
     if not value:
-        raise _Fail("the client secret is empty", 2)
+        raise CommandFailed("the client secret is empty", 2)
     return Secret(value)
 
 
@@ -278,7 +273,7 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str] | None, prompt: 
     changes: dict[str, Any] = {}
     if args.concurrency is not None:
         if not 1 <= args.concurrency <= 52:
-            raise _Fail("--concurrency must be between 1 and 52 (Dataverse's own limit)", 2)
+            raise CommandFailed("--concurrency must be between 1 and 52 (Dataverse's own limit)", 2)
         changes["portal_concurrency"] = args.concurrency
     if args.dry_run:
         return msgspec.structs.replace(config, **changes)
@@ -288,7 +283,7 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str] | None, prompt: 
         changes["dynamics_url"] = args.dynamics_url.rstrip("/")
     client_id = args.client_id or config.dynamics_client_id
     if not client_id:
-        raise _Fail("say which app: --client-id (or HLF_DYNAMICS_CLIENT_ID)", 2)
+        raise CommandFailed("say which app: --client-id (or HLF_DYNAMICS_CLIENT_ID)", 2)
     changes["dynamics_client_id"] = client_id
     changes["dynamics_client_secret"] = _secret(args, prompt, client_id)
     config = msgspec.structs.replace(config, **changes)
@@ -305,7 +300,7 @@ async def _targets(pool: AsyncConnectionPool[Any], args: argparse.Namespace) -> 
         cur = await conn.execute(_UNKNOWN_IDS, (ids,))
         unknown = [str(row[0]) for row in await cur.fetchall()]
     if unknown:
-        raise _Fail(f"no such mentor(s): {', '.join(unknown)}; nothing was sent", 2)
+        raise CommandFailed(f"no such mentor(s): {', '.join(unknown)}; nothing was sent", 2)
     return ids
 
 
@@ -374,7 +369,7 @@ async def _main(args: argparse.Namespace, config: Config, out: TextIO, err: Text
                     )
                 )
             except psycopg.OperationalError:
-                raise _Fail("cannot reach the database (HLF_DATABASE_URL)", 3) from None
+                raise CommandFailed("cannot reach the database (HLF_DATABASE_URL)", 3) from None
             return await _resync(args, config, pool, portal, out, err)
     finally:
         if portal is not None:
@@ -395,7 +390,7 @@ async def _resync(
         return await _dry_run(_Run(config, pool, None, today), targets, out)
     ok, error, _cause, ms = await probe(portal)
     if not ok:
-        raise _Fail(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
+        raise CommandFailed(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
     print(f"credentials OK (tenant check in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
     run = _Run(config, pool, portal, today)
     progress = _Progress(len(targets), err)
@@ -412,6 +407,7 @@ async def _resync(
 def main(
     argv: Sequence[str] | None = None,
     *,
+    prog: str = "break_glass_sync.py",
     prompt: Callable[[str], str] = getpass.getpass,
     env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
@@ -419,16 +415,16 @@ def main(
 ) -> int:
     """Exit 0 when every mentor sent succeeded, 1 otherwise, 2 for bad input, 3 when the database is unreachable."""
     out, err = out or sys.stdout, err or sys.stderr
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     secret: str | None = None
     try:
         if bool(args.all) == bool(args.mentors):
-            raise _Fail("say which mentors: --all, or their ids", 2)
+            raise CommandFailed("say which mentors: --all, or their ids", 2)
         config = _configure(args, env, prompt)
         if config.dynamics_client_secret is not None and not args.dry_run:
             secret = config.dynamics_client_secret.reveal()
         return anyio.run(_main, args, config, out, err)
-    except _Fail as fail:
+    except CommandFailed as fail:
         print(f"break-glass: {_scrub(str(fail), secret)}", file=err)
         return fail.code
     except ConfigError as fail:

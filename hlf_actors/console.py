@@ -47,7 +47,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from . import db, status
+from . import db, render, status
 from .alerts import Alerting
 from .clock import Clock
 from .config import Config
@@ -56,7 +56,6 @@ from .console_auth import (
     OidcSignIn,
     PasswordCheck,
     SecurityHeaders,
-    SignInRefused,
     csrf_token,
     csrf_valid,
     is_loopback_url,
@@ -64,6 +63,7 @@ from .console_auth import (
 )
 from .credentials import check_credentials
 from .dynamics import Portal
+from .errors import SignInRefused
 from .events import ConsoleAction, NewEvent, encode_payload
 from .metrics import Health
 from .reconcile import alert_aborted, reconcile
@@ -473,7 +473,7 @@ class Console:
         story, audit = await self._read(read)
         if story is None:
             return self._refuse(request, f"No mentor {mentor_id} and no events about them.", 404)
-        return self._render(request, "mentor.html", story=story, text=status.render_story(story), audit=audit)
+        return self._render(request, "mentor.html", story=story, text=render.render_story(story), audit=audit)
 
     async def _dead_letters(self, request: Request, _user: str) -> Response:
         letters = await self._read(lambda conn: status.dead_letters(conn, include_requeued=False))

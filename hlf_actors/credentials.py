@@ -30,14 +30,12 @@ import time
 from datetime import datetime
 from typing import Any, Literal
 
-import anyio
 import msgspec
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, writer
 from .alerts import Alerting
-from .config import Config
 from .dynamics import Portal
 from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
 from .events import CredentialCheck, NewEvent
@@ -49,7 +47,6 @@ __all__ = [
     "probe",
     "read_tenant_state",
     "record_verdict",
-    "run_cli",
 ]
 
 _CHECK_LOCK = 0x484C_465F_4352_4544  # "HLF_CRED": one checker at a time decides transitions
@@ -182,39 +179,3 @@ async def check_credentials(
     return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, cause=cause, transition=transition)
 
 
-def run_cli(config: Config) -> int:
-    """`hlf-actors check-credentials`: check, record (when a database is configured), print one line."""
-    from .dynamics import DynamicsClient
-    from .fcm import build_alert_sender
-    from .ops_channels import open_ops_channels
-
-    config.require_portal()
-
-    async def main() -> CredentialReport:
-        portal = DynamicsClient(config)
-        try:
-            if not config.database_url:
-                ok, error, cause, duration_ms = await probe(portal)
-                return CredentialReport(ok=ok, error=error, cause=cause, duration_ms=duration_ms, recorded=False)
-            sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
-            try:
-                async with (
-                    db.pool(
-                        config.database_url,
-                        name="hlf-check-credentials",
-                        max_size=2,
-                        open_timeout=15,
-                        app_schema=config.app_schema,
-                    ) as pool,
-                    open_ops_channels(config, sender) as channels,
-                ):
-                    alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
-                    return await check_credentials(portal, pool, alerting, trigger="check-credentials")
-            finally:
-                await sender.aclose()
-        finally:
-            await portal.aclose()
-
-    report = anyio.run(main)
-    print(report.describe())
-    return 0 if report.ok else 1

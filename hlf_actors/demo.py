@@ -23,8 +23,9 @@ import anyio
 import psycopg
 from loguru import logger
 
-from . import db, status
+from . import db, render, status
 from .embedded import EmbeddedPostgres
+from .errors import DemoFailed
 from .fcm import FirebaseAlertSender
 from .testing.fake_fcm import FakeFCM
 from .testing.fake_portal import FakePortal, Reply
@@ -32,10 +33,6 @@ from .testing.harness import running_service
 from .testing.seed import add_device, add_mentor, add_organisation, set_status
 
 __all__ = ["run_demo"]
-
-
-class DemoFailed(Exception):
-    pass
 
 
 def _say(text: str) -> None:
@@ -156,11 +153,11 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
                 f"→ removed in {_ms(took)}"
             )
 
-            _say("\n" + status.render_summary(status.summary(db.connect(url))))
+            _say("\n" + render.render_summary(status.summary(db.connect(url))))
             _say("\nIngrid's story from the event log (`hlf-actors status MENTOR`):")
             story = status.mentor_story(conn, ingrid)
             assert story is not None
-            _say(status.render_story(story))
+            _say(render.render_story(story))
             if keep:
                 pause_lars = f"UPDATE mentors SET status = 'paused' WHERE id = '{lars}'"  # noqa: S608 - shown, not run
                 _say(

@@ -51,10 +51,11 @@ from psycopg_pool import AsyncConnectionPool
 from . import writer
 from .alerts import Alerting
 from .config import Config
+from .errors import ListingUnavailable
 from .events import Event, NewEvent, Operation, PublicListingConfirmed, PublicListingStale
 from .metrics import Metrics
 
-__all__ = ["ListingProbe", "ListingUnavailable"]
+__all__ = ["ListingProbe"]
 
 _MAX_BODY = 20 * 1024 * 1024  # a listing page larger than this is not a listing
 _MAX_PAGES = 50  # pages of one listing read; a longer listing is read as cut short (no absence is concluded)
@@ -98,10 +99,6 @@ _LINK_TAG = re.compile(r"<(?:a|link)\b[^>]*>", re.IGNORECASE)
 _REL_NEXT = re.compile(r"""\brel\s*=\s*["']?[^"'>]*\bnext\b""", re.IGNORECASE)
 _HREF = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.IGNORECASE)
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
-class ListingUnavailable(Exception):
-    """The public listing could not be read at all (down, a server error, an oversized body)."""
 
 
 def _words(text: str) -> str:

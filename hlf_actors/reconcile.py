@@ -43,7 +43,6 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
-import anyio
 import msgspec
 import psycopg
 from loguru import logger
@@ -51,7 +50,6 @@ from loguru import logger
 from . import db, writer
 from .actor import Runtime
 from .alerts import Alerting
-from .config import Config
 from .dynamics import Portal
 from .events import NewEvent, ReconcileAborted, ReconcileFinished
 
@@ -63,8 +61,6 @@ __all__ = [
     "alert_aborted",
     "reconcile",
     "reconcile_forever",
-    "render_report",
-    "run_cli",
     "wait_for_requests",
 ]
 
@@ -130,6 +126,14 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
             absent_ok=self.absent_ok,
             dead_lettered=len(self.dead_lettered),
             syncing=self.syncing,
+        )
+
+    def summary_line(self) -> str:
+        r = self
+        return (
+            f"reconciled {r.portal_records} portal record(s) ({r.pages} page(s)) against {r.mentors_checked} mentor(s) "
+            f"in {r.duration_ms:.0f} ms: {len(r.divergent)} divergent, {len(r.missing)} missing, "
+            f"{len(r.orphans)} orphan(s); {len(r.requested)} sync(s) requested"
         )
 
 
@@ -267,14 +271,6 @@ async def alert_aborted(alerting: Alerting, report: ReconcileReport) -> None:
     )
 
 
-def _summary_line(r: ReconcileReport) -> str:
-    return (
-        f"reconciled {r.portal_records} portal record(s) ({r.pages} page(s)) against {r.mentors_checked} mentor(s) "
-        f"in {r.duration_ms:.0f} ms: {len(r.divergent)} divergent, {len(r.missing)} missing, "
-        f"{len(r.orphans)} orphan(s); {len(r.requested)} sync(s) requested"
-    )
-
-
 async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal) -> None:
     """The leader's periodic job: a tenant check at start-up, then every HLF_RECONCILE_EVERY a tenant check followed
     by a reconciliation. A failed run logs one line and waits for the next period."""
@@ -305,7 +301,7 @@ async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal
             if report.aborted is not None:
                 await alert_aborted(alerting, report)
                 continue
-            logger.info(_summary_line(report))
+            logger.info(report.summary_line())
             for d in report.missing:
                 logger.bind(mentor_id=str(d.mentor_id)).warning(
                     "portal record {} is gone but the mentor should be listed: recreate it", d.record_id
@@ -315,50 +311,6 @@ async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
-
-
-def _flag(value: bool | None) -> str:
-    return "absent" if value is None else ("listed" if value else "unlisted")
-
-
-def render_report(r: ReconcileReport, *, limit: int = 50) -> str:
-    lines = [
-        _summary_line(r),
-        f"  {'in sync':<36}{r.in_sync:>8}",
-        f"  {'divergent (listed flag wrong)':<36}{len(r.divergent):>8}   → sync requested",
-        f"  {'missing record, should be listed':<36}{len(r.missing):>8}"
-        + (
-            "   → sync requested; it will fail (404), be dead-lettered and alert the coordinators:"
-            " someone must recreate the portal record"
-            if r.missing
-            else ""
-        ),
-        f"  {'absent, as it should be':<36}{r.absent_ok:>8}",
-        f"  {'dead-lettered, not requested again':<36}{len(r.dead_lettered):>8}"
-        + ("   → see `hlf-actors dead-letters list`" if r.dead_lettered else ""),
-        f"  {'differing, its own sync under way':<36}{r.syncing:>8}"
-        + ("   → left to its actor; checked again next period" if r.syncing else ""),
-        f"  {'orphan records (no mentor owns them)':<36}{len(r.orphans):>8}"
-        + ("   → reported only, never touched" if r.orphans else ""),
-        f"  {'sync requests queued':<36}{len(r.requested):>8}",
-        f"  timings: portal {r.portal_ms:.0f} ms, database {r.database_ms:.0f} ms, queueing {r.queue_ms:.0f} ms",
-    ]
-    found = r.divergent + r.missing + r.dead_lettered
-    if found:
-        lines.append(f"{'MENTOR':36}  {'RECORD':36}  {'PORTAL':8}  {'SHOULD BE':9}  SYNC STATE WHEN READ")
-        for d in found[:limit]:
-            state = d.state or "-"
-            lines.append(
-                f"{d.mentor_id!s:36}  {d.record_id!s:36}  {_flag(d.portal_listed):8}  {_flag(d.expected):9}  {state}"
-            )
-        if len(found) > limit:
-            lines.append(f"… and {len(found) - limit} more")
-    if r.orphans:
-        lines.append(f"orphan records (never touched):\n{'RECORD':36}  PORTAL")
-        lines.extend(f"{o.record_id!s:36}  {_flag(o.listed)}" for o in r.orphans[:limit])
-        if len(r.orphans) > limit:
-            lines.append(f"… and {len(r.orphans) - limit} more")
-    return "\n".join(lines)
 
 
 class RequestsOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -385,73 +337,3 @@ def wait_for_requests(
         time.sleep(poll_s)
 
 
-def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: int = 50) -> int:
-    """`hlf-actors reconcile`: one reconciliation, its findings, then (``wait`` > 0) how the requests ended."""
-    from .clock import SystemClock
-    from .dynamics import DynamicsClient
-    from .fcm import build_alert_sender
-    from .ops_channels import open_ops_channels
-
-    url = config.require_database()
-    config.require_portal()
-
-    async def main() -> ReconcileReport:
-        portal = DynamicsClient(config)
-        try:
-            conn = await db.connect_async(url, app_schema=config.app_schema)
-            async with conn:
-                report = await reconcile(
-                    conn,
-                    portal,
-                    today=SystemClock().today(config.zone),
-                    page_size=page_size,
-                    max_missing=config.reconcile_max_missing,
-                )
-            if report.first_abort:
-                sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
-                try:
-                    async with (
-                        db.pool(
-                            url, name="hlf-reconcile", max_size=1, open_timeout=15, app_schema=config.app_schema
-                        ) as pool,
-                        open_ops_channels(config, sender) as channels,
-                    ):
-                        alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
-                        await alert_aborted(alerting, report)
-                finally:
-                    await sender.aclose()
-            return report
-        finally:
-            await portal.aclose()
-
-    report = anyio.run(main)
-    if report.aborted is not None:
-        print(f"reconciliation ABORTED, nothing requested: {report.aborted}")
-        return 1
-    print(render_report(report, limit=limit))
-    if not report.requested and report.syncing:
-        print(
-            f"nothing requested: {report.syncing} mentor(s) differ while their own sync is under way; "
-            "`hlf-actors status` shows them and `hlf-actors run` sends them"
-        )
-        return 0
-    if not report.requested:
-        print("nothing to fix")
-        return 0
-    if wait <= 0:
-        print(f"{len(report.requested)} sync request(s) queued; `hlf-actors run` sends them")
-        return 0
-    print(f"waiting up to {wait:.0f}s for the service to fix {len(report.requested)} mentor(s)…")
-    with db.connect(url, app_schema=config.app_schema) as conn:
-        outcome = wait_for_requests(conn, report.requested, timeout=wait)
-    print(f"fixed {len(outcome.fixed)} of {len(report.requested)}")
-    for mentor_id in outcome.failed[:limit]:
-        print(f"  dead-lettered: {mentor_id}  (see `hlf-actors status {mentor_id}`)")
-    for mentor_id in outcome.open[:limit]:
-        print(f"  still open:    {mentor_id}")
-    if outcome.unprojected:
-        print(
-            f"{outcome.unprojected} request(s) were never picked up: is `hlf-actors run` running? "
-            "They stay queued and are sent when it runs."
-        )
-    return 0 if not outcome.failed and not outcome.open else 1

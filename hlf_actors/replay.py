@@ -48,7 +48,7 @@ from psycopg import sql
 
 from . import db
 from .duplicates import raise_findings
-from .errors import HLFError
+from .errors import ReplayBusy
 from .history import changed_since, histories, unprojected
 from .projections import DeadLetterRow, Finding, FindingRow, MentorState, SyncRow, fold_mentor
 
@@ -58,17 +58,12 @@ __all__ = [
     "ReplayBusy",
     "ReplayReport",
     "connect",
-    "render_report",
     "replay",
     "replay_lock",
 ]
 
 REPLAY_LOCK = 0x484C_465F_5245_504C  # "HLF_REPL": one replay or archival at a time (session lock)
 _WRITE_BATCH = 5_000
-
-
-class ReplayBusy(HLFError):
-    """Another replay or archival holds the replay lock."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,39 +465,5 @@ def replay(
         built = _rebuild(reader, writer, progress)
         report = _finish(writer, built, apply_changes=not verify, limit=detail_limit)
     return msgspec.structs.replace(report, seconds=time.monotonic() - started)
-
-
-def render_report(report: ReplayReport) -> str:
-    lines = [
-        f"{'verified' if not report.applied else 'replayed'} {report.events:,} events of {report.mentors:,} "
-        f"mentors in {report.seconds:.1f}s ({report.events_per_s:,.0f} events/s); "
-        f"{report.refolded} mentor(s) changed meanwhile were folded again under the lock"
-    ]
-    for table in report.tables:
-        if not table.total:
-            lines.append(f"{table.table}: same as the log")
-            continue
-        verb = "corrected" if report.applied else "differ"
-        lines.append(
-            f"{table.table}: {table.total} row(s) {verb} — {table.missing} missing, {table.extra} extra, "
-            f"{table.different} different"
-        )
-        for row in table.rows:
-            if row.kind == "different":
-                cols = ", ".join(f"{c}: live {a!r} ≠ replayed {b!r}" for c, (a, b) in row.columns.items())
-            elif row.kind == "missing":
-                cols = "only in the replay"
-            else:
-                cols = "only in the live table"
-            lines.append(f"  {row.kind:9} {row.key}: {cols}")
-        if table.total > len(table.rows):
-            lines.append(f"  … and {table.total - len(table.rows)} more")
-    if report.raised:
-        lines.append(f"duplicates: {len(report.raised)} new finding(s) raised; the running service alerts ops")
-        lines.extend(f"  {f.key}" for f in report.raised)
-    if report.unraised:
-        lines.append(f"duplicates: {len(report.unraised)} finding(s) in the log not raised yet (replay raises them)")
-        lines.extend(f"  {f.key}: {f.detail}" for f in report.unraised)
-    return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ still waiting in ``hlf_inbox`` (written while the service was down) are counted 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -23,9 +23,6 @@ __all__ = [
     "Summary",
     "dead_letters",
     "mentor_story",
-    "render_dead_letters",
-    "render_story",
-    "render_summary",
     "summary",
     "wait_for_outcome",
 ]
@@ -222,93 +219,6 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     }
 
 
-def _ago(at: datetime | None) -> str:
-    if at is None:
-        return "never"
-    seconds = (datetime.now(UTC) - at).total_seconds()
-    return f"{at:%Y-%m-%d %H:%M:%S %Z} ({_duration(seconds)} ago)"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def render_summary(s: Summary) -> str:
-    lines = [
-        "hlf-actors status",
-        f"  mentors in the database   {s.mentors_known}",
-        "  sync state                " + "  ".join(f"{k} {v}" for k, v in s.states.items()),
-        f"  oldest unfinished change  {_ago(s.oldest_open_change_at) if s.oldest_open_change_at else 'none'}",
-        f"  not yet projected events  {s.unprojected_events}"
-        + ("  (is `hlf-actors run` running?)" if s.unprojected_events and (s.oldest_open_age_s or 0) > 60 else ""),
-        f"  open dead letters         {s.open_dead_letters}"
-        + ("  (see `hlf-actors dead-letters list`)" if s.open_dead_letters else ""),
-        f"  portal                    {'OUTAGE: circuit open, sending paused' if s.circuit_open else 'answering'}",
-        f"  tenant-wide incident      {_incident_line(s.incident)}",
-        f"  last successful sync      {_ago(s.last_success_at)}",
-        f"  credentials               {s.credentials}  (last checked {_ago(s.credentials_checked_at)})",
-        f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
-        f"  last event                {_ago(s.last_event_at)}",
-        f"  public website (24 h)     {_public_listing_line(s.public_listing)}",
-        "  alerts                    "
-        + ("OFF (HLF_ALERTS=off): sync failures and outages reach no one" if s.alerts == "off" else "on"),
-        f"  dead coordinator devices  {sum(len(o['devices']) for o in s.dead_devices) or 'none'}",
-    ]
-    for org in s.dead_devices:
-        lines.append(f"    {org['name']} ({org['organisation_id']}): {', '.join(org['devices'])}")
-    return "\n".join(lines)
-
-
-def _incident_line(incident: dict[str, Any] | None) -> str:
-    if incident is None:
-        return "none"
-    return (
-        f"OPEN ({incident['cause']}) since {_ago(incident['since'])}: every send is held; {incident['error']}. "
-        f"Fix: {incident['fix']}. It heals by itself once fixed."
-    )
-
-
-def _public_listing_line(p: dict[str, Any] | None) -> str:
-    if not p:
-        return "unknown"
-    if p["probe"] == "off" and not p["confirmed"] and not p["stale"]:
-        return "probe off (HLF_PUBLIC_LISTING_URL unset)"
-
-    def ms(value: Any) -> str:
-        return "-" if value is None else _duration(value / 1000)
-
-    def three(t: dict[str, Any]) -> str:
-        return f"p50 {ms(t['p50'])} / p95 {ms(t['p95'])} / max {ms(t['max'])}"
-
-    line = f"{p['confirmed']} confirmed, {p['stale']} stale"
-    if p.get("seen"):
-        line += (
-            f"; exposure {three(p['exposure_ms'])}"
-            f" = our sync (change → 204) {three(p['sync_ms'])}"
-            f" + website cache (204 → seen) {three(p['delay_ms'])}"
-        )
-    if p["waiting"]:
-        line += f"; {p['waiting']} waiting"
-    return line + ("" if p["probe"] == "on" else " (probe off now)")
-
-
-def _reconcile_counts(counts: dict[str, Any] | None) -> str:
-    if not counts:
-        return ""
-    shown = ("divergent", "missing", "orphans", "requests")
-    return ": " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown) + f" of {counts.get('mentors_checked', 0)}"
-
-
-def render_summary_json(s: Summary) -> str:
-    return msgspec.json.encode(s).decode()
-
-
 def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
     rows = conn.execute(
         """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
@@ -319,19 +229,6 @@ def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> li
         (include_requeued,),
     ).fetchall()
     return [DeadLetter(**dict(zip(DeadLetter.__struct_fields__, r, strict=True))) for r in rows]
-
-
-def render_dead_letters(letters: list[DeadLetter]) -> str:
-    if not letters:
-        return "no dead letters"
-    lines = [f"{'ID':>8}  {'MENTOR':36}  {'OPERATION':9}  {'TRIES':>5}  {'SINCE':19}  ERROR"]
-    for d in letters:
-        since = f"{d.dead_lettered_at:%Y-%m-%d %H:%M:%S}"
-        error = (d.last_error or "")[:80] + ("  [re-queued]" if d.requeued_at else "")
-        error += "  [resolved: synced since]" if d.resolved_at else ""
-        lines.append(f"{d.id:>8}  {d.mentor_id!s:36}  {d.operation:9}  {d.attempts:>5}  {since:19}  {error}")
-    lines.append(f"{len(letters)} dead letter(s); re-queue with `hlf-actors dead-letters requeue ID` or `--all`")
-    return "\n".join(lines)
 
 
 def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> list[Event]:
@@ -370,31 +267,6 @@ def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None
             {"seq": e.seq, "at": e.recorded_at, "kind": e.kind, "data": msgspec.to_builtins(e.payload)} for e in events
         ],
     )
-
-
-_HIDDEN = frozenset({"raw", "snapshot"})  # kept in --json; noise for a person reading the story
-
-
-def render_story(story: Story) -> str:
-    name = story.full_name or "(mentor row deleted)"
-    lines = [f"{name}  {story.mentor_id}", f"  status {story.status}   portal record {story.portal_record_id}"]
-    if story.sync:
-        s = story.sync
-        line = f"  sync   {s['state']}   last operation {s['operation']}   attempts {s['attempts']}"
-        if s.get("next_attempt_at"):
-            line += f"   next attempt {s['next_attempt_at']:%H:%M:%S}"
-        lines.append(line)
-        if s.get("last_error"):
-            lines.append(f"  error  {s['last_error']}")
-    lines.append("  story:")
-    for e in story.events:
-        detail = ", ".join(f"{k}={v}" for k, v in e["data"].items() if v is not None and k not in _HIDDEN)
-        lines.append(f"    {e['seq']:>8}  {e['at']:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {e['kind']:<18} {detail}")
-    return "\n".join(lines)
-
-
-def render_story_json(story: Story) -> str:
-    return msgspec.json.encode(story).decode()
 
 
 def wait_for_outcome(

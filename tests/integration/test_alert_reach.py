@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from hlf_actors import status
+from hlf_actors import render, status
 from hlf_actors.alerts import Alerting
 from hlf_actors.cli import main
 from hlf_actors.config import load_config
@@ -146,7 +146,7 @@ async def test_dead_devices_are_never_targeted_again_until_the_app_writes_a_new_
     summary = status.summary(conn)
     assert [(o["organisation_id"], o["name"]) for o in summary.dead_devices] == [(str(org), "HLF Oslo")]
     assert set(summary.dead_devices[0]["devices"]) == {str(ids[a]), str(ids[b]), str(ids[d])}
-    assert "dead coordinator devices  3" in status.render_summary(summary)
+    assert "dead coordinator devices  3" in render.render_summary(summary)
 
     # The app re-registers A: a new token on the same row makes it live again.
     a2 = token()

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from loguru import logger
 
-from hlf_actors import status
+from hlf_actors import render, status
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.fake_website import FakeWebsite, View
@@ -326,6 +326,6 @@ async def test_matching_by_name_reads_the_escaped_name_and_status_splits_the_exp
     assert p["exposure_ms"]["max"] == max(v["exposure_ms"] for v in everything)
     assert p["delay_ms"]["max"] == max(v["delay_ms"] for v in everything)
     assert p["sync_ms"]["max"] == max(v["exposure_ms"] - v["delay_ms"] for v in everything)
-    text = status.render_summary(summary)
+    text = render.render_summary(summary)
     assert "public website (24 h)     3 confirmed, 0 stale; exposure p50" in text
     assert "= our sync (change → 204) p50" in text and "+ website cache (204 → seen) p50" in text

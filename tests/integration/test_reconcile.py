@@ -14,7 +14,8 @@ import pytest
 
 from hlf_actors.cli import main
 from hlf_actors.dynamics import DynamicsClient, ListingRow
-from hlf_actors.reconcile import reconcile, render_report
+from hlf_actors.reconcile import reconcile
+from hlf_actors.render import render_reconcile as render_report
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state

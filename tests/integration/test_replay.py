@@ -28,6 +28,7 @@ from hlf_actors.cli import main
 from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
 from hlf_actors.projections import DuplicateState, Finding
+from hlf_actors.render import render_replay
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
@@ -179,7 +180,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
         wait_until(lambda: settled(conn, ids), "the history to settle")
 
         checked = verify(db_url)
-        assert checked.differences == 0, replay.render_report(checked)
+        assert checked.differences == 0, render_replay(checked)
         # A letter closed itself only at a success after it; a mentor in sync has no open letter left.
         assert conn.execute(
             """SELECT count(*) FROM dead_letters d
@@ -263,7 +264,7 @@ async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twic
         after = await anyio.to_thread.run_sync(lambda: verify(db_url))
 
     # Every replay, swapped in while changes and PATCHes kept coming, found the live tables right...
-    assert [r.differences for r in reports] == [0, 0, 0], [replay.render_report(r) for r in reports]
+    assert [r.differences for r in reports] == [0, 0, 0], [render_replay(r) for r in reports]
     # ...because the mentors changed during each rebuild were folded again under the lock.
     assert all(r.refolded > 0 for r in reports)
     assert after.differences == 0
@@ -586,7 +587,7 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
         assert kept is not None and kept[0] > archived.cut_seq and kept[1] == archived.archived
 
         after = await anyio.to_thread.run_sync(lambda: verify(db_url))
-        assert after.differences == 0, replay.render_report(after)
+        assert after.differences == 0, render_replay(after)
         assert [f.rule for f in after.unraised] == ["reminder_sent_twice"]  # found across the cut
 
         # Stopped after storing the snapshots and before deleting the rows: the rows are still there, and every
