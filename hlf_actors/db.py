@@ -27,6 +27,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -193,10 +195,20 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
+@cache
+def sql_files() -> Traversable:
+    """Where the SQL files are: ``db/`` at the repository root in a checkout (and an editable install), or
+    ``hlf_actors/sql`` inside an installed wheel, which ships that same folder there (pyproject's force-include)."""
+    shipped = resources.files("hlf_actors") / "sql"
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "db"
+
+
 def migrations() -> list[Migration]:
     """The migration files shipped with the package, in version order."""
     found: list[Migration] = []
-    folder = resources.files("hlf_actors") / "db" / "migrations"
+    folder = sql_files() / "migrations"
     for entry in folder.iterdir():
         match = re.fullmatch(r"(\d{3})_([a-z0-9_]+)\.sql", entry.name)
         if match:
@@ -217,7 +229,7 @@ def applied_migrations(conn: psycopg.Connection[Any]) -> dict[int, str]:
 
 
 def _step(name: str) -> bytes:
-    return (resources.files("hlf_actors") / "db" / "steps" / f"{name}.sql").read_bytes()
+    return (sql_files() / "steps" / f"{name}.sql").read_bytes()
 
 
 def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> list[Migration]:
@@ -286,7 +298,7 @@ def _run_step(conn: psycopg.Connection[Any], name: str) -> None:
 
 @cache
 def _queries() -> dict[str, str]:
-    text = (resources.files("hlf_actors") / "queries.sql").read_text()
+    text = (sql_files() / "queries.sql").read_text()
     found: dict[str, str] = {}
     name: str | None = None
     body: list[str] = []

@@ -5,7 +5,7 @@ what differs between two equal databases (owners, session settings, pg_dump's pe
 sorted, so that two databases with the same objects give the same text. ``service_objects`` keeps only what the
 service owns: everything in hlf, the triggers on the app's tables and the functions the app may call.
 
-    python -m hlf_actors.testing.schema_dump [URL] > hlf_actors/db/schema.sql
+    python -m hlf_actors.testing.schema_dump [URL] > db/schema.sql
 
 (no URL: a scratch database on the tests' server, HLF_TEST_DATABASE_URL or 127.0.0.1:5432, migrated from scratch and
 dropped afterwards) writes the declared
