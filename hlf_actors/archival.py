@@ -59,6 +59,12 @@ _DELETE_ARCHIVED = (
 _DELETE_CHUNK = 50_000  # seqs per delete transaction
 
 
+_DROP_NEW_SNAPSHOTS = "DROP TABLE IF EXISTS pg_temp.projection_snapshots_new"
+_CREATE_NEW_SNAPSHOTS = "CREATE TEMP TABLE projection_snapshots_new (LIKE projection_snapshots INCLUDING DEFAULTS)"
+_LOCK_PROJECTIONS = "LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE"
+_OLDEST_SEQ = "SELECT min(seq) FROM event_log"
+
+
 def archive(
     url: str, *, older_than: timedelta, progress: Progress | None = None, app_schema: str = "public"
 ) -> ArchiveReport:
@@ -75,8 +81,8 @@ def archive(
     with connect(url, app_schema) as writer, connect(url, app_schema) as reader, replay_lock(writer):
         reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         reader.read_only = True
-        writer.execute("DROP TABLE IF EXISTS pg_temp.projection_snapshots_new")
-        writer.execute("CREATE TEMP TABLE projection_snapshots_new (LIKE projection_snapshots INCLUDING DEFAULTS)")
+        writer.execute(_DROP_NEW_SNAPSHOTS)
+        writer.execute(_CREATE_NEW_SNAPSHOTS)
         snapshots = 0
         with reader.transaction():
             newest = reader.execute(_CUT[0], (older_than,)).fetchone()
@@ -110,7 +116,7 @@ def archive(
         # Copies first, outside the locks: harmless on their own (replay reads event_log), and kept on a retry.
         writer.execute(_COPY_TO_ARCHIVE, {"cut": cut})
         with writer.transaction():
-            writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
+            writer.execute(_LOCK_PROJECTIONS)
             now = writer.execute(_COUNT_UPTO, {"cut": cut}).fetchone()
             assert now is not None
             if int(now[0]) != int(counted[0]) or int(now[1]) != 0:
@@ -120,7 +126,7 @@ def archive(
             writer.execute(_STORE_SNAPSHOTS)
         # From here on every reader folds a mentor's snapshot and only the events after its cut, so the archived
         # rows can leave the log in small transactions, without the locks.
-        first = writer.execute("SELECT min(seq) FROM event_log").fetchone()
+        first = writer.execute(_OLDEST_SEQ).fetchone()
         low = int(first[0]) - 1 if first and first[0] is not None else cut
         while low < cut:
             high = min(low + _DELETE_CHUNK, cut)

@@ -121,10 +121,13 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+_FORCE_SYNC = "SELECT hlf_force_sync(%s)"
+
+
 def cmd_force_sync(config: Config, args: argparse.Namespace) -> int:
     with _connect(config) as conn:
         try:
-            seq = conn.execute("SELECT hlf_force_sync(%s)", (args.mentor,)).fetchone()
+            seq = conn.execute(_FORCE_SYNC, (args.mentor,)).fetchone()
         except psycopg.errors.NoDataFound:
             raise CommandFailed(f"no mentor with id {args.mentor}", 2) from None
         assert seq is not None
@@ -136,6 +139,9 @@ def cmd_force_sync(config: Config, args: argparse.Namespace) -> int:
         )
     print(outcome.describe())
     return 0 if outcome.ok else 1
+
+
+_REQUEUE = "SELECT hlf_requeue_dead_letter(%s)"
 
 
 def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
@@ -152,7 +158,7 @@ def cmd_dead_letters(config: Config, args: argparse.Namespace) -> int:
             raise CommandFailed("say which dead letter to re-queue: an ID, or --all", 2)
         for dl_id in ids:
             try:
-                conn.execute("SELECT hlf_requeue_dead_letter(%s)", (dl_id,))
+                conn.execute(_REQUEUE, (dl_id,))
             except psycopg.errors.NoDataFound:
                 raise CommandFailed(f"no dead letter with id {dl_id}", 2) from None
             except psycopg.errors.UniqueViolation:

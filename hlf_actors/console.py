@@ -217,6 +217,10 @@ WHERE mentor_id IS NULL AND kind = 'console_action' AND (%s::text IS NULL OR dat
 ORDER BY seq DESC LIMIT 50"""
 
 
+_REQUEUE = "SELECT hlf_requeue_dead_letter(%s)"
+_FORCE_SYNC = "SELECT hlf_force_sync(%s)"
+
+
 class Console:
     """The console's pages and actions, bound to the running service's pool, portal client and alerting."""
 
@@ -525,7 +529,7 @@ class Console:
         def act(conn: psycopg.Connection[Any]) -> str:
             with conn.transaction():
                 try:
-                    row = conn.execute("SELECT hlf_force_sync(%s)", (mentor_id,)).fetchone()
+                    row = conn.execute(_FORCE_SYNC, (mentor_id,)).fetchone()
                 except psycopg.errors.NoDataFound:
                     return f"No mentor with id {mentor_id}."
                 assert row is not None
@@ -561,7 +565,7 @@ class Console:
         for dl_id in ids:
             try:
                 with conn.transaction():
-                    conn.execute("SELECT hlf_requeue_dead_letter(%s)", (dl_id,))
+                    conn.execute(_REQUEUE, (dl_id,))
                     done.append(dl_id)
             except psycopg.errors.NoDataFound:
                 problems.append(f"no dead letter {dl_id}")

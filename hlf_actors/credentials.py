@@ -116,6 +116,9 @@ async def probe(portal: Portal) -> tuple[bool | None, str | None, str | None, fl
     return ok, error, cause, round((time.perf_counter() - started) * 1000, 3)
 
 
+_TAKE_CHECK_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+
 async def record_verdict(
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
@@ -130,7 +133,7 @@ async def record_verdict(
     a lock), and alert ops on a transition. Returns the transition and the state before it."""
     transition: Literal["failed", "restored"] | None = None
     async with pool.connection() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHECK_LOCK,))
+        await conn.execute(_TAKE_CHECK_LOCK, (_CHECK_LOCK,))
         before = await read_tenant_state(conn)
         if ok is False and (before.ok is not False or before.cause != cause):
             transition = "failed"

@@ -220,16 +220,34 @@ def migrations() -> list[Migration]:
     return found
 
 
+_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf.hlf_schema_migrations') IS NOT NULL"
+_APPLIED_MIGRATIONS = "SELECT version, checksum FROM hlf.hlf_schema_migrations"
+
+
 def applied_migrations(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    exists = conn.execute("SELECT to_regclass('hlf.hlf_schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute(_MIGRATIONS_TABLE_EXISTS).fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute("SELECT version, checksum FROM hlf.hlf_schema_migrations").fetchall()
+    rows = conn.execute(_APPLIED_MIGRATIONS).fetchall()
     return {int(v): str(c) for v, c in rows}
 
 
 def _step(name: str) -> bytes:
     return (sql_files() / "steps" / f"{name}.sql").read_bytes()
+
+
+_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock(%s)"
+_SET_LOCAL_SEARCH_PATH = "SELECT set_config('search_path', %s, true)"
+_SET_APP_SCHEMA = "SELECT set_config('hlf.app_schema', %s, true)"
+_SET_APP_CALLABLE = "SELECT set_config('hlf.app_callable', %s, true)"
+_CREATE_HLF_SCHEMA = "CREATE SCHEMA IF NOT EXISTS hlf"
+_CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS hlf.hlf_schema_migrations (
+                   version    int PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+_OLD_LAYOUT_MIGRATIONS_EXIST = "SELECT to_regclass(format('%%I.hlf_schema_migrations', %s::text)) IS NOT NULL"
+_RECORD_MIGRATION = "INSERT INTO hlf.hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
 
 
 def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> list[Migration]:
@@ -239,28 +257,24 @@ def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> lis
 
     applied_now: list[Migration] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(_LOCK_MIGRATIONS, (_MIGRATION_LOCK,))
         problems = preflight(conn, app_schema)
         if problems:
             raise MigrationError(
                 f"the database is not ready for the service ({len(problems)} problem(s), nothing was changed):\n  - "
                 + "\n  - ".join(problems)
             )
-        conn.execute("SELECT set_config('search_path', %s, true)", (search_path(app_schema),))
-        conn.execute("SELECT set_config('hlf.app_schema', %s, true)", (app_schema,))
-        conn.execute("SELECT set_config('hlf.app_callable', %s, true)", (",".join(APP_CALLABLE),))
-        conn.execute("CREATE SCHEMA IF NOT EXISTS hlf")
+        conn.execute(_SET_LOCAL_SEARCH_PATH, (search_path(app_schema),))
+        conn.execute(_SET_APP_SCHEMA, (app_schema,))
+        conn.execute(_SET_APP_CALLABLE, (",".join(APP_CALLABLE),))
+        conn.execute(_CREATE_HLF_SCHEMA)
         legacy = conn.execute(
-            "SELECT to_regclass(format('%%I.hlf_schema_migrations', %s::text)) IS NOT NULL", (app_schema,)
+            _OLD_LAYOUT_MIGRATIONS_EXIST, (app_schema,)
         ).fetchone()
         if legacy and legacy[0]:
             _run_step(conn, "relocate")
         conn.execute(
-            """CREATE TABLE IF NOT EXISTS hlf.hlf_schema_migrations (
-                   version    int PRIMARY KEY,
-                   name       text NOT NULL,
-                   checksum   text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
+            _CREATE_MIGRATIONS_TABLE
         )
         done = applied_migrations(conn)
         for migration in migrations():
@@ -275,7 +289,7 @@ def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> lis
                 with conn.transaction():
                     conn.execute(migration.sql.encode())
                     conn.execute(
-                        "INSERT INTO hlf.hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        _RECORD_MIGRATION,
                         (migration.version, migration.name, migration.checksum),
                     )
             except psycopg.Error as err:

@@ -142,6 +142,9 @@ async def watch(
 
 
 
+_CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
+
+
 class DuplicateScan:
     """Raise the duplicate findings of the mentors whose events committed since the previous scan (all mentors on
     the first). Synchronous: the service runs it in a worker thread. Keeps the snapshot of its last scan."""
@@ -158,7 +161,7 @@ class DuplicateScan:
             conn.read_only = True
             found: list[Finding] = []
             with conn.transaction():
-                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
+                row = conn.execute(_CURRENT_SNAPSHOT).fetchone()
                 assert row is not None
                 snapshot = str(row[0])
                 inbox, inbox_mentors = unprojected(conn)

@@ -271,6 +271,10 @@ def default_owner(role: str) -> str:
     return f"{role} on {socket.gethostname()} (pid {os.getpid()})"
 
 
+_TRY_JOB_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_JOB_UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+
 async def run_night(
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
@@ -290,7 +294,7 @@ async def run_night(
     key = today.isoformat()
     async with pool.connection() as raw:
         db = _Counted(raw)
-        row = await (await db.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK,))).fetchone()
+        row = await (await db.execute(_TRY_JOB_LOCK, (_LOCK,))).fetchone()
         if not (row and row[0]):
             running = await (await db.execute(_RUNNING, (JOB,))).fetchone()
             holder = f"{running[1]}, night of {running[0]}, since {running[2]:%Y-%m-%d %H:%M:%S%z}" if running else None
@@ -314,7 +318,7 @@ async def run_night(
         finally:
             with anyio.CancelScope(shield=True):
                 try:
-                    await raw.execute("SELECT pg_advisory_unlock(%s)", (_LOCK,))
+                    await raw.execute(_JOB_UNLOCK, (_LOCK,))
                 except psycopg.Error:  # a broken connection has dropped the lock with it
                     pass
 
@@ -327,11 +331,14 @@ async def _record_failure(db: _Counted, key: str, err: BaseException) -> None:
         pass  # the row stays unfinished, which the scheduler treats the same way
 
 
+_EXPIRE_CERTIFICATIONS = "SELECT hlf_expire_certifications(%s)"
+
+
 async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int, started: float) -> NightReport:
     log = logger.bind(night=today.isoformat())
     # Expire first: the removals reach the portal while the reminders go out. The two sets cannot overlap (an
     # expired mentor has no expiry >= today to be reminded about).
-    row = await (await db.execute("SELECT hlf_expire_certifications(%s)", (today,))).fetchone()
+    row = await (await db.execute(_EXPIRE_CERTIFICATIONS, (today,))).fetchone()
     transitioned = int(row[0]) if row else 0
     if transitioned:
         log.info("{} mentor(s) with no valid certification moved to expired_cert", transitioned)

@@ -267,21 +267,31 @@ def connect(url: str, app_schema: str) -> psycopg.Connection[Any]:
     return db.connect(url, app_schema=app_schema, application_name="hlf-actors replay")
 
 
+_TRY_REPLAY_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_REPLAY_UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+
 @contextmanager
 def replay_lock(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (REPLAY_LOCK,)).fetchone()
+    row = conn.execute(_TRY_REPLAY_LOCK, (REPLAY_LOCK,)).fetchone()
     if not row or not row[0]:
         raise ReplayBusy("another replay or archival is running; try again when it has finished")
     try:
         yield
     finally:
         with suppress(psycopg.Error):  # a broken connection has released it already
-            conn.execute("SELECT pg_advisory_unlock(%s)", (REPLAY_LOCK,))
+            conn.execute(_REPLAY_UNLOCK, (REPLAY_LOCK,))
+
+
+_ESTIMATED_EVENTS = "SELECT reltuples::bigint FROM pg_class WHERE oid = 'event_log'::regclass"
 
 
 def _estimate(conn: psycopg.Connection[Any]) -> int | None:
-    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'event_log'::regclass").fetchone()
+    row = conn.execute(_ESTIMATED_EVENTS).fetchone()
     return int(row[0]) if row and row[0] and row[0] > 0 else None
+
+
+_CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
 
 def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], progress: Progress) -> _Built:
@@ -293,7 +303,7 @@ def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], p
     reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     reader.read_only = True
     with reader.transaction():
-        row = reader.execute("SELECT pg_current_snapshot()::text").fetchone()
+        row = reader.execute(_CURRENT_SNAPSHOT).fetchone()
         assert row is not None
         snapshot = str(row[0])
         inbox, inbox_mentors = unprojected(reader)
@@ -415,6 +425,9 @@ def _apply(conn: psycopg.Connection[Any], table: _Table) -> None:
     )
 
 
+_LOCK_PROJECTIONS = "LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE"
+
+
 def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bool, limit: int) -> ReplayReport:
     """Steps 2 and 3, in one transaction under the table locks."""
     writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -422,7 +435,7 @@ def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bo
     unraised: list[Finding] = []
     with writer.transaction():
         # LOCK takes no snapshot: the transaction's snapshot is taken by the next statement, after the lock.
-        writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
+        writer.execute(_LOCK_PROJECTIONS)
         changed = changed_since(writer, built.snapshot)
         changed |= built.inbox_mentors
         inbox, _ = unprojected(writer)

@@ -30,6 +30,7 @@ import anyio
 import psycopg
 from anyio.abc import TaskGroup
 from loguru import logger
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections, writer
@@ -71,18 +72,22 @@ async def _connect_listener(url: str) -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
 
 
+_IS_LISTENING = "SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))"
+_NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
 async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s: float = 2.0) -> bool:
     """Whether LISTEN on ``conn`` really subscribed. Behind PgBouncer in transaction pooling it "succeeds" and does
     nothing: a new transaction may run on another server connection, which does not list the channel, and a
     notification sent to us is never forwarded. Both are checked: the channel, then a round trip."""
-    cur = await conn.execute("SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))", (CHANNEL,))
+    cur = await conn.execute(_IS_LISTENING, (CHANNEL,))
     row = await cur.fetchone()
     if not (row and row[0]):
         return False
     token = f"{_LISTEN_CHECK}{os.getpid()}:{time.monotonic_ns()}"
     sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
     async with _closing(sender):
-        await sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
+        await sender.execute(_NOTIFY, (CHANNEL, token))
     async for note in conn.notifies(timeout=timeout_s):
         if note.payload == token:
             return True
@@ -159,6 +164,7 @@ def queue_usage_change(before: float, now: float) -> str | None:
 
 
 CHANNEL = "hlf_events"
+_LISTEN = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL))
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
 _WAKE_PAYLOADS = frozenset({"", "wake"})
 _LISTEN_CHECK = "listen-check:"
@@ -188,6 +194,16 @@ class ServiceState:
     http_port: int | None = None
     polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
     notify_queue_usage: float = 0.0
+
+
+_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf_schema_migrations') IS NOT NULL"
+_PING = "SELECT 1"
+_TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_OPEN_LETTERS_AND_QUEUE_USAGE = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
+    "pg_notification_queue_usage()"
+)
+_APPLIED_VERSIONS = "SELECT version FROM hlf_schema_migrations"
 
 
 class Service:
@@ -420,18 +436,18 @@ class Service:
         try:
             conn = await self._connect(self._url)
             async with _closing(conn):
-                await conn.execute(f"LISTEN {CHANNEL}")
+                await conn.execute(_LISTEN)
                 return not await _listen_works(conn, self._url)
         except psycopg.Error:
             return False  # no verdict; the pool's own start-up reports an unreachable database
 
     async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
         async with pool.connection() as conn:
-            cur = await conn.execute("SELECT to_regclass('hlf_schema_migrations') IS NOT NULL")
+            cur = await conn.execute(_MIGRATIONS_TABLE_EXISTS)
             row = await cur.fetchone()
             have: set[int] = set()
             if row and row[0]:
-                cur = await conn.execute("SELECT version FROM hlf_schema_migrations")
+                cur = await conn.execute(_APPLIED_VERSIONS)
                 have = {int(r[0]) for r in await cur.fetchall()}
         missing = [m for m in db.migrations() if m.version not in have]
         if missing:
@@ -503,7 +519,7 @@ class Service:
                     await db.configure_session(conn, self.config.app_schema)
                     claimed_at = await self._become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(_LISTEN)
                     self.state.polling = not await _listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
@@ -552,7 +568,7 @@ class Service:
         honest: a dead one raises here and the listener reconnects."""
         while True:
             await anyio.sleep(self.config.poll_interval_s)
-            await conn.execute("SELECT 1")
+            await conn.execute(_PING)
             self._wake.set()
 
     @property
@@ -564,7 +580,7 @@ class Service:
         us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
         said = False
         while True:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+            cur = await conn.execute(_TRY_LEADER_LOCK, (LEADER_LOCK,))
             row = await cur.fetchone()
             if row and row[0]:
                 self._was_leader = True
@@ -719,8 +735,7 @@ class Service:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
             cur = await conn.execute(
-                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
-                "pg_notification_queue_usage()"
+                _OPEN_LETTERS_AND_QUEUE_USAGE
             )
             checks = await cur.fetchone()
         self.metrics.open_dead_letters.set(checks[0] if checks else 0)

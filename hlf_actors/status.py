@@ -83,14 +83,8 @@ class Outcome(msgspec.Struct, frozen=True):
         return f"{self.kind}: {self.detail}"
 
 
-def summary(
-    conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0, alerts_off: bool = False
-) -> Summary:
-    states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
-    for state, n in conn.execute("SELECT state, count(*) FROM sync_status GROUP BY state").fetchall():
-        states[state] = n
-    row = conn.execute(
-        """SELECT (SELECT count(*) FROM mentors),
+_STATE_COUNTS = "SELECT state, count(*) FROM sync_status GROUP BY state"
+_SUMMARY_COUNTS = """SELECT (SELECT count(*) FROM mentors),
                   (SELECT count(*) FROM hlf_inbox),
                   least((SELECT min(updated_at) FROM sync_status WHERE state IN ('pending', 'retrying')),
                         (SELECT min(e.recorded_at) FROM hlf_inbox i JOIN event_log e USING (seq))),
@@ -100,6 +94,16 @@ def summary(
                   (SELECT kind = 'circuit_opened' FROM event_log
                     WHERE kind IN ('circuit_opened', 'circuit_closed') ORDER BY seq DESC LIMIT 1),
                   clock_timestamp()"""
+
+
+def summary(
+    conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0, alerts_off: bool = False
+) -> Summary:
+    states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
+    for state, n in conn.execute(_STATE_COUNTS).fetchall():
+        states[state] = n
+    row = conn.execute(
+        _SUMMARY_COUNTS
     ).fetchone()
     assert row is not None
     oldest, now = row[2], row[7]
@@ -120,30 +124,26 @@ def summary(
     )
 
 
-def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    """Devices dead with the token they still have, per organisation (empty before migration 009)."""
-    row = conn.execute("SELECT to_regclass('hlf_dead_devices') IS NOT NULL").fetchone()
-    if not (row and row[0]):
-        return []
-    rows = conn.execute(
-        """SELECT o.id, o.name, array_agg(x.device_id ORDER BY x.marked_at, x.device_id)
+_DEAD_DEVICES_EXIST = "SELECT to_regclass('hlf_dead_devices') IS NOT NULL"
+_DEAD_DEVICES_BY_ORG = """SELECT o.id, o.name, array_agg(x.device_id ORDER BY x.marked_at, x.device_id)
            FROM hlf_dead_devices x
            JOIN coordinator_devices d ON d.id::text = x.device_id AND d.fcm_token = x.fcm_token
            JOIN organisations o ON o.id = d.organisation_id
            GROUP BY o.id, o.name ORDER BY o.name, o.id"""
+
+
+def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Devices dead with the token they still have, per organisation (empty before migration 009)."""
+    row = conn.execute(_DEAD_DEVICES_EXIST).fetchone()
+    if not (row and row[0]):
+        return []
+    rows = conn.execute(
+        _DEAD_DEVICES_BY_ORG
     ).fetchall()
     return [{"organisation_id": str(o), "name": name, "devices": [str(d) for d in ids]} for o, name, ids in rows]
 
 
-def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
-    """What the listing probe observed over the last day: the exposure window coordinators are quoted.
-
-    Exposure (the change → the public seeing it) splits into our own latency (the change → Dataverse's 204) and the
-    website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
-    before the probe required proof have none and are left out of the percentiles.
-    """
-    row = conn.execute(
-        """WITH v AS (
+_PUBLIC_LISTING_TIMES = """WITH v AS (
                SELECT kind, (data ->> 'exposure_ms')::bigint AS exposure, (data ->> 'delay_ms')::bigint AS website,
                       (data ->> 'exposure_ms')::bigint - (data ->> 'delay_ms')::bigint AS ours,
                       kind = 'public_listing_confirmed' AND data ? 'confirmed_by' AS seen
@@ -160,14 +160,26 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
                   max(ours) FILTER (WHERE seen),
                   count(*) FILTER (WHERE seen)
            FROM v"""
-    ).fetchone()
-    assert row is not None
-    waiting = conn.execute(
-        """SELECT count(*) FROM event_log s
+_UNPROBED_SUCCESSES = """SELECT count(*) FROM event_log s
            WHERE s.kind = 'attempt_succeeded' AND s.recorded_at > now() - make_interval(secs => %s)
              AND NOT EXISTS (
                  SELECT 1 FROM event_log n WHERE n.mentor_id = s.mentor_id AND n.seq > s.seq
-                    AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))""",
+                    AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))"""
+
+
+def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
+    """What the listing probe observed over the last day: the exposure window coordinators are quoted.
+
+    Exposure (the change → the public seeing it) splits into our own latency (the change → Dataverse's 204) and the
+    website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
+    before the probe required proof have none and are left out of the percentiles.
+    """
+    row = conn.execute(
+        _PUBLIC_LISTING_TIMES
+    ).fetchone()
+    assert row is not None
+    waiting = conn.execute(
+        _UNPROBED_SUCCESSES,
         (deadline_s + 60,),
     ).fetchone()
     exposure, website, ours = row[2] or [None, None], row[4] or [None, None], row[6] or [None, None]
@@ -183,10 +195,7 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
     }
 
 
-def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
-    row = conn.execute(
-        """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
+_LAST_CHECKS = """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
                     ORDER BY seq DESC LIMIT 1),
                   (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
                       AND data ->> 'ok' IS NOT NULL ORDER BY seq DESC LIMIT 1),
@@ -196,6 +205,12 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                     ORDER BY seq DESC LIMIT 1),
                   (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'reconcile_finished'
                     ORDER BY seq DESC LIMIT 1)"""
+
+
+def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
+    row = conn.execute(
+        _LAST_CHECKS
     ).fetchone()
     assert row is not None
     checked_at, verdict, failed_since, reconciled_at, counts = row
@@ -219,37 +234,49 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     }
 
 
-def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
-    rows = conn.execute(
-        """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
+_DEAD_LETTER_ROWS = """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
                   d.requeued_at, d.resolved_at
            FROM dead_letters d LEFT JOIN mentors m ON m.id = d.mentor_id
            WHERE %s OR (d.requeued_at IS NULL AND d.resolved_at IS NULL)
-           ORDER BY d.id""",
+           ORDER BY d.id"""
+
+
+def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
+    rows = conn.execute(
+        _DEAD_LETTER_ROWS,
         (include_requeued,),
     ).fetchall()
     return [DeadLetter(**dict(zip(DeadLetter.__struct_fields__, r, strict=True))) for r in rows]
 
 
+_EVENTS_OF_MENTOR = """SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log
+           WHERE mentor_id = %s AND seq > %s ORDER BY seq"""
+
+
 def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> list[Event]:
     rows = conn.execute(
-        """SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log
-           WHERE mentor_id = %s AND seq > %s ORDER BY seq""",
+        _EVENTS_OF_MENTOR,
         (mentor_id, after),
     ).fetchall()
     return [decode_event(*r) for r in rows]
 
 
+_SYNC_ROW_OF_MENTOR = (
+    "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
+    "WHERE mentor_id = %s"
+)
+_MENTOR_ROW = "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s"
+
+
 def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None:
     mentor = conn.execute(
-        "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s", (mentor_id,)
+        _MENTOR_ROW, (mentor_id,)
     ).fetchone()
     events = _events(conn, mentor_id)
     if mentor is None and not events:
         return None
     cur = conn.execute(
-        "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
-        "WHERE mentor_id = %s",
+        _SYNC_ROW_OF_MENTOR,
         (mentor_id,),
     )
     sync_row = cur.fetchone()

@@ -16,6 +16,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+from psycopg import sql
 
 from . import db
 from .events import AttemptSucceeded, DeadLettered, Event, NewEvent, Requeued, decode_event, encode_payload
@@ -29,17 +30,28 @@ DRAIN_LOCK = 0x484C_465F_4452_4149  # "HLF_DRAI"
 _SYNC_COLUMNS = tuple(SyncRow.__struct_fields__)
 _DL_COLUMNS = tuple(DeadLetterRow.__struct_fields__)
 
-_UPSERT_SYNC = (
-    f"INSERT INTO sync_status ({', '.join(_SYNC_COLUMNS)}) "  # noqa: S608 - column names are constants
-    f"VALUES ({', '.join(['%s'] * len(_SYNC_COLUMNS))}) "
-    "ON CONFLICT (mentor_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _SYNC_COLUMNS if c != "mentor_id")
-)
-_UPSERT_DL = (
-    f"INSERT INTO dead_letters ({', '.join(_DL_COLUMNS)}) "  # noqa: S608 - column names are constants
-    f"VALUES ({', '.join(['%s'] * len(_DL_COLUMNS))}) "
-    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in _DL_COLUMNS if c != "id")
-)
+
+
+def _upsert(table: str, columns: tuple[str, ...], key: str) -> str:
+    """INSERT … ON CONFLICT DO UPDATE of every column: the columns are the row struct's fields, so the statement
+    follows the struct. Composed once, at import, into plain text (no per-call composition on the hot path)."""
+    return (
+        sql.SQL("INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT ({key}) DO UPDATE SET {updates}")
+        .format(
+            table=sql.Identifier(table),
+            columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            values=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            key=sql.Identifier(key),
+            updates=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns if c != key
+            ),
+        )
+        .as_string(None)
+    )
+
+
+_UPSERT_SYNC = _upsert("sync_status", _SYNC_COLUMNS, "mentor_id")
+_UPSERT_DL = _upsert("dead_letters", _DL_COLUMNS, "id")
 
 
 def _events_from_rows(rows: Iterable[Sequence[Any]]) -> list[Event]:
@@ -93,6 +105,9 @@ async def _send_load(
     return _PendingLoad(ids, syncs, found)
 
 
+_DELETE_LETTERS = "DELETE FROM dead_letters WHERE id = ANY(%s)"
+
+
 async def _write(
     conn: psycopg.AsyncConnection[Any], changes: Iterable[tuple[MentorProjection, MentorProjection]]
 ) -> None:
@@ -115,7 +130,7 @@ async def _write(
         if letter_rows:
             await cur.executemany(_UPSERT_DL, letter_rows)
         if gone:
-            await cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (gone,))
+            await cur.execute(_DELETE_LETTERS, (gone,))
 
 
 async def _refold(conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID]) -> dict[UUID, MentorProjection]:
@@ -178,6 +193,9 @@ async def _project(
     return {new.mentor_id: new for _, new in changes}
 
 
+_TAKE_DRAIN_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+
 async def append(
     conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]
 ) -> tuple[list[Event], dict[UUID, MentorProjection]]:
@@ -210,7 +228,7 @@ async def append(
         return appended, {}
     if any(p.sync is None for p in current.values()):
         # New projection rows are only ever created under the drain lock.
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
+        await conn.execute(_TAKE_DRAIN_LOCK, (DRAIN_LOCK,))
         current = await _load(conn, mentors, lock=True, letters=letters)
     return appended, await _project(conn, appended, current)
 
@@ -247,7 +265,7 @@ async def drain_inbox(
     (eligibility on ``today``, default the host's date) is one statement; the fold's writes are sent, and in
     pipeline mode not yet waited for, when this returns. ``on_events`` sees the events taken (for metrics).
     """
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
+    await conn.execute(_TAKE_DRAIN_LOCK, (DRAIN_LOCK,))
     cur = await conn.execute(db.query("drain_take"), {"limit": limit, "today": today or date.today()})
     rows = await cur.fetchall()
     if not rows:

@@ -64,9 +64,12 @@ async def running_service(
         await client.aclose()
 
 
+_SYNC_STATE = "SELECT state FROM sync_status WHERE mentor_id = %s"
+
+
 def sync_state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
     """The mentor's sync_status.state as a user would read it (None before the first projection)."""
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
+    row = conn.execute(_SYNC_STATE, (mentor_id,)).fetchone()
     return str(row[0]) if row else None
 
 
