@@ -95,8 +95,7 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
 
     # Everything loaded so far (modules, the settings, the clients) lives as long as the process: frozen, the cyclic
     # collector no longer walks it on every full collection. Full collections were the latency tail under load
-    # (pauses of up to 124 ms, measured with a gc.callbacks timer; 36 ms with this, shorter actor idling and httpx's
-    # response cycles broken in dynamics.py).
+    # (bench/NOTES.md: GC pauses).
     gc.collect()
     gc.freeze()
     anyio.run(main)

@@ -171,8 +171,7 @@ class DuplicateScan:
                     mentors = sorted(changed | self._recheck)
                 if mentors is None or mentors:
                     # Small fetches, one ahead: this runs beside the live service, whose memory matters more than
-                    # the scan's speed (the first scan reads every mentor: with replay's read-ahead it made the
-                    # service's peak RSS at 100,000 mentors, 80-82 MB; 76 MB with this, python -m bench.peers).
+                    # the scan's speed, and the first scan reads every mentor (bench/NOTES.md: peak RSS).
                     for mentor_id, start, events in histories(
                         conn, inbox=inbox, mentors=mentors, itersize=_LIVE_ITERSIZE, prefetch=1
                     ):

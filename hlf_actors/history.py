@@ -30,11 +30,11 @@ _STREAM_KINDS: tuple[str, ...] = (*PROJECTED_KINDS, *DETECTED_KINDS)
 
 # One row per mentor: their events as one JSON array of [kind, seq, version, recorded_at, xid, data] in seq order
 # (``events.decode_events`` decodes it in one call), and their snapshot if they have one. Rows per mentor rather than
-# per event cut the client's per-row cost (the driver turning columns into objects) to a tenth. Each event's JSON is
-# built by concatenation (`kind` is [a-z_]+, a CHECK; the rest are numbers, JSON and to_json: a third cheaper than
+# per event, because the client's cost is per row (the driver turning columns into objects). Each event's JSON is
+# built by concatenation (`kind` is [a-z_]+, a CHECK; the rest are numbers, JSON and to_json: cheaper than
 # json_build_array) below the sort, so that for the whole log the parallel workers scan, format and sort it
 # together. That takes a plain query, streamed (``Cursor.stream``), not a server-side cursor, whose plan is never
-# parallel: on a million events the query takes about 3.5 s instead of 6 (the same CPU, on every core). The
+# parallel (bench/NOTES.md: replay's read). The
 # aggregate takes the events in the order the sorted subquery hands them over (a subquery with ORDER BY is never
 # flattened) rather than with ORDER BY seq, which PostgreSQL 15 would sort again mentor by mentor; should a plan ever
 # differ, ``decode_events`` puts them back in seq order.

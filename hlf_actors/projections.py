@@ -177,7 +177,7 @@ class MentorFold:
     wrap and ``fold_mentor`` runs beside the duplicate rules.
 
     Pure: no clock, no I/O. Mutable inside for speed: replay folds millions of events, and rebuilding the frozen
-    rows after each one cost half of it. ``projection()`` hands out the frozen result; ``state`` is the sync
+    rows after each one would dominate its cost. ``projection()`` hands out the frozen result; ``state`` is the sync
     state so far (None until the first change).
     """
 
