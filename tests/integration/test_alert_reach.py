@@ -55,32 +55,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
-    )
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
 def webhook() -> Iterator[FakeWebhook]:
     with FakeWebhook() as fake:
         yield fake
-
-
-@pytest.fixture
-def fcm_env(fcm: FakeFCM, tmp_path: Path) -> dict[str, str]:
-    return fcm.env(tmp_path / "service-account.json")
 
 
 @pytest.fixture

@@ -70,14 +70,13 @@ def log() -> Iterator[list[str]]:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeFCM]:
-    with FakeFCM() as fcm:
-        yield fcm
+def fake(fcm: FakeFCM) -> FakeFCM:  # the shared fake FCM (tests/conftest.py), by the name this file uses
+    return fcm
 
 
 @pytest.fixture
-def service_account(fake: FakeFCM, tmp_path: Path) -> dict[str, str]:
-    return fake.env(tmp_path / "service-account.json")
+def service_account(fcm_env: dict[str, str]) -> dict[str, str]:
+    return fcm_env
 
 
 @pytest.fixture

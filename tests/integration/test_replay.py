@@ -33,7 +33,7 @@ from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.recording import RecordingAlertSender
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +47,6 @@ def quiet() -> replay.Progress:
 
 def verify(db_url: str) -> replay.ReplayReport:
     return replay.replay(db_url, verify=True, progress=quiet())
-
 
 
 def settled(conn: psycopg.Connection[Any], mentors: list[UUID]) -> bool:
@@ -126,9 +125,8 @@ def live_service(db_url: str, portal: FakePortal) -> Iterator[Service]:
 
 
 def test_replay_of_any_history_through_the_real_service_equals_the_live_projections(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, live_service: Service
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, live_service: Service, org: UUID
 ) -> None:
-    org = add_organisation(conn)
 
     @settings(
         max_examples=15,
@@ -227,9 +225,8 @@ class _SlowFirstBatch(replay.Progress):
 
 
 async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twice(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(12)]
     ids = [m for m, _ in mentors]
     final: dict[UUID, str] = {}
@@ -279,8 +276,9 @@ async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twic
     assert all(r is not None and portal.listed(r) is (final.get(m, "active") == "active") for m, r in mentors)
 
 
-async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(db_url: str, conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
+) -> None:
     mentor, _ = add_mentor(conn, org)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.transaction():
@@ -311,8 +309,8 @@ async def test_verify_reports_a_corrupted_projection_and_replay_fixes_it(
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     good, _ = add_mentor(conn, org, portal=portal)
     refused, record = add_mentor(conn, org, portal=portal, status="paused")
     assert record is not None
@@ -387,9 +385,8 @@ def test_progress_is_one_line_rewritten_on_a_terminal() -> None:
 
 
 async def test_old_and_unknown_event_versions_replay_like_the_live_path(
-    db_url: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    db_url: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
 
@@ -434,9 +431,8 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
 
 
 async def test_duplicates_are_raised_and_alerted_once_across_replays_and_the_periodic_check(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     other, _ = add_mentor(conn, org, portal=portal)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
@@ -503,9 +499,8 @@ async def test_duplicates_are_raised_and_alerted_once_across_replays_and_the_per
 
 
 def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
-    db_url: str, conn: psycopg.Connection[Any]
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org)
     add_reminder(conn, mentor, 7)
     scan = DuplicateScan(db_url)
@@ -520,8 +515,9 @@ def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
     assert verify(db_url).tables[2].missing == 1
 
 
-def test_two_raisers_racing_for_one_finding_raise_it_once(db_url: str, conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+def test_two_raisers_racing_for_one_finding_raise_it_once(
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
+) -> None:
     mentor, _ = add_mentor(conn, org)
     finding = Finding(
         key=f"reminder_sent_twice:{mentor}:30/{EXPIRY}:1:2",
@@ -558,8 +554,8 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(4)]
     ids = [m for m, _ in mentors]
     refused = mentors[3][1]
