@@ -30,7 +30,6 @@ import anyio
 import psycopg
 from anyio.abc import TaskGroup
 from loguru import logger
-from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from . import db, duplicates, expiry, projections, writer
@@ -46,6 +45,17 @@ from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, St
 from .fcm import AlertSender
 from .incidents import Incident, Incidents
 from .leadership import Leadership
+from .listener import (
+    CHANNEL,
+    LISTEN,
+    LISTEN_CHECK,
+    WAKE_PAYLOADS,
+    StrayNotifies,
+    closing,
+    connect_listener,
+    listen_works,
+    queue_usage_change,
+)
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics
 from .ops_channels import OpsChannel, open_ops_channels
@@ -55,79 +65,6 @@ from .retry import default_jitter
 from .web import build_app, serve_http
 
 __all__ = ["Service", "ServiceState"]
-
-
-@asynccontextmanager
-async def _closing(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """Close the connection even when cancelled: a leaked one would keep holding the leadership lock."""
-    try:
-        yield conn
-    finally:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
-
-
-async def _connect_listener(url: str) -> psycopg.AsyncConnection[Any]:
-    kwargs = {**db.CONNECT_KWARGS, "application_name": "hlf-actors listener"}
-    return await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
-
-
-_IS_LISTENING = "SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))"
-_NOTIFY = "SELECT pg_notify(%s, %s)"
-
-
-async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s: float = 2.0) -> bool:
-    """Whether LISTEN on ``conn`` really subscribed. Behind PgBouncer in transaction pooling it "succeeds" and does
-    nothing: a new transaction may run on another server connection, which does not list the channel, and a
-    notification sent to us is never forwarded. Both are checked: the channel, then a round trip."""
-    cur = await conn.execute(_IS_LISTENING, (CHANNEL,))
-    row = await cur.fetchone()
-    if not (row and row[0]):
-        return False
-    token = f"{_LISTEN_CHECK}{os.getpid()}:{time.monotonic_ns()}"
-    sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
-    async with _closing(sender):
-        await sender.execute(_NOTIFY, (CHANNEL, token))
-    async for note in conn.notifies(timeout=timeout_s):
-        if note.payload == token:
-            return True
-    return False
-
-
-class StrayNotifies:
-    """Counts NOTIFY payloads nobody should send and reports them at most once per ``every_s``, with a count.
-
-    Any role that can connect may NOTIFY our channel; one log line each let a loop of them fill the disk. The first
-    one is reported at once (an operator sees it start), the rest in one line per interval; ``flush`` is called
-    periodically so a burst that stopped is still reported.
-    """
-
-    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every_s = every_s
-        self._clock = clock
-        self._count = 0
-        self._latest = ""
-        self._reported_at: float | None = None
-
-    def seen(self, payload: str) -> None:
-        self._count += 1
-        self._latest = payload
-        self.flush()
-
-    def flush(self) -> None:
-        now = self._clock()
-        if not self._count or (self._reported_at is not None and now - self._reported_at < self._every_s):
-            return
-        since = "" if self._reported_at is None else f" in the last {now - self._reported_at:.0f}s"
-        logger.warning(
-            "ignoring {} unexpected NOTIFY payload(s) on {}{} (latest: {!r})",
-            self._count,
-            CHANNEL,
-            since,
-            self._latest[:80],
-        )
-        self._count = 0
-        self._reported_at = now
 
 
 class _LeaderOnly:
@@ -150,24 +87,7 @@ class _LeaderOnly:
         return self._portal.listing(page_size)
 
 
-QUEUE_USAGE_WARNING = 0.5
-
-
-def queue_usage_change(before: float, now: float) -> str | None:
-    """"high" when pg_notification_queue_usage() crosses QUEUE_USAGE_WARNING upwards, "normal" when it falls back
-    below it: one log line per crossing, not one per sweep."""
-    if now > QUEUE_USAGE_WARNING >= before:
-        return "high"
-    if before > QUEUE_USAGE_WARNING >= now:
-        return "normal"
-    return None
-
-
-CHANNEL = "hlf_events"
-_LISTEN = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL))
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
-_WAKE_PAYLOADS = frozenset({"", "wake"})
-_LISTEN_CHECK = "listen-check:"
 _UNREACHABLE_REPORT_S = 60.0
 # The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
 # the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
@@ -238,7 +158,7 @@ class Service:
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
-        self._connect = connect or _connect_listener
+        self._connect = connect or connect_listener
         self._ops_channels = ops_channels
         self._outbox_every_s = outbox_every_s
         self._outbox_backoff_s = outbox_backoff_s
@@ -427,7 +347,7 @@ class Service:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            async with _closing(conn):
+            async with closing(conn):
                 return
 
     async def _behind_transaction_pooler(self) -> bool:
@@ -435,9 +355,9 @@ class Service:
         fail too. Asked once at start; the listener asks again on every connection it makes."""
         try:
             conn = await self._connect(self._url)
-            async with _closing(conn):
-                await conn.execute(_LISTEN)
-                return not await _listen_works(conn, self._url)
+            async with closing(conn):
+                await conn.execute(LISTEN)
+                return not await listen_works(conn, self._url)
         except psycopg.Error:
             return False  # no verdict; the pool's own start-up reports an unreachable database
 
@@ -514,13 +434,13 @@ class Service:
         while True:
             try:
                 conn = await self._connect(self._url)
-                async with _closing(conn):
+                async with closing(conn):
                     # its search_path, and a vanished leader's lock must not outlive it on the server
                     await db.configure_session(conn, self.config.app_schema)
                     claimed_at = await self._become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
-                    await conn.execute(_LISTEN)
-                    self.state.polling = not await _listen_works(conn, self._url)
+                    await conn.execute(LISTEN)
+                    self.state.polling = not await listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
@@ -659,7 +579,7 @@ class Service:
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
-        if payload not in _WAKE_PAYLOADS and not payload.startswith(_LISTEN_CHECK):
+        if payload not in WAKE_PAYLOADS and not payload.startswith(LISTEN_CHECK):
             # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
             # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
             # reaches every listener: ours, not stray.)
