@@ -19,8 +19,9 @@ from psycopg import sql
 
 from .errors import ArchiveRaced
 from .history import histories
+from .progress import Progress
 from .projections import fold_mentor
-from .replay import Progress, connect, replay_lock
+from .replay import connect, replay_lock
 
 __all__ = ["ArchiveRaced", "ArchiveReport", "archive"]
 

@@ -383,6 +383,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from . import archival, replay
+    from .progress import Progress
 
     with _connect(config) as conn:
         have = db.applied_migrations(conn)
@@ -394,11 +395,11 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         archived = archival.archive(
             url,
             older_than=timedelta(days=args.archive_before),
-            progress=replay.Progress(label="archive"),
+            progress=Progress(label="archive"),
             app_schema=config.app_schema,
         )
         print(render.render_archive(archived))
-    progress = replay.Progress(label="verify" if args.verify else "replay")
+    progress = Progress(label="verify" if args.verify else "replay")
     report = replay.replay(url, verify=args.verify, progress=progress, app_schema=config.app_schema)
     print(render.render_replay(report))
     return 1 if args.verify and report.differences else 0

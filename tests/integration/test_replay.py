@@ -27,6 +27,7 @@ from hlf_actors import archival, events, replay, writer
 from hlf_actors.cli import main
 from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
+from hlf_actors.progress import Progress
 from hlf_actors.projections import DuplicateState, Finding
 from hlf_actors.render import render_replay
 from hlf_actors.service import Service
@@ -41,8 +42,8 @@ EXPIRY = date(2031, 5, 1)
 FAST = {"HLF_SWEEP_INTERVAL": "100ms", "HLF_MAX_ATTEMPTS": "3"}
 
 
-def quiet() -> replay.Progress:
-    return replay.Progress(io.StringIO())
+def quiet() -> Progress:
+    return Progress(io.StringIO())
 
 
 def verify(db_url: str) -> replay.ReplayReport:
@@ -210,7 +211,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
 # -- live safety ------------------------------------------------------------------------------------------------
 
 
-class _SlowFirstBatch(replay.Progress):
+class _SlowFirstBatch(Progress):
     """Holds the rebuild after its first mentor, so the live traffic certainly writes between snapshot and swap."""
 
     def __init__(self) -> None:
@@ -370,7 +371,7 @@ def test_progress_is_one_line_rewritten_on_a_terminal() -> None:
             return True
 
     screen = Terminal()
-    progress = replay.Progress(screen, every_s=0.0)
+    progress = Progress(screen, every_s=0.0)
     progress.start(1000)
     progress.advance(250)
     progress.advance(250)
