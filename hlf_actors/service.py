@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, duplicates, expiry, projections, writer
+from . import db, duplicates, nightly, projections, writer
 from .actor import Runtime, Work, work_from_drain, work_from_row
 from .alerts import Alerting
 from .circuit import Circuit
@@ -282,7 +282,9 @@ class Service:
                 tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
                 if self.probe is not None:
                     tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
-                tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
+                tg.start_soon(
+                    nightly.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait
+                )
                 tg.start_soon(
                     functools.partial(duplicates.watch, app_schema=self.config.app_schema),
                     self._url,
