@@ -32,9 +32,9 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from hlf_actors import db
-from hlf_actors.alerting import Alerting
-from hlf_actors.alerts import RecordingAlertSender
+from hlf_actors.alerts import Alerting
 from hlf_actors.expiry import NightReport, run_night
+from hlf_actors.testing.recording import RecordingAlertSender
 
 _DB = "hlf_bench_expiry"
 _TODAY = date(2025, 3, 11)

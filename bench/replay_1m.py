@@ -33,6 +33,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from hlf_actors import db, replay
+from hlf_actors.progress import Progress
 
 _DB = "hlf_bench_replay"
 
@@ -144,7 +145,7 @@ def main() -> int:
     print(f"python {sys.version.split()[0]}, peak RSS before replaying: {_peak_rss_mb():.0f} MB")
     results = []
     for label, verify in (("replay into empty tables", False), ("replay again", False), ("replay --verify", True)):
-        report = replay.replay(url, verify=verify, progress=replay.Progress(label=label))
+        report = replay.replay(url, verify=verify, progress=Progress(label=label))
         changed = sum(t.total for t in report.tables)
         # Two rates: the log's events per second (replay reads the log; the server skips the alert and reconcile
         # kinds no projection reads), and the events actually decoded and folded per second.

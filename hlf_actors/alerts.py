@@ -1,593 +1,404 @@
-"""Push alerts to coordinators' phones and to FCM topics, through firebase-admin (FCM HTTP v1 data messages).
+"""Who gets which alert, and the record of every delivery in ``event_log``.
 
-Why it exists: when a mentor's sync fails, a certificate is about to expire or our own credentials stop
-working, a person has to hear about it. This module is the one seam between the service and Firebase Cloud
-Messaging: everything else talks to an ``AlertSender`` and gets one ``Delivery`` per target back, device
-tokens first (in the order given) and the topic last. Callers never catch firebase-admin's exceptions
-and never see a device token whole.
+Sending is never on the sync path: the service starts each alert as its own task, so an FCM outage delays only the
+alert. Each delivery becomes an ``alert_sent`` or ``alert_failed`` event.
 
-Senders:
-    FirebaseAlertSender       the real one: a named firebase_admin App built from a service-account JSON
-    UnconfiguredAlertSender   no HLF_FCM_CREDENTIALS: every delivery fails, said loudly once at start-up
-    RecordingAlertSender      keeps what it was asked to send; scripted UNREGISTERED tokens and outages
+Pushes to coordinators (sync failures, and expiry reminders through ``deliver``): a delivery FCM says may succeed
+later is tried again a few times. A device whose token FCM calls dead (UNREGISTERED, SENDER_ID_MISMATCH,
+INVALID_ARGUMENT about the token) is written to ``hlf_dead_devices`` with a ``device_dead`` event naming its
+``coordinator_devices.id``; the target queries skip it from then on, until the app writes a new token for it.
 
-What a Delivery means (``send`` never raises for a delivery failure):
-    ok=True                  FCM accepted the message; ``message_id`` is its name
-    ok=False, dead           the device token can never work again: UNREGISTERED (app uninstalled or token
-                             expired), SENDER_ID_MISMATCH (token of another Firebase project) or INVALID_ARGUMENT
-                             about the token itself ("The registration token is not a valid FCM registration
-                             token"). The caller marks the device dead and never targets it again.
-                             ``unregistered`` is set for UNREGISTERED alone
-    ok=False, retryable      UNAVAILABLE, INTERNAL, QUOTA_EXCEEDED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
-                             UNKNOWN, or the whole call failed (token endpoint down, ...): try again later
-    ok=False, neither        INVALID_ARGUMENT about the message, THIRD_PARTY_AUTH_ERROR, PERMISSION_DENIED,
-                             UNAUTHENTICATED, NOT_FOUND: the same message cannot succeed; an operator must act
-firebase-admin has already retried 500 and 503 on its own (4 more tries, 0+1+2+4 s apart) before a
-retryable delivery reaches us. The codes and their meaning: Firebase, "FCM error codes"
-(https://firebase.google.com/docs/cloud-messaging/error-codes) and "ErrorCode"
-(https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode): "INVALID_ARGUMENT ... Potential causes include
-invalid registration ... Check the format of the registration token", "UNREGISTERED ... the registration token
-is no longer valid", "SENDER_ID_MISMATCH ... A registration token is tied to a certain group of senders".
+Operations alerts (``ops``, the one entry point for every ops alert) fan out to every configured ops channel
+(``ops_channels``: the FCM topic, the Teams/Slack webhook, e-mail) through a durable outbox:
 
-Pushes that show (``send(..., notice=Notice(title, body))``, sync failures and expiry reminders): the message
-carries, beside the unchanged data payload,
-    notification    {title, body}: firebase-admin ``messaging.Notification(title, body)``
-    android         ``AndroidConfig(priority="high")``. Firebase, "Set the priority of a message"
-                    (https://firebase.google.com/docs/cloud-messaging/customize-messages/setting-message-priority):
-                    "Normal priority ... For backgrounded apps, delivery may be delayed"; "High priority. FCM
-                    attempts to deliver high priority messages immediately even if the device is in Doze mode.
-                    High priority messages are for time-sensitive, user visible content." Android's own page
-                    (https://firebase.google.com/docs/cloud-messaging/android/message-priority) warns that high
-                    priority messages which do not result in user-facing notifications get deprioritised: ours
-                    always carry the notification.
-    apns            ``APNSConfig(headers={"apns-priority": "10", "apns-push-type": "alert"},
-                    payload=APNSPayload(aps=Aps(alert=ApsAlert(title, body), sound="default")))``. The same
-                    priority page: "When sending data messages to Apple devices, the priority must be set to 5"
-                    (an alert may use 10, data-only may not); Apple requires ``apns-push-type`` since iOS 13 and
-                    "alert" for a notification the user sees; firebase-admin's ``Aps`` ("Represents the aps
-                    dictionary", https://firebase.google.com/docs/reference/admin/node/firebase-admin.messaging.aps)
-                    takes ``alert`` as an ``ApsAlert`` with title and body.
-Every field name above is firebase-admin 7.x's (``_messaging_utils``: ``AndroidConfig(priority=...)`` "Must be
-one of high or normal", ``APNSConfig(headers=..., payload=...)``, ``APNSPayload(aps=...)``,
-``Aps(alert=..., sound=...)``, ``ApsAlert(title=..., body=...)``), checked in tests against what reaches the fake.
+    ops(data) ── one hlf_ops_outbox row per channel (leased to this process) ──▶ send on every channel at once
+        delivered ─▶ delivered_at, alert_sent
+        failed ────▶ next_at = now + backoff (5 s, 10 s, … 15 min), alert_failed(will_retry=true)
+    drain (the leader, every few seconds) ── claims due rows FOR UPDATE SKIP LOCKED, leases them, sends, settles
+        a row 24 h old is given up: gave_up_at, alert_failed(will_retry=false)
 
-What ``coordinator_devices.fcm_token`` holds: an FCM *registration token*, the string the mentor app's FCM
-client SDK hands out (``FirebaseMessaging.getToken()``); we send it as ``Message(token=...)``. firebase-admin
-7.5+ deprecates ``token`` in favour of ``fid`` (a Firebase installation ID): in 7.7.0 ``Message.__init__``
-calls ``warnings.warn("Message.token is deprecated. Use Message.fid instead.", DeprecationWarning,
-stacklevel=2)`` on *every* construction with a token. A FID is a different identifier, produced only by apps
-switched to FCM's installation-ID mode (a per-device, all-or-nothing switch), so sending a registration token
-as ``fid`` would not reach the device. We therefore keep ``token=`` and silence exactly that warning message,
-only around our own ``Message(token=...)`` call (``_token_message``). When the mentor app moves to FIDs it
-should store them in a new column, not in ``fcm_token``, and this module should send those with ``fid=``.
-
-Secrets: the service-account key, the OAuth access token and whole device tokens never appear in a Delivery, a
-log line or an exception message made here. Targets read ``token:<first 8 chars>...`` or ``topic:<name>``, and
-error texts from FCM are scrubbed of anything token-shaped before they are kept.
-
-Nothing here blocks the event loop: every FCM call goes through firebase-admin's synchronous ``send_each`` in a
-worker thread (``anyio.to_thread.run_sync``), so google-auth's synchronous credential refresh (also after a 401)
-happens in that thread too; the access token is refreshed ahead of a send in a worker thread as well. The
-firebase-admin private attributes this module relies on are listed in ``PRIVATE_ATTRIBUTES`` and checked by
-``check_firebase_internals`` (a test calls it, so an upgrade that drops one fails loudly).
+One row per (alert, channel), settled once: a channel that took the alert is never sent it again, also across a
+restart (the next leader drains what is left). Only a process killed between a send and its settle would send
+that one channel twice, after the lease.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-import types
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from typing import Any, Final, Protocol
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final
+from uuid import UUID, uuid4
 
 import anyio
-import firebase_admin
-import google.auth.transport.requests
-import msgspec
-from firebase_admin import credentials, messaging
+import psycopg
 from loguru import logger
+from psycopg_pool import AsyncConnectionPool
 
-from .errors import ConfigError
+from . import db, writer
+from .events import AlertFailed, AlertSent, DeviceDead, NewEvent, Operation
+from .fcm import AlertSender, Delivery, Notice
+from .ops_channels import ChannelResult, FcmTopicChannel, OpsChannel
 
-__all__ = [
-    "PRIVATE_ATTRIBUTES",
-    "AlertSender",
-    "Delivery",
-    "FirebaseAlertSender",
-    "Notice",
-    "RecordingAlertSender",
-    "SentAlert",
-    "UnconfiguredAlertSender",
-    "build_alert_sender",
-    "check_firebase_internals",
-]
+__all__ = ["Alerting", "sync_failure_notice"]
 
-NOT_CONFIGURED: Final = "FCM is not configured (HLF_FCM_CREDENTIALS)"
+# Waits between tries of a delivery that FCM said could succeed later.
+_RETRY_DELAYS_S = (1.0, 5.0, 20.0)
+# The outbox: first retry after base, doubling up to max; a row is given up at max_age.
+_OUTBOX_BACKOFF_S: Final = (5.0, 900.0)
+_OUTBOX_MAX_AGE_S: Final = 24 * 3600.0
+# A row being sent belongs to its sender this long; longer than any one send (timeouts, firebase-admin's retries).
+_OUTBOX_LEASE_S: Final = 600.0
+_OUTBOX_BATCH: Final = 100
 
-# FCM accepts at most 500 messages per send_each call; firebase-admin's send_each starts one thread per message,
-# so a smaller batch keeps the thread count sane.
-_BATCH: Final = 100
-# Per-request timeout of firebase-admin's httpx client (its default is 120 s) and of our token refresh.
-_HTTP_TIMEOUT_S: Final = 30
-_RETRYABLE: Final = frozenset(
-    {"UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN"}
-)
-# FCM's own error codes arrive as these firebase-admin classes; other errors carry a canonical ``code``.
-_FCM_ERROR_NAMES: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (messaging.UnregisteredError, "UNREGISTERED"),
-    (messaging.QuotaExceededError, "QUOTA_EXCEEDED"),
-    (messaging.SenderIdMismatchError, "SENDER_ID_MISMATCH"),
-    (messaging.ThirdPartyAuthError, "THIRD_PARTY_AUTH_ERROR"),
-)
-# A token FCM calls dead for good: never target it again.
-_DEAD_CODES: Final = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
-_TOKEN_FIELD = re.compile(r"registration token|message\.token\b", re.IGNORECASE)
-# What this module reaches into (firebase-admin 7.7.0, google-auth 2.62.x); see check_firebase_internals.
-PRIVATE_ATTRIBUTES: Final = (
-    "firebase_admin.messaging._get_messaging_service",
-    "firebase_admin.messaging._MessagingService._fcm_url (instance attribute read by send_each)",
-    "google.oauth2.service_account.Credentials._set_regional_access_boundary (optional)",
-)
-_TOPIC = re.compile(r"[a-zA-Z0-9\-_.~%]+")
-# Registration tokens, access tokens, JWTs and PEM lines are long runs of these characters.
-_OPAQUE = re.compile(r"[A-Za-z0-9+/=_\-]{40,}")
+_OUTBOX_INSERT = """
+INSERT INTO hlf_ops_outbox (alert_id, channel, data, attempts, next_at)
+SELECT %s, c, %s::jsonb, 1, clock_timestamp() + make_interval(secs => %s) FROM unnest(%s::text[]) AS c
+RETURNING id, channel
+"""
 
+# Claim what is due: lease it (next_at) and count the attempt before sending, so a second drainer skips it.
+_OUTBOX_CLAIM = """
+UPDATE hlf_ops_outbox o SET attempts = o.attempts + 1, next_at = clock_timestamp() + make_interval(secs => %s)
+WHERE o.id IN (SELECT id FROM hlf_ops_outbox
+               WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_at <= clock_timestamp()
+               ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+RETURNING o.id, o.channel, o.data::text, o.attempts, o.created_at < clock_timestamp() - make_interval(secs => %s)
+"""
 
-class Delivery(msgspec.Struct, frozen=True):
-    """What happened to one target of one alert."""
+_OUTBOX_DELIVERED = "UPDATE hlf_ops_outbox SET delivered_at = clock_timestamp(), last_error = NULL WHERE id = %s"
+_OUTBOX_RETRY = """
+UPDATE hlf_ops_outbox SET next_at = clock_timestamp() + make_interval(secs => %s), last_error = %s WHERE id = %s
+RETURNING created_at < clock_timestamp() - make_interval(secs => %s)
+"""
+_OUTBOX_GIVE_UP = "UPDATE hlf_ops_outbox SET gave_up_at = clock_timestamp(), last_error = %s WHERE id = %s"
+# Settled rows are only history (the events keep it): a week is enough to look at an incident.
+_OUTBOX_PRUNE = """
+DELETE FROM hlf_ops_outbox
+WHERE coalesce(delivered_at, gave_up_at) < clock_timestamp() - interval '7 days'
+"""
 
-    target: str  # "token:<first 8 chars>…" or "topic:<name>"
-    ok: bool
-    message_id: str | None = None
-    error: str | None = None  # short, secret-free, e.g. "UNREGISTERED: Requested entity was not found."
-    unregistered: bool = False  # UNREGISTERED: app uninstalled or token expired
-    retryable: bool = False  # FCM unavailable / quota / internal: the caller may try again later
-    dead: bool = False  # the device token can never work (UNREGISTERED, SENDER_ID_MISMATCH, bad token)
-    code: str | None = None  # FCM's error code, e.g. "UNREGISTERED"
+# A device is dead only with the token it had when FCM said so; a new token makes it live again.
+_MARK_DEAD = """
+INSERT INTO hlf_dead_devices (device_id, fcm_token, organisation_id, reason)
+SELECT d.id::text, d.fcm_token, d.organisation_id, %s FROM coordinator_devices d
+WHERE d.id::text = %s AND d.fcm_token = %s
+ON CONFLICT DO NOTHING
+RETURNING device_id, organisation_id
+"""
 
 
-class Notice(msgspec.Struct, frozen=True):
-    """What a phone shows: a notification title and body in plain words."""
-
-    title: str
-    body: str
-
-
-class AlertSender(Protocol):
-    async def send(
-        self,
-        data: Mapping[str, str],
-        *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
-        notice: Notice | None = None,
-    ) -> list[Delivery]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class SentAlert(msgspec.Struct, frozen=True):
-    """One call to ``RecordingAlertSender.send``."""
-
-    data: dict[str, str]
-    tokens: tuple[str, ...] = ()
-    topic: str | None = None
-    notice: Notice | None = None
-
-
-# -- shared by every sender ----------------------------------------------------------------------------------
-
-
-def _token_target(token: str) -> str:
-    # A short test token must not be shown whole either, so show at most half of it.
-    return f"token:{token[: min(8, len(token) // 2)]}…"
-
-
-def _topic_name(topic: str) -> str:
-    return topic.removeprefix("/topics/")
-
-
-class _Target(msgspec.Struct, frozen=True):
-    label: str
-    token: str | None = None
-    topic: str | None = None
-    problem: str | None = None  # set when the target cannot be sent to at all
-
-
-def _plan(data: Mapping[str, str], tokens: Sequence[str], topic: str | None) -> tuple[dict[str, str], list[_Target]]:
-    """Check the arguments the way FCM will, so that a bad target fails alone instead of the whole call.
-
-    Non-string data or tokens are a bug in the caller and raise TypeError; FCM would reject them anyway.
-    """
-    if isinstance(tokens, str):
-        raise TypeError("tokens must be a sequence of device tokens, not one string")
-    payload = dict(data)
-    for key, value in payload.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"FCM data values must all be strings; {key!r} is {type(value).__name__}")
-    targets: list[_Target] = []
-    for token in tokens:
-        if not isinstance(token, str):
-            raise TypeError(f"device tokens must be strings, not {type(token).__name__}")
-        if token.strip():
-            targets.append(_Target(_token_target(token), token=token))
-        else:
-            targets.append(_Target("token:(empty)", problem="INVALID_ARGUMENT: empty device token"))
-    if topic:  # an empty topic means none, as for the callers that build it from a nullable column
-        name = _topic_name(topic)
-        if _TOPIC.fullmatch(name):
-            targets.append(_Target(f"topic:{name}", topic=name))
-        else:
-            targets.append(_Target(f"topic:{name[:40]}", problem="INVALID_ARGUMENT: malformed topic name"))
-    return payload, targets
-
-
-def _scrub(text: str, secrets: Iterable[str]) -> str:
-    """Short, one-line and secret-free: the known secrets, then anything token-shaped, become [redacted]."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    text = _OPAQUE.sub("[redacted]", " ".join(text.split()))
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
-def _log_outcome(payload: Mapping[str, str], deliveries: Sequence[Delivery]) -> None:
-    """One line per send; the caller records each delivery itself."""
-    if not deliveries:
-        return
-    failed = [f"{d.target} {(d.error or '').split(':')[0]}" for d in deliveries if not d.ok]
-    log = logger.bind(alert_type=payload.get("type"), targets=len(deliveries), failed=len(failed)).opt(capture=False)
-    if failed:
-        log.warning(
-            "FCM alert {kind}: {ok}/{n} delivered; failed: {failed}",
-            kind=payload.get("type", "?"),
-            ok=len(deliveries) - len(failed),
-            n=len(deliveries),
-            failed=", ".join(failed),
+def sync_failure_notice(full_name: str | None, operation: Operation) -> Notice:
+    """What a coordinator's phone shows for a dead-lettered sync."""
+    name = full_name or "a mentor"
+    if operation == "remove":
+        return Notice(
+            title=f"Could not remove {name} from the public listing",
+            body="They may still show on the public website. Retries have stopped; ask an operator to re-queue it.",
         )
-    else:
-        log.info("FCM alert {kind}: {n}/{n} delivered", kind=payload.get("type", "?"), n=len(deliveries))
-
-
-# -- firebase-admin ------------------------------------------------------------------------------------------
-
-
-def _showing(notice: Notice | None) -> dict[str, Any]:
-    """The fields that make a push show on the phone at once (module docstring: the pages behind each)."""
-    if notice is None:
-        return {}
-    return {
-        "notification": messaging.Notification(title=notice.title, body=notice.body),
-        "android": messaging.AndroidConfig(priority="high"),
-        "apns": messaging.APNSConfig(
-            headers={"apns-priority": "10", "apns-push-type": "alert"},
-            payload=messaging.APNSPayload(
-                aps=messaging.Aps(alert=messaging.ApsAlert(title=notice.title, body=notice.body), sound="default")
-            ),
-        ),
-    }
-
-
-def _token_message(data: dict[str, str], token: str, notice: Notice | None = None) -> Any:
-    # firebase-admin >= 7.5 warns on every Message(token=...); the module docstring says why we still send
-    # registration tokens. Silence exactly that message, only here. (catch_warnings swaps the process-wide
-    # filter list; nothing awaits inside, so no other task of this loop runs meanwhile.)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Message\.token is deprecated", category=DeprecationWarning)
-        return messaging.Message(data=data, token=token, **_showing(notice))
-
-
-def _names(code: types.CodeType) -> set[str]:
-    """The attribute and global names a function uses, its nested functions' included."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _names(const)
-    return names
-
-
-def check_firebase_internals() -> None:
-    """Raise RuntimeError naming what is gone when firebase-admin no longer has the private parts we use."""
-    missing: list[str] = []
-    if not callable(getattr(messaging, "_get_messaging_service", None)):
-        missing.append("messaging._get_messaging_service")
-    # _fcm_url is set in __init__ and read by send_each: both must still name it.
-    service_cls = getattr(messaging, "_MessagingService", None)
-    for method in ("__init__", "send_each"):
-        code = getattr(getattr(service_cls, method, None), "__code__", None)
-        if code is None or "_fcm_url" not in _names(code):
-            missing.append(f"messaging._MessagingService.{method} using _fcm_url")
-    if missing:
-        raise RuntimeError(
-            f"firebase-admin {firebase_admin.__version__} lacks {', '.join(missing)}: HLF_FCM_URL cannot be "
-            "honoured (see hlf_actors.alerts.PRIVATE_ATTRIBUTES)"
-        )
-
-
-def _point_at_fcm_url(app: Any, fcm_url: str) -> None:
-    """Make the App's messaging service send to ``fcm_url`` (HLF_FCM_URL) instead of Google's endpoint.
-
-    The one place that reaches into firebase-admin's privates; checked against firebase-admin 7.7.0 and
-    google-auth 2.62.2.
-    - firebase-admin has no option for the FCM endpoint: ``messaging._MessagingService.__init__`` fixes
-      ``self._fcm_url = FCM_URL.format(project_id)`` and ``send_each`` reads that instance attribute.
-    - google-auth (2.62.2) follows each authorised request with a background "Regional Access Boundary"
-      lookup at iamcredentials.googleapis.com that carries our access token. Against a non-Google FCM (a local
-      fake) that token was issued by someone else and must not travel to Google, so pin the boundary to
-      google-auth's own no-op value ("0x0"), which also stops the lookup.
-    """
-    service = messaging._get_messaging_service(app)
-    if not isinstance(getattr(service, "_fcm_url", None), str):
-        raise RuntimeError(
-            f"firebase-admin {firebase_admin.__version__} no longer keeps _MessagingService._fcm_url; "
-            "HLF_FCM_URL cannot be honoured (see hlf_actors.alerts._point_at_fcm_url)"
-        )
-    service._fcm_url = fcm_url
-    pin = getattr(app.credential.get_credential(), "_set_regional_access_boundary", None)
-    if pin is not None:
-        pin({"encodedLocations": "0x0", "expiry": datetime.max})
-
-
-class FirebaseAlertSender:
-    """Sends through a named firebase_admin App (never the default app) built from a service-account JSON."""
-
-    def __init__(self, credentials_path: str, *, fcm_url: str | None = None, app_name: str = "hlf-actors") -> None:
-        try:
-            certificate = credentials.Certificate(credentials_path)
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"HLF_FCM_CREDENTIALS: cannot load a service account from {credentials_path}: "
-                f"{type(err).__name__}: {_scrub(str(err), ())}"
-            ) from None
-        self._app = firebase_admin.initialize_app(certificate, options={"httpTimeout": _HTTP_TIMEOUT_S}, name=app_name)
-        try:
-            if fcm_url is not None:
-                _point_at_fcm_url(self._app, fcm_url)
-            else:  # without a project id, fail now rather than at the first alert
-                messaging._get_messaging_service(self._app)
-        except ValueError as err:
-            firebase_admin.delete_app(self._app)
-            raise ConfigError(f"HLF_FCM_CREDENTIALS: {_scrub(str(err), ())}") from None
-        self._credential = certificate.get_credential()
-        self._project_id: str | None = certificate.project_id
-        self._auth_request = google.auth.transport.requests.Request()
-        self._refresh_lock = anyio.Lock()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"FirebaseAlertSender(app={self._app.name!r}, project={self._project_id!r})"
-
-    async def send(
-        self,
-        data: Mapping[str, str],
-        *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
-        notice: Notice | None = None,
-    ) -> list[Delivery]:
-        if self._closed:
-            raise RuntimeError("FirebaseAlertSender is closed")
-        payload, targets = _plan(data, tokens, topic)
-        secrets = [t.token for t in targets if t.token]
-        results: dict[int, Delivery] = {
-            i: Delivery(t.label, ok=False, error=t.problem) for i, t in enumerate(targets) if t.problem
-        }
-        pending = [(i, t) for i, t in enumerate(targets) if not t.problem]
-        if pending:
-            try:
-                await self._ensure_access_token()
-            except Exception as err:
-                results.update(self._all_failed(pending, err, "OAUTH_FAILED: could not get an access token", secrets))
-                pending = []
-        for start in range(0, len(pending), _BATCH):
-            batch = pending[start : start + _BATCH]
-            messages = [
-                _token_message(payload, t.token, notice)
-                if t.token
-                else messaging.Message(data=payload, topic=t.topic, **_showing(notice))
-                for _, t in batch
-            ]
-            try:
-                # Synchronous send in a worker thread: a credential refresh inside it cannot block the loop.
-                response = await anyio.to_thread.run_sync(
-                    functools.partial(messaging.send_each, messages, app=self._app)
-                )
-            except Exception as err:
-                results.update(self._all_failed(batch, err, "UNKNOWN: the FCM call failed", secrets))
-                continue
-            for (i, t), answer in zip(batch, response.responses, strict=True):
-                results[i] = self._delivery(t.label, answer, secrets, token=t.token is not None)
-        deliveries = [results[i] for i in range(len(targets))]
-        _log_outcome(payload, deliveries)
-        return deliveries
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # delete_app closes firebase-admin's (unused) async client with asyncio.run(): fine in a worker thread.
-        await anyio.to_thread.run_sync(firebase_admin.delete_app, self._app)
-        self._auth_request.session.close()
-
-    async def _ensure_access_token(self) -> None:
-        # Inside firebase-admin's httpx auth flow, google-auth refreshes synchronously (requests, 120 s
-        # timeout, 3 tries), i.e. on the event loop. Refresh in a worker thread first: the loop never waits.
-        if self._credential.valid:
-            return
-        async with self._refresh_lock:
-            if not self._credential.valid:
-                request = functools.partial(self._auth_request, timeout=_HTTP_TIMEOUT_S)
-                await anyio.to_thread.run_sync(self._credential.refresh, request)
-
-    def _delivery(self, label: str, answer: Any, secrets: list[str], *, token: bool) -> Delivery:
-        if answer.exception is None:
-            if answer.message_id:
-                return Delivery(label, ok=True, message_id=str(answer.message_id))
-            return Delivery(label, ok=False, error="UNKNOWN: FCM answered without a message name")
-        code = _error_code(answer.exception)
-        return Delivery(
-            label,
-            ok=False,
-            error=f"{code}: {_scrub(str(answer.exception), self._secrets(secrets))}",
-            unregistered=code == "UNREGISTERED",
-            retryable=code in _RETRYABLE,
-            dead=token and (code in _DEAD_CODES or (code == "INVALID_ARGUMENT" and _about_token(answer.exception))),
-            code=code,
-        )
-
-    def _all_failed(
-        self, targets: Sequence[tuple[int, _Target]], err: Exception, what: str, secrets: list[str]
-    ) -> dict[int, Delivery]:
-        error = f"{what} ({type(err).__name__}: {_scrub(str(err), self._secrets(secrets))})"
-        error = error if len(error) <= 240 else error[:239] + "…"
-        return {i: Delivery(t.label, ok=False, error=error, retryable=True) for i, t in targets}
-
-    def _secrets(self, tokens: list[str]) -> list[str]:
-        access_token = getattr(self._credential, "token", None)
-        return [*tokens, access_token] if isinstance(access_token, str) else tokens
-
-
-def _about_token(err: BaseException) -> bool:
-    """Whether an INVALID_ARGUMENT is about the registration token, not the message: FCM says so in the message
-    ("The registration token is not a valid FCM registration token") or in a google.rpc.BadRequest field
-    violation on ``message.token`` ("FCM error codes", https://firebase.google.com/docs/cloud-messaging/error-codes)."""
-    if _TOKEN_FIELD.search(str(err)):
-        return True
-    response = getattr(err, "http_response", None)
-    try:
-        details = response.json()["error"]["details"] if response is not None else []
-    except (ValueError, KeyError, TypeError):
-        return False
-    return any(
-        isinstance(v, dict) and v.get("field") == "message.token"
-        for d in details
-        if isinstance(d, dict)
-        for v in d.get("fieldViolations", [])
+    return Notice(
+        title=f"Could not restore {name} to the public listing",
+        body="They stay off the public website until this is fixed. Retries have stopped.",
     )
 
 
-def _error_code(err: BaseException) -> str:
-    for cls, name in _FCM_ERROR_NAMES:
-        if isinstance(err, cls):
-            return name
-    code = getattr(err, "code", None)
-    return code if isinstance(code, str) and code else "UNKNOWN"
+class Alerting:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        sender: AlertSender,
+        *,
+        ops_topic: str,
+        retry_delays_s: Sequence[float] = _RETRY_DELAYS_S,
+        ops_channels: Sequence[OpsChannel] | None = None,
+        outbox_backoff_s: tuple[float, float] = _OUTBOX_BACKOFF_S,
+        outbox_max_age_s: float = _OUTBOX_MAX_AGE_S,
+    ) -> None:
+        """``ops_channels`` defaults to the FCM topic alone; ``ops_channels.build_ops_channels`` gives all the
+        configured ones."""
+        self._pool = pool
+        self._sender = sender
+        self._ops_topic = ops_topic
+        self._retry_delays_s = tuple(retry_delays_s)
+        self._ops_channels: dict[str, OpsChannel] = {
+            c.name: c for c in (ops_channels if ops_channels is not None else [FcmTopicChannel(sender, ops_topic)])
+        }
+        self._outbox_backoff_s = outbox_backoff_s
+        self._outbox_max_age_s = outbox_max_age_s
 
+    @property
+    def ops_channel_names(self) -> list[str]:
+        return list(self._ops_channels)
 
-# -- without FCM ---------------------------------------------------------------------------------------------
+    async def sync_failure(self, mentor_id: UUID, operation: Operation, dead_letter_id: int) -> None:
+        """Tell the mentor's organisation that a sync was dead-lettered."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(db.query("alert_targets"), (mentor_id,))
+            row = await cur.fetchone()
+        topic, tokens, devices, full_name = (
+            (row[0], list(row[1]), list(row[2]), row[3]) if row else (None, [], [], None)
+        )
+        data = {"type": "hlf_sync_failure", "mentor_id": str(mentor_id), "operation": operation}
+        if not tokens and not topic:
+            logger.bind(mentor_id=str(mentor_id)).warning(
+                "dead letter not pushed: the organisation has no coordinator devices and no alert_topic"
+            )
+            await self._record(
+                mentor_id,
+                [Delivery(target="none", ok=False, error="organisation has no devices or topic")],
+                data,
+                dead_letter_id,
+            )
+            return
+        await self.deliver(
+            data,
+            tokens=tokens,
+            devices=devices,
+            topic=topic,
+            mentor_id=mentor_id,
+            dead_letter_id=dead_letter_id,
+            notice=sync_failure_notice(full_name, operation),
+        )
 
+    async def resend_unsent(self, *, within_hours: int = 24) -> int:
+        """Send the alerts of recent dead letters that have no delivery on record (the process stopped before
+        it could send them). Returns how many were sent."""
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(db.query("unalerted_dead_letters"), (within_hours,))
+            rows = await cur.fetchall()
+        for dead_letter_id, mentor_id, operation in rows:
+            await self.sync_failure(mentor_id, operation, dead_letter_id)
+        return len(rows)
 
-class UnconfiguredAlertSender:
-    """Stands in when HLF_FCM_CREDENTIALS is unset: alerts fail visibly; the service still runs."""
+    # -- operations alerts ---------------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        logger.warning("{why}: alerts will be recorded as failed, not delivered", why=NOT_CONFIGURED)
+    async def ops(self, data: Mapping[str, str]) -> None:
+        """An operations alert, to every configured ops channel; what fails waits in the outbox."""
+        payload = dict(data)
+        for key, value in payload.items():
+            if not isinstance(value, str):
+                raise TypeError(f"alert data values must all be strings; {key!r} is {type(value).__name__}")
+        channels = list(self._ops_channels.values())
+        if not channels:
+            logger.warning("ops alert {} not sent: no ops channel is configured", payload.get("type"))
+            await self._append([NewEvent(None, _failed(payload, "none", "no ops channel configured"))])
+            return
+        rows: dict[str, int] = {}
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    _OUTBOX_INSERT,
+                    (uuid4(), json.dumps(payload), _OUTBOX_LEASE_S, [c.name for c in channels]),
+                )
+                rows = {channel: row_id for row_id, channel in await cur.fetchall()}
+        except psycopg.Error as err:  # no outbox without the database: still try once, now
+            logger.error("ops alert {} not kept for re-sending (database: {}); sending once", payload.get("type"), err)
+        results = await _send_all(channels, payload)
+        await self._settle([(rows.get(r.channel), r, 1, False) for r in results], payload)
 
-    def __repr__(self) -> str:
-        return "UnconfiguredAlertSender()"
+    async def drain_outbox(self) -> int:
+        """Send again every outbox row that is due; returns how many were tried."""
+        async with self._pool.connection() as conn:
+            await conn.execute(_OUTBOX_PRUNE)
+            cur = await conn.execute(_OUTBOX_CLAIM, (_OUTBOX_LEASE_S, _OUTBOX_BATCH, self._outbox_max_age_s))
+            claimed = await cur.fetchall()
+        if not claimed:
+            return 0
+        by_payload: dict[str, list[tuple[int, str, int, bool]]] = {}
+        for row_id, channel, data, attempts, expired in claimed:
+            by_payload.setdefault(data, []).append((row_id, channel, attempts, expired))
+        for data, rows in by_payload.items():
+            payload: dict[str, str] = json.loads(data)
+            due = [r for r in rows if not r[3] and r[1] in self._ops_channels]
+            results = await _send_all([self._ops_channels[r[1]] for r in due], payload)
+            settled = [(r[0], result, r[2], False) for r, result in zip(due, results, strict=True)]
+            for row_id, channel, attempts, expired in rows:
+                if expired or channel not in self._ops_channels:
+                    why = "24 h old" if expired else "channel no longer configured"
+                    settled.append((row_id, ChannelResult(channel, channel, ok=False, error=why), attempts, True))
+            await self._settle(settled, payload)
+        return len(claimed)
 
-    async def send(
+    async def drain_outbox_forever(self, leadership_wait: Callable[[], Awaitable[None]], every_s: float) -> None:
+        """The leader's loop that re-sends failed ops alerts until they are delivered or given up."""
+        while True:
+            await leadership_wait()
+            try:
+                while await self.drain_outbox() == _OUTBOX_BATCH:
+                    pass
+            except Exception as err:  # the next round tries again; syncing must go on
+                logger.opt(exception=err).error("ops alert outbox: {}", err)
+            await anyio.sleep(every_s)
+
+    async def _settle(
+        self, results: Sequence[tuple[int | None, ChannelResult, int, bool]], payload: Mapping[str, str]
+    ) -> None:
+        """Record each channel's outcome in the outbox and the log: delivered, retried later, or given up."""
+        events: list[NewEvent] = []
+        async with self._pool.connection() as conn:
+            for row_id, r, attempts, give_up in results:
+                alert = payload.get("type", "unknown")
+                if r.ok:
+                    if row_id is not None:
+                        await conn.execute(_OUTBOX_DELIVERED, (row_id,))
+                    events.append(NewEvent(None, AlertSent(alert=alert, target=r.target, message_id=r.message_id)))
+                    logger.info("ops alert {} delivered to {}", alert, r.target)
+                    continue
+                error = r.error or "unknown error"
+                retry = row_id is not None and not give_up
+                if retry:
+                    base, cap = self._outbox_backoff_s
+                    delay = min(base * 2 ** (attempts - 1), cap)
+                    cur = await conn.execute(_OUTBOX_RETRY, (delay, error, row_id, self._outbox_max_age_s))
+                    row = await cur.fetchone()
+                    if row and row[0]:  # a last try past 24 h: no more
+                        retry, give_up = False, True
+                if give_up and row_id is not None:
+                    await conn.execute(_OUTBOX_GIVE_UP, (error, row_id))
+                    error = f"gave up after {attempts} attempt(s): {error}"
+                events.append(NewEvent(None, _failed(payload, r.target, error, will_retry=retry)))
+                logger.warning(
+                    "ops alert {} not delivered to {}: {}{}", alert, r.target, error, "; will retry" if retry else ""
+                )
+        await self._append(events)
+
+    # -- pushes to coordinators -----------------------------------------------------------------------------------
+
+    async def deliver(
         self,
         data: Mapping[str, str],
         *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
+        tokens: Sequence[str],
+        topic: str | None,
+        mentor_id: UUID | None,
+        dead_letter_id: int | None = None,
+        record: bool = True,
+        devices: Sequence[UUID | None] = (),
         notice: Notice | None = None,
     ) -> list[Delivery]:
-        _, targets = _plan(data, tokens, topic)
-        return [Delivery(t.label, ok=False, error=t.problem or NOT_CONFIGURED) for t in targets]
+        """Send, retrying what FCM says may succeed later; record each delivery unless ``record`` is False (a
+        caller sending thousands records ``events(...)`` in batches of its own). ``devices`` are the
+        ``coordinator_devices.id`` of ``tokens``, in order: a dead token marks its device dead, record or not."""
+        device_of = dict(zip(tokens, devices, strict=False))
+        # The sender answers one Delivery per target, device tokens first and the topic last.
+        pending_tokens, pending_topic = list(tokens), topic
+        final: list[Delivery] = []
+        dead: list[tuple[UUID, str, str]] = []
+        for delay in (*self._retry_delays_s, None):
+            targets: list[tuple[str, str]] = [("token", t) for t in pending_tokens]
+            if pending_topic:
+                targets.append(("topic", pending_topic))
+            results = await self._sender.send(data, tokens=pending_tokens, topic=pending_topic, notice=notice)
+            pending_tokens, pending_topic = [], None
+            for (kind, target), result in zip(targets, results, strict=True):
+                if result.ok or not result.retryable or delay is None:
+                    final.append(result)
+                    device = device_of.get(target) if kind == "token" else None
+                    if result.dead and device is not None:
+                        dead.append((device, target, result.code or "UNREGISTERED"))
+                elif kind == "token":
+                    pending_tokens.append(target)
+                else:
+                    pending_topic = target
+            if not pending_tokens and pending_topic is None:
+                break
+            assert delay is not None
+            await anyio.sleep(delay)
+        if dead:
+            await self._mark_dead(dead, data.get("type", "unknown"))
+        if record:
+            await self._record(mentor_id, final, data, dead_letter_id)
+        else:
+            self._log(mentor_id, final, data)
+        return final
 
-    async def aclose(self) -> None:
-        pass
+    async def _mark_dead(self, dead: Sequence[tuple[UUID, str, str]], alert: str) -> None:
+        events: list[NewEvent] = []
+        async with self._pool.connection() as conn, conn.transaction():
+            for device_id, token, reason in dead:
+                cur = await conn.execute(_MARK_DEAD, (reason, device_id, token))
+                row = await cur.fetchone()
+                if row is not None:  # not already dead, and the app did not change the token meanwhile
+                    events.append(
+                        NewEvent(None, DeviceDead(device_id=row[0], organisation_id=row[1], reason=reason, alert=alert))
+                    )
+                    logger.bind(device_id=str(device_id)).warning(
+                        "coordinator device {} is dead ({}): not targeted again until the app writes a new token",
+                        device_id,
+                        reason,
+                    )
+            if events:
+                await writer.append(conn, events)
 
+    async def _append(self, events: Sequence[NewEvent]) -> None:
+        if events:
+            async with self._pool.connection() as conn, conn.transaction():
+                await writer.append(conn, events)
 
-class RecordingAlertSender:
-    """Keeps every alert it is asked to send and answers like FCM would, with scripted failures.
-
-    ``unregister(token)`` makes that token answer UNREGISTERED, ``invalid(token)`` INVALID_ARGUMENT about the
-    token; ``outage()`` makes every target fail retryably until ``outage(False)``. Every call is recorded,
-    failed or not.
-    """
-
-    def __init__(self) -> None:
-        self._sent: list[SentAlert] = []
-        self._unregistered: set[str] = set()
-        self._invalid: set[str] = set()
-        self._outage = False
-        self._next_id = 1
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"RecordingAlertSender(sent={len(self._sent)})"
-
-    def unregister(self, token: str) -> None:
-        self._unregistered.add(token)
-
-    def invalid(self, token: str) -> None:
-        self._invalid.add(token)
-
-    def outage(self, on: bool = True) -> None:
-        self._outage = on
-
-    def sent(self) -> list[SentAlert]:
-        return list(self._sent)
-
-    def data_messages(self) -> list[dict[str, str]]:
-        return [dict(s.data) for s in self._sent]
-
-    async def send(
-        self,
+    @staticmethod
+    def events(
+        mentor_id: UUID | None,
+        results: Sequence[Delivery],
         data: Mapping[str, str],
-        *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
-        notice: Notice | None = None,
-    ) -> list[Delivery]:
-        payload, targets = _plan(data, tokens, topic)
-        self._sent.append(SentAlert(payload, tuple(tokens), _topic_name(topic) if topic else None, notice))
-        deliveries = [self._answer(t) for t in targets]
-        _log_outcome(payload, deliveries)
-        return deliveries
-
-    def _answer(self, target: _Target) -> Delivery:
-        if target.problem:
-            return Delivery(target.label, ok=False, error=target.problem)
-        if self._outage:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="UNAVAILABLE: The service is currently unavailable.",
-                retryable=True,
+        dead_letter_id: int | None = None,
+    ) -> list[NewEvent]:
+        """The alert_sent / alert_failed events that record these deliveries."""
+        alert = data.get("type", "unknown")
+        return [
+            NewEvent(
+                mentor_id,
+                AlertSent(alert=alert, target=r.target, message_id=r.message_id, dead_letter_id=dead_letter_id)
+                if r.ok
+                else AlertFailed(
+                    alert=alert,
+                    target=r.target,
+                    error=r.error or "unknown error",
+                    unregistered=r.unregistered,
+                    dead_letter_id=dead_letter_id,
+                ),
             )
-        if target.token in self._unregistered:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="UNREGISTERED: Requested entity was not found.",
-                unregistered=True,
-                dead=True,
-                code="UNREGISTERED",
-            )
-        if target.token in self._invalid:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="INVALID_ARGUMENT: The registration token is not a valid FCM registration token",
-                dead=True,
-                code="INVALID_ARGUMENT",
-            )
-        message_id = f"projects/recording/messages/{self._next_id}"
-        self._next_id += 1
-        return Delivery(target.label, ok=True, message_id=message_id)
+            for r in results
+        ]
 
-    async def aclose(self) -> None:
-        self.closed = True
+    @staticmethod
+    def _log(mentor_id: UUID | None, results: Sequence[Delivery], data: Mapping[str, str]) -> None:
+        alert = data.get("type", "unknown")
+        log = logger.bind(mentor_id=str(mentor_id) if mentor_id else None)
+        for r in results:
+            if r.ok:
+                log.info("alert {} delivered to {}", alert, r.target)
+            else:
+                log.warning("alert {} not delivered to {}: {}", alert, r.target, r.error)
+
+    async def _record(
+        self,
+        mentor_id: UUID | None,
+        results: Sequence[Delivery],
+        data: Mapping[str, str],
+        dead_letter_id: int | None = None,
+    ) -> None:
+        events = self.events(mentor_id, results, data, dead_letter_id)
+        self._log(mentor_id, results, data)
+        if events:
+            async with self._pool.connection() as conn, conn.transaction():
+                await writer.append(conn, events)
 
 
-def build_alert_sender(credentials_path: str | None, fcm_url: str | None) -> AlertSender:
-    """The sender the configuration asks for: Firebase when credentials are set, else the unconfigured one."""
-    if not credentials_path:
-        return UnconfiguredAlertSender()
-    return FirebaseAlertSender(credentials_path, fcm_url=fcm_url)
+def _failed(payload: Mapping[str, str], target: str, error: str, *, will_retry: bool = False) -> AlertFailed:
+    return AlertFailed(alert=payload.get("type", "unknown"), target=target, error=error, will_retry=will_retry)
+
+
+async def _send_all(channels: Sequence[OpsChannel], payload: Mapping[str, str]) -> list[ChannelResult]:
+    """Send on every channel at once: a slow or failing one delays no other. Answers in ``channels`` order."""
+    results: list[ChannelResult | None] = [None] * len(channels)
+
+    async def one(i: int, channel: OpsChannel) -> None:
+        try:
+            results[i] = await channel.send(payload)
+        except Exception as err:  # a bug or an unforeseen failure in one channel must not lose the others
+            logger.opt(exception=err).error("ops channel {} failed: {}", channel.name, err)
+            results[i] = ChannelResult(channel.name, channel.name, ok=False, error=f"{type(err).__name__}")
+
+    async with anyio.create_task_group() as tg:
+        for i, channel in enumerate(channels):
+            tg.start_soon(one, i, channel)
+    return [r for r in results if r is not None]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 __all__ = ["REQUIRED_COLUMNS", "STATUSES", "preflight"]
 
@@ -42,9 +43,15 @@ _TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _one(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(sql, params).fetchone()
+def _one(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(query, params).fetchone()
     return row[0] if row else None
+
+
+_TABLES_IN_SCHEMA = (
+    "SELECT c.relname FROM pg_class c WHERE c.relnamespace = %s::regnamespace AND c.relkind IN ('r', 'p')"
+    " AND c.relname = ANY(%s)"
+)
 
 
 def preflight(conn: psycopg.Connection[Any], app_schema: str) -> list[str]:
@@ -67,8 +74,7 @@ def preflight(conn: psycopg.Connection[Any], app_schema: str) -> list[str]:
     present = {
         str(r[0])
         for r in conn.execute(
-            "SELECT c.relname FROM pg_class c WHERE c.relnamespace = %s::regnamespace AND c.relkind IN ('r', 'p')"
-            " AND c.relname = ANY(%s)",
+            _TABLES_IN_SCHEMA,
             (app_schema, list(REQUIRED_COLUMNS)),
         )
     }
@@ -82,16 +88,31 @@ def preflight(conn: psycopg.Connection[Any], app_schema: str) -> list[str]:
     return problems
 
 
+_COLUMNS_OF_TABLE = (
+    "SELECT a.attname, format_type(a.atttypid, NULL), a.atthasdef OR a.attidentity <> '', t.typtype"
+    " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+    " WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.attnum > 0"
+    " AND NOT a.attisdropped"
+)
+_ENUM_LABELS = (
+    "SELECT e.enumlabel FROM pg_enum e JOIN pg_attribute a ON a.atttypid = e.enumtypid"
+    " WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.attname = 'status'"
+)
+
+
+# The schema is the operator's HLF_APP_SCHEMA: composed as a quoted identifier, never pasted into the text.
+_STATUS_OUTLIERS = sql.SQL(
+    "SELECT status::text, count(*) FROM {}.mentors WHERE status::text <> ALL(%s) GROUP BY 1 ORDER BY 1"
+)
+
+
 def _table_problems(conn: psycopg.Connection[Any], schema: str, table: str, role: str) -> list[str]:
     qualified = f"{schema}.{table}"
     problems: list[str] = []
     columns = {
         str(name): (str(kind), bool(has_default), str(type_kind))
         for name, kind, has_default, type_kind in conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, NULL), a.atthasdef OR a.attidentity <> '', t.typtype"
-            " FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
-            " WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.attnum > 0"
-            " AND NOT a.attisdropped",
+            _COLUMNS_OF_TABLE,
             (schema, table),
         )
     }
@@ -104,8 +125,7 @@ def _table_problems(conn: psycopg.Connection[Any], schema: str, table: str, role
             labels = [
                 str(r[0])
                 for r in conn.execute(
-                    "SELECT e.enumlabel FROM pg_enum e JOIN pg_attribute a ON a.atttypid = e.enumtypid"
-                    " WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.attname = 'status'",
+                    _ENUM_LABELS,
                     (schema, table),
                 )
             ]
@@ -120,11 +140,7 @@ def _table_problems(conn: psycopg.Connection[Any], schema: str, table: str, role
         conn, "SELECT has_table_privilege(format('%%I.%%I', %s::text, %s::text), 'SELECT')", (schema, table)
     )
     if table == "mentors" and "status" in columns and readable:  # unreadable: named below as a missing privilege
-        found = conn.execute(
-            f"SELECT status::text, count(*) FROM {_ident(schema)}.mentors"  # noqa: S608 — quoted identifiers only
-            " WHERE status::text <> ALL(%s) GROUP BY 1 ORDER BY 1",
-            (list(STATUSES),),
-        ).fetchall()
+        found = conn.execute(_STATUS_OUTLIERS.format(sql.Identifier(schema)), (list(STATUSES),)).fetchall()
         for value, count in found:
             problems.append(
                 f"{qualified}.status holds {value!r} in {count} row(s); the service knows only {', '.join(STATUSES)}"
@@ -148,7 +164,3 @@ def _table_problems(conn: psycopg.Connection[Any], schema: str, table: str, role
             f" give it BYPASSRLS (ALTER ROLE {role} BYPASSRLS) or a policy USING (true) for it"
         )
     return problems
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

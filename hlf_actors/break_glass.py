@@ -1,8 +1,8 @@
 """Break-glass: re-sync mentors straight to the portal with newly issued credentials, without the service.
 
 For when `hlf-actors run` cannot do its job (its client secret expired and nobody can redeploy it yet, or it is
-broken) and the public listing must be made true now. An administrator runs ``scripts/break_glass_sync.py`` with the
-new credentials; it does what the actors would do, batch by batch::
+broken) and the public listing must be made true now. An administrator runs ``hlf-actors break-glass`` (or its
+wrapper ``scripts/break_glass_sync.py``) with the new credentials; it does what the actors would do, batch by batch::
 
     append sync_requested {reason: break_glass} per mentor     one transaction, folded into sync_status
     read eligibility, record id and pg_current_snapshot()      one statement; the snapshot sees those requests
@@ -42,22 +42,22 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
+from . import db, writer
 from .clock import SystemClock
 from .config import Config, Secret, load_config
 from .credentials import probe
-from .dynamics import DynamicsClient
+from .dynamics import DynamicsClient, Portal
 from .errors import (
+    CommandFailed,
     ConfigError,
     HLFError,
     PermanentPortalError,
-    PortalError,
     TenantError,
     ThrottledError,
     TransientPortalError,
 )
-from .events import AttemptFailed, AttemptSucceeded, DeadLettered, NewEvent, Operation, Payload, SyncRequested
-from .retry import plan_delay_ms, throttle_delay_ms
+from .events import NewEvent, Operation, Payload, SyncRequested
+from .outcomes import Answering, Ladder, decide
 
 __all__ = ["MAX_TRIES", "Result", "main"]
 
@@ -70,22 +70,20 @@ WHERE NOT EXISTS (SELECT 1 FROM mentors m WHERE m.id = t.id)
   AND NOT EXISTS (SELECT 1 FROM sync_status s WHERE s.mentor_id = t.id)"""
 
 
-class _Fail(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
+class _Target(msgspec.Struct, frozen=True):
+    """One row of ``break_glass_work``: the mentor, its portal record, and what a PATCH sent now would answer."""
 
-
-class _Work(msgspec.Struct, frozen=True):
     mentor_id: UUID
     record_id: UUID | None
-    eligible: bool
-    for_seq: int
-    snapshot: str
+    answering: Answering
+
+    @property
+    def eligible(self) -> bool:
+        return self.answering.operation == "restore"
 
     @property
     def operation(self) -> Operation:
-        return "restore" if self.eligible else "remove"
+        return self.answering.operation
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -132,7 +130,7 @@ class _Progress:
 
 class _Run:
     def __init__(
-        self, config: Config, pool: AsyncConnectionPool[Any], portal: DynamicsClient | None, today: date
+        self, config: Config, pool: AsyncConnectionPool[Any], portal: Portal | None, today: date
     ) -> None:
         self._config = config
         self._pool = pool
@@ -144,12 +142,13 @@ class _Run:
         self.no_record: list[UUID] = []
         self.not_attempted = 0
 
-    async def work(self, mentor_ids: Sequence[UUID]) -> list[_Work]:
+    async def work(self, mentor_ids: Sequence[UUID]) -> list[_Target]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(db.query("break_glass_work"), (self._today, list(mentor_ids)))
             rows = await cur.fetchall()
         return [
-            _Work(m, record, bool(eligible), int(seq or 0), snapshot) for m, record, eligible, seq, snapshot in rows
+            _Target(m, record, Answering("restore" if eligible else "remove", int(seq or 0), snapshot))
+            for m, record, eligible, seq, snapshot in rows
         ]
 
     async def batch(self, mentor_ids: Sequence[UUID], progress: _Progress) -> None:
@@ -162,7 +161,7 @@ class _Run:
         if not sendable:
             return
         async with self._pool.connection() as conn, conn.transaction():
-            await projections.append(conn, [NewEvent(m, SyncRequested(reason="break_glass")) for m in sendable])
+            await writer.append(conn, [NewEvent(m, SyncRequested(reason="break_glass")) for m in sendable])
         # Read again: this snapshot sees the requests just committed, so the outcomes answer them.
         work = [w for w in await self.work(sendable) if w.record_id is not None]
         self.no_record.extend(set(sendable) - {w.mentor_id for w in work})  # unlinked in between: stays pending
@@ -172,9 +171,9 @@ class _Run:
 
     async def _record(self, mentor_id: UUID, *payloads: Payload) -> None:
         async with self._pool.connection() as conn, conn.transaction():
-            await projections.append(conn, [NewEvent(mentor_id, p) for p in payloads])
+            await writer.append(conn, [NewEvent(mentor_id, p) for p in payloads])
 
-    async def _one(self, work: _Work, progress: _Progress) -> None:
+    async def _one(self, work: _Target, progress: _Progress) -> None:
         async with self._limiter:
             if self.stopped:
                 self.not_attempted += 1
@@ -184,9 +183,12 @@ class _Run:
         self.results.append(result)
         progress.step()
 
-    async def _send(self, w: _Work) -> Result:
+    async def _send(self, w: _Target) -> Result:
         assert w.record_id is not None and self._portal is not None, "a dry run never sends"
         cfg = self._config
+        # No jitter: one process sends, so nobody retries in lock-step with it.
+        ladder = Ladder(cfg.backoff_base_ms, cfg.backoff_max_ms, MAX_TRIES, dead_letter_when_exhausted=False)
+        answering = w.answering
         attempt, throttles = 0, 0
         while True:
             attempt += 1
@@ -195,67 +197,36 @@ class _Run:
             except ThrottledError as err:
                 # Waited out without spending a try, as the actor does; but not for ever.
                 throttles += 1
-                delay = throttle_delay_ms(err.retry_after, base_ms=cfg.backoff_base_ms, jitter=None)
                 give_up = throttles > _MAX_THROTTLES
-                await self._record(w.mentor_id, _failed(w, attempt, err, None if give_up else delay, throttled=True))
-                if give_up:
+                decision = decide(answering, attempt, err, ladder, give_up=give_up)
+                await self._record(w.mentor_id, *decision.events)
+                if decision.delay_ms is None:
                     return Result(w.mentor_id, w.operation, False, attempt, f"still throttled: {err}")
                 attempt -= 1
-                await anyio.sleep(min(delay, cfg.backoff_max_ms) / 1000)
+                await anyio.sleep(min(decision.delay_ms, cfg.backoff_max_ms) / 1000)
                 continue
             except TenantError as err:  # every mentor would fail the same way: stop, and say what to fix
-                await self._record(w.mentor_id, _failed(w, attempt, err, None))
+                await self._record(w.mentor_id, *decide(answering, attempt, err, ladder).events)
                 self.stopped = f"tenant-wide incident ({err.cause}): {err}; fix: {err.fix}"
                 return Result(w.mentor_id, w.operation, False, attempt, str(err))
             except TransientPortalError as err:
-                last = attempt >= MAX_TRIES
-                delay = plan_delay_ms(
-                    attempt, base_ms=cfg.backoff_base_ms, cap_ms=cfg.backoff_max_ms, retry_after_s=err.retry_after
-                )
                 # The last one keeps retryable=True and no delay: the mentor is left `retrying` for the service.
-                await self._record(w.mentor_id, _failed(w, attempt, err, None if last else delay))
-                if last:
+                decision = decide(answering, attempt, err, ladder)
+                await self._record(w.mentor_id, *decision.events)
+                if decision.delay_ms is None:
                     return Result(w.mentor_id, w.operation, False, attempt, str(err))
-                await anyio.sleep(delay / 1000)
+                await anyio.sleep(decision.delay_ms / 1000)
                 continue
             except PermanentPortalError as err:
-                dead = DeadLettered(
-                    operation=w.operation,
-                    attempts=attempt,
-                    last_error=str(err),
-                    for_seq=w.for_seq,
-                    snapshot=w.snapshot,
-                )
-                await self._record(w.mentor_id, _failed(w, attempt, err, None, retryable=False), dead)
+                await self._record(w.mentor_id, *decide(answering, attempt, err, ladder).events)
                 return Result(w.mentor_id, w.operation, False, attempt, f"dead-lettered: {err}")
-            await self._record(
-                w.mentor_id,
-                AttemptSucceeded(
-                    operation=w.operation, attempt=attempt, http_status=status, for_seq=w.for_seq, snapshot=w.snapshot
-                ),
-            )
+            await self._record(w.mentor_id, *decide(answering, attempt, status, ladder).events)
             return Result(w.mentor_id, w.operation, True, attempt)
 
 
-def _failed(
-    w: _Work, attempt: int, err: PortalError, delay_ms: int | None, *, retryable: bool = True, throttled: bool = False
-) -> AttemptFailed:
-    return AttemptFailed(
-        operation=w.operation,
-        attempt=attempt,
-        http_status=err.http_status,
-        retryable=retryable,
-        delay_ms=delay_ms,
-        error=str(err),
-        for_seq=w.for_seq,
-        throttled=throttled,
-        snapshot=w.snapshot,
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="break_glass_sync.py",
+        prog=prog,
         description="Re-sync mentors straight to the Dynamics portal with newly issued credentials, while the "
         "service is down or broken. Appends every attempt to event_log, as the service does.",
     )
@@ -280,7 +251,7 @@ def _secret(args: argparse.Namespace, prompt: Callable[[str], str], client_id: s
         try:
             value = args.client_secret_file.read_text().strip()
         except OSError as err:
-            raise _Fail(
+            raise CommandFailed(
                 f"cannot read --client-secret-file {str(args.client_secret_file)!r}: {err.strerror}", 2
             ) from None
     elif args.client_secret is not None:
@@ -293,7 +264,7 @@ def _secret(args: argparse.Namespace, prompt: Callable[[str], str], client_id: s
     else:
         value = prompt(f"new client secret for {client_id} (not echoed): ").strip()
     if not value:
-        raise _Fail("the client secret is empty", 2)
+        raise CommandFailed("the client secret is empty", 2)
     return Secret(value)
 
 
@@ -302,7 +273,7 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str] | None, prompt: 
     changes: dict[str, Any] = {}
     if args.concurrency is not None:
         if not 1 <= args.concurrency <= 52:
-            raise _Fail("--concurrency must be between 1 and 52 (Dataverse's own limit)", 2)
+            raise CommandFailed("--concurrency must be between 1 and 52 (Dataverse's own limit)", 2)
         changes["portal_concurrency"] = args.concurrency
     if args.dry_run:
         return msgspec.structs.replace(config, **changes)
@@ -312,7 +283,7 @@ def _configure(args: argparse.Namespace, env: Mapping[str, str] | None, prompt: 
         changes["dynamics_url"] = args.dynamics_url.rstrip("/")
     client_id = args.client_id or config.dynamics_client_id
     if not client_id:
-        raise _Fail("say which app: --client-id (or HLF_DYNAMICS_CLIENT_ID)", 2)
+        raise CommandFailed("say which app: --client-id (or HLF_DYNAMICS_CLIENT_ID)", 2)
     changes["dynamics_client_id"] = client_id
     changes["dynamics_client_secret"] = _secret(args, prompt, client_id)
     config = msgspec.structs.replace(config, **changes)
@@ -329,7 +300,7 @@ async def _targets(pool: AsyncConnectionPool[Any], args: argparse.Namespace) -> 
         cur = await conn.execute(_UNKNOWN_IDS, (ids,))
         unknown = [str(row[0]) for row in await cur.fetchall()]
     if unknown:
-        raise _Fail(f"no such mentor(s): {', '.join(unknown)}; nothing was sent", 2)
+        raise CommandFailed(f"no such mentor(s): {', '.join(unknown)}; nothing was sent", 2)
     return ids
 
 
@@ -398,7 +369,7 @@ async def _main(args: argparse.Namespace, config: Config, out: TextIO, err: Text
                     )
                 )
             except psycopg.OperationalError:
-                raise _Fail("cannot reach the database (HLF_DATABASE_URL)", 3) from None
+                raise CommandFailed("cannot reach the database (HLF_DATABASE_URL)", 3) from None
             return await _resync(args, config, pool, portal, out, err)
     finally:
         if portal is not None:
@@ -409,7 +380,7 @@ async def _resync(
     args: argparse.Namespace,
     config: Config,
     pool: AsyncConnectionPool[Any],
-    portal: DynamicsClient | None,
+    portal: Portal | None,
     out: TextIO,
     err: TextIO,
 ) -> int:
@@ -419,7 +390,7 @@ async def _resync(
         return await _dry_run(_Run(config, pool, None, today), targets, out)
     ok, error, _cause, ms = await probe(portal)
     if not ok:
-        raise _Fail(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
+        raise CommandFailed(f"the new credentials do not work ({error}); nothing was sent or recorded", 1)
     print(f"credentials OK (tenant check in {ms:.0f} ms); re-syncing {len(targets)} mentor(s)", file=err)
     run = _Run(config, pool, portal, today)
     progress = _Progress(len(targets), err)
@@ -436,6 +407,7 @@ async def _resync(
 def main(
     argv: Sequence[str] | None = None,
     *,
+    prog: str = "break_glass_sync.py",
     prompt: Callable[[str], str] = getpass.getpass,
     env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
@@ -443,16 +415,16 @@ def main(
 ) -> int:
     """Exit 0 when every mentor sent succeeded, 1 otherwise, 2 for bad input, 3 when the database is unreachable."""
     out, err = out or sys.stdout, err or sys.stderr
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     secret: str | None = None
     try:
         if bool(args.all) == bool(args.mentors):
-            raise _Fail("say which mentors: --all, or their ids", 2)
+            raise CommandFailed("say which mentors: --all, or their ids", 2)
         config = _configure(args, env, prompt)
         if config.dynamics_client_secret is not None and not args.dry_run:
             secret = config.dynamics_client_secret.reveal()
         return anyio.run(_main, args, config, out, err)
-    except _Fail as fail:
+    except CommandFailed as fail:
         print(f"break-glass: {_scrub(str(fail), secret)}", file=err)
         return fail.code
     except ConfigError as fail:

@@ -47,8 +47,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from . import db, status
-from .alerting import Alerting
+from . import db, render, status
+from .alerts import Alerting
 from .clock import Clock
 from .config import Config
 from .console_auth import (
@@ -56,16 +56,17 @@ from .console_auth import (
     OidcSignIn,
     PasswordCheck,
     SecurityHeaders,
-    SignInRefused,
     csrf_token,
     csrf_valid,
     is_loopback_url,
     who,
 )
 from .credentials import check_credentials
+from .dynamics import Portal
+from .errors import SignInRefused
 from .events import ConsoleAction, NewEvent, encode_payload
 from .metrics import Health
-from .reconcile import ListingPortal, alert_aborted, reconcile
+from .reconcile import alert_aborted, reconcile
 
 __all__ = ["Console"]
 
@@ -216,6 +217,10 @@ WHERE mentor_id IS NULL AND kind = 'console_action' AND (%s::text IS NULL OR dat
 ORDER BY seq DESC LIMIT 50"""
 
 
+_REQUEUE = "SELECT hlf_requeue_dead_letter(%s)"
+_FORCE_SYNC = "SELECT hlf_force_sync(%s)"
+
+
 class Console:
     """The console's pages and actions, bound to the running service's pool, portal client and alerting."""
 
@@ -224,7 +229,7 @@ class Console:
         config: Config,
         *,
         pool: AsyncConnectionPool[Any],
-        portal: object,
+        portal: Portal,
         alerting: Alerting,
         health: Callable[[], Health],
         clock: Clock,
@@ -472,7 +477,7 @@ class Console:
         story, audit = await self._read(read)
         if story is None:
             return self._refuse(request, f"No mentor {mentor_id} and no events about them.", 404)
-        return self._render(request, "mentor.html", story=story, text=status.render_story(story), audit=audit)
+        return self._render(request, "mentor.html", story=story, text=render.render_story(story), audit=audit)
 
     async def _dead_letters(self, request: Request, _user: str) -> Response:
         letters = await self._read(lambda conn: status.dead_letters(conn, include_requeued=False))
@@ -524,7 +529,7 @@ class Console:
         def act(conn: psycopg.Connection[Any]) -> str:
             with conn.transaction():
                 try:
-                    row = conn.execute("SELECT hlf_force_sync(%s)", (mentor_id,)).fetchone()
+                    row = conn.execute(_FORCE_SYNC, (mentor_id,)).fetchone()
                 except psycopg.errors.NoDataFound:
                     return f"No mentor with id {mentor_id}."
                 assert row is not None
@@ -560,7 +565,7 @@ class Console:
         for dl_id in ids:
             try:
                 with conn.transaction():
-                    conn.execute("SELECT hlf_requeue_dead_letter(%s)", (dl_id,))
+                    conn.execute(_REQUEUE, (dl_id,))
                     done.append(dl_id)
             except psycopg.errors.NoDataFound:
                 problems.append(f"no dead letter {dl_id}")
@@ -575,8 +580,6 @@ class Console:
 
     async def _reconcile(self, request: Request, user: str) -> Response:
         portal = self._portal
-        if not isinstance(portal, ListingPortal):
-            return self._done(request, "This service's portal client cannot read the listing.", "/actions")
         try:
             async with self._pool.connection() as conn:
                 report = await reconcile(
@@ -601,8 +604,6 @@ class Console:
 
     async def _check_credentials(self, request: Request, user: str) -> Response:
         portal = self._portal
-        if not isinstance(portal, ListingPortal):
-            return self._done(request, "This service's portal client cannot check its credentials.", "/actions")
         try:
             report = await check_credentials(portal, self._pool, self._alerting, trigger="console")
             detail = report.describe()

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Config, Secret
+from .errors import SignInRefused
 
 __all__ = [
     "CSP",
@@ -175,10 +176,6 @@ class OidcSignIn:
     def admits(self, claims: Mapping[str, Any]) -> bool:
         """Membership of the configured group (``groups`` claim) or app role (``roles`` claim)."""
         return any(self.allowed in (claims.get(name) or []) for name in ("groups", "roles"))
-
-
-class SignInRefused(Exception):
-    """A sign-in that did not complete; the message is safe to show (no token, no secret)."""
 
 
 def who(claims: Mapping[str, Any]) -> str:

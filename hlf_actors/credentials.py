@@ -28,37 +28,29 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
-import anyio
 import msgspec
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, projections
-from .alerting import Alerting
-from .config import Config
+from . import db, writer
+from .alerts import Alerting
+from .dynamics import Portal
 from .errors import TENANT_CAUSES, PortalError, TenantError, TransientPortalError
 from .events import CredentialCheck, NewEvent
 
 __all__ = [
-    "CheckablePortal",
     "CredentialReport",
     "TenantState",
     "check_credentials",
     "probe",
     "read_tenant_state",
     "record_verdict",
-    "run_cli",
 ]
 
 _CHECK_LOCK = 0x484C_465F_4352_4544  # "HLF_CRED": one checker at a time decides transitions
 _ALERT_ERROR_CHARS = 200
-
-
-@runtime_checkable
-class CheckablePortal(Protocol):
-    async def tenant_check(self) -> None: ...
 
 
 class CredentialReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,7 +99,7 @@ async def read_tenant_state(conn: Any) -> TenantState:
     return TenantState(ok=ok, cause=(cause or "credentials") if ok is False else None, error=error, since=since)
 
 
-async def probe(portal: CheckablePortal) -> tuple[bool | None, str | None, str | None, float]:
+async def probe(portal: Portal) -> tuple[bool | None, str | None, str | None, float]:
     """The tenant check: (verdict, error, cause, milliseconds). Never raises a PortalError."""
     started = time.perf_counter()
     ok: bool | None = True
@@ -124,6 +116,9 @@ async def probe(portal: CheckablePortal) -> tuple[bool | None, str | None, str |
     return ok, error, cause, round((time.perf_counter() - started) * 1000, 3)
 
 
+_TAKE_CHECK_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+
+
 async def record_verdict(
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
@@ -138,7 +133,7 @@ async def record_verdict(
     a lock), and alert ops on a transition. Returns the transition and the state before it."""
     transition: Literal["failed", "restored"] | None = None
     async with pool.connection() as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHECK_LOCK,))
+        await conn.execute(_TAKE_CHECK_LOCK, (_CHECK_LOCK,))
         before = await read_tenant_state(conn)
         if ok is False and (before.ok is not False or before.cause != cause):
             transition = "failed"
@@ -147,7 +142,7 @@ async def record_verdict(
         check = CredentialCheck(
             ok=ok, error=error, transition=transition, trigger=trigger, duration_ms=duration_ms, cause=cause
         )
-        await projections.append(conn, [NewEvent(None, check)])
+        await writer.append(conn, [NewEvent(None, check)])
     if transition == "failed":
         assert error is not None and cause is not None
         logger.error("tenant-wide incident ({}; {}): {}; alerting ops", cause, trigger, error)
@@ -171,7 +166,7 @@ async def record_verdict(
 
 
 async def check_credentials(
-    portal: CheckablePortal,
+    portal: Portal,
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
     *,
@@ -187,39 +182,3 @@ async def check_credentials(
     return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, cause=cause, transition=transition)
 
 
-def run_cli(config: Config) -> int:
-    """`hlf-actors check-credentials`: check, record (when a database is configured), print one line."""
-    from .alerts import build_alert_sender
-    from .dynamics import DynamicsClient
-    from .ops_channels import open_ops_channels
-
-    config.require_portal()
-
-    async def main() -> CredentialReport:
-        portal = DynamicsClient(config)
-        try:
-            if not config.database_url:
-                ok, error, cause, duration_ms = await probe(portal)
-                return CredentialReport(ok=ok, error=error, cause=cause, duration_ms=duration_ms, recorded=False)
-            sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
-            try:
-                async with (
-                    db.pool(
-                        config.database_url,
-                        name="hlf-check-credentials",
-                        max_size=2,
-                        open_timeout=15,
-                        app_schema=config.app_schema,
-                    ) as pool,
-                    open_ops_channels(config, sender) as channels,
-                ):
-                    alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
-                    return await check_credentials(portal, pool, alerting, trigger="check-credentials")
-            finally:
-                await sender.aclose()
-        finally:
-            await portal.aclose()
-
-    report = anyio.run(main)
-    print(report.describe())
-    return 0 if report.ok else 1

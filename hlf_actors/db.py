@@ -27,6 +27,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -193,10 +195,20 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
+@cache
+def sql_files() -> Traversable:
+    """Where the SQL files are: ``db/`` at the repository root in a checkout (and an editable install), or
+    ``hlf_actors/sql`` inside an installed wheel, which ships that same folder there (pyproject's force-include)."""
+    shipped = resources.files("hlf_actors") / "sql"
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "db"
+
+
 def migrations() -> list[Migration]:
     """The migration files shipped with the package, in version order."""
     found: list[Migration] = []
-    folder = resources.files("hlf_actors") / "db" / "migrations"
+    folder = sql_files() / "migrations"
     for entry in folder.iterdir():
         match = re.fullmatch(r"(\d{3})_([a-z0-9_]+)\.sql", entry.name)
         if match:
@@ -208,16 +220,34 @@ def migrations() -> list[Migration]:
     return found
 
 
+_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf.hlf_schema_migrations') IS NOT NULL"
+_APPLIED_MIGRATIONS = "SELECT version, checksum FROM hlf.hlf_schema_migrations"
+
+
 def applied_migrations(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    exists = conn.execute("SELECT to_regclass('hlf.hlf_schema_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute(_MIGRATIONS_TABLE_EXISTS).fetchone()
     if not exists or not exists[0]:
         return {}
-    rows = conn.execute("SELECT version, checksum FROM hlf.hlf_schema_migrations").fetchall()
+    rows = conn.execute(_APPLIED_MIGRATIONS).fetchall()
     return {int(v): str(c) for v, c in rows}
 
 
 def _step(name: str) -> bytes:
-    return (resources.files("hlf_actors") / "db" / "steps" / f"{name}.sql").read_bytes()
+    return (sql_files() / "steps" / f"{name}.sql").read_bytes()
+
+
+_LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock(%s)"
+_SET_LOCAL_SEARCH_PATH = "SELECT set_config('search_path', %s, true)"
+_SET_APP_SCHEMA = "SELECT set_config('hlf.app_schema', %s, true)"
+_SET_APP_CALLABLE = "SELECT set_config('hlf.app_callable', %s, true)"
+_CREATE_HLF_SCHEMA = "CREATE SCHEMA IF NOT EXISTS hlf"
+_CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS hlf.hlf_schema_migrations (
+                   version    int PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+_OLD_LAYOUT_MIGRATIONS_EXIST = "SELECT to_regclass(format('%%I.hlf_schema_migrations', %s::text)) IS NOT NULL"
+_RECORD_MIGRATION = "INSERT INTO hlf.hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)"
 
 
 def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> list[Migration]:
@@ -227,28 +257,24 @@ def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> lis
 
     applied_now: list[Migration] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        conn.execute(_LOCK_MIGRATIONS, (_MIGRATION_LOCK,))
         problems = preflight(conn, app_schema)
         if problems:
             raise MigrationError(
                 f"the database is not ready for the service ({len(problems)} problem(s), nothing was changed):\n  - "
                 + "\n  - ".join(problems)
             )
-        conn.execute("SELECT set_config('search_path', %s, true)", (search_path(app_schema),))
-        conn.execute("SELECT set_config('hlf.app_schema', %s, true)", (app_schema,))
-        conn.execute("SELECT set_config('hlf.app_callable', %s, true)", (",".join(APP_CALLABLE),))
-        conn.execute("CREATE SCHEMA IF NOT EXISTS hlf")
+        conn.execute(_SET_LOCAL_SEARCH_PATH, (search_path(app_schema),))
+        conn.execute(_SET_APP_SCHEMA, (app_schema,))
+        conn.execute(_SET_APP_CALLABLE, (",".join(APP_CALLABLE),))
+        conn.execute(_CREATE_HLF_SCHEMA)
         legacy = conn.execute(
-            "SELECT to_regclass(format('%%I.hlf_schema_migrations', %s::text)) IS NOT NULL", (app_schema,)
+            _OLD_LAYOUT_MIGRATIONS_EXIST, (app_schema,)
         ).fetchone()
         if legacy and legacy[0]:
             _run_step(conn, "relocate")
         conn.execute(
-            """CREATE TABLE IF NOT EXISTS hlf.hlf_schema_migrations (
-                   version    int PRIMARY KEY,
-                   name       text NOT NULL,
-                   checksum   text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
+            _CREATE_MIGRATIONS_TABLE
         )
         done = applied_migrations(conn)
         for migration in migrations():
@@ -263,7 +289,7 @@ def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> lis
                 with conn.transaction():
                     conn.execute(migration.sql.encode())
                     conn.execute(
-                        "INSERT INTO hlf.hlf_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                        _RECORD_MIGRATION,
                         (migration.version, migration.name, migration.checksum),
                     )
             except psycopg.Error as err:
@@ -286,7 +312,7 @@ def _run_step(conn: psycopg.Connection[Any], name: str) -> None:
 
 @cache
 def _queries() -> dict[str, str]:
-    text = (resources.files("hlf_actors") / "queries.sql").read_text()
+    text = (sql_files() / "queries.sql").read_text()
     found: dict[str, str] = {}
     name: str | None = None
     body: list[str] = []

@@ -23,19 +23,16 @@ import anyio
 import psycopg
 from loguru import logger
 
-from . import db, status
-from .alerts import FirebaseAlertSender
+from . import db, render, status
 from .embedded import EmbeddedPostgres
+from .errors import DemoFailed
+from .fcm import FirebaseAlertSender
 from .testing.fake_fcm import FakeFCM
 from .testing.fake_portal import FakePortal, Reply
 from .testing.harness import running_service
 from .testing.seed import add_device, add_mentor, add_organisation, set_status
 
 __all__ = ["run_demo"]
-
-
-class DemoFailed(Exception):
-    pass
 
 
 def _say(text: str) -> None:
@@ -52,8 +49,11 @@ async def _until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> 
     return time.perf_counter() - started
 
 
+_SYNC_STATE = "SELECT state FROM sync_status WHERE mentor_id = %s"
+
+
 def _state(conn: psycopg.Connection[Any], mentor: UUID) -> str | None:
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor,)).fetchone()
+    row = conn.execute(_SYNC_STATE, (mentor,)).fetchone()
     return row[0] if row else None
 
 
@@ -65,6 +65,10 @@ def _free_port() -> int:
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
+
+
+_REQUEUE = "SELECT hlf_requeue_dead_letter(%s)"
+_LETTERS_OF_MENTOR = "SELECT id FROM dead_letters WHERE mentor_id = %s"
 
 
 async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep: bool) -> None:
@@ -144,9 +148,9 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
             )
 
             portal.always(None, record_id=ingrid_rec)
-            letter = conn.execute("SELECT id FROM dead_letters WHERE mentor_id = %s", (ingrid,)).fetchone()
+            letter = conn.execute(_LETTERS_OF_MENTOR, (ingrid,)).fetchone()
             assert letter is not None
-            conn.execute("SELECT hlf_requeue_dead_letter(%s)", (letter[0],))
+            conn.execute(_REQUEUE, (letter[0],))
             took = await _until(
                 lambda: portal.listed(ingrid_rec) is False and _state(conn, ingrid) == "in_sync",
                 "Ingrid's re-queued removal",
@@ -156,11 +160,11 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
                 f"→ removed in {_ms(took)}"
             )
 
-            _say("\n" + status.render_summary(status.summary(db.connect(url))))
+            _say("\n" + render.render_summary(status.summary(db.connect(url))))
             _say("\nIngrid's story from the event log (`hlf-actors status MENTOR`):")
             story = status.mentor_story(conn, ingrid)
             assert story is not None
-            _say(status.render_story(story))
+            _say(render.render_story(story))
             if keep:
                 pause_lars = f"UPDATE mentors SET status = 'paused' WHERE id = '{lars}'"  # noqa: S608 - shown, not run
                 _say(
@@ -179,6 +183,11 @@ async def _story(url: str, portal: FakePortal, fcm: FakeFCM, workdir: Path, keep
         conn.close()
 
 
+_DROP_DEMO_DATABASE = "DROP DATABASE IF EXISTS hlf_demo"
+_CREATE_DEMO_DATABASE = "CREATE DATABASE hlf_demo"
+_SERVER_VERSION = "SHOW server_version"
+
+
 def run_demo(*, keep: bool = False, workdir: str | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{time:HH:mm:ss} {level} {message}")
@@ -189,11 +198,11 @@ def run_demo(*, keep: bool = False, workdir: str | None = None) -> int:
     pg = EmbeddedPostgres.start(base / "pgdata")
     try:
         with psycopg.connect(pg.url("postgres"), autocommit=True) as admin:
-            admin.execute("DROP DATABASE IF EXISTS hlf_demo")
-            admin.execute("CREATE DATABASE hlf_demo")
+            admin.execute(_DROP_DEMO_DATABASE)
+            admin.execute(_CREATE_DEMO_DATABASE)
         url = pg.url("hlf_demo")
         with psycopg.connect(url) as conn:
-            version = conn.execute("SHOW server_version").fetchone()
+            version = conn.execute(_SERVER_VERSION).fetchone()
             applied = db.migrate(conn)
         _say(
             f"PostgreSQL {version[0] if version else '?'} up, {len(applied)} migration(s) applied "

@@ -49,15 +49,11 @@ again before every token request, so rotating the secret is writing the new one 
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -77,9 +73,10 @@ from .errors import (
     UndecidedRefusal,
 )
 from .http_transport import fast_transport
+from .limits import RequestBudget, parse_retry_after
 from .logs import hide_secret
 
-__all__ = ["DynamicsClient", "ListingRow", "parse_retry_after"]
+__all__ = ["DynamicsClient", "ListingRow", "Portal"]
 
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _ODATA_HEADERS = {
@@ -88,7 +85,6 @@ _ODATA_HEADERS = {
     "Accept": "application/json",
     "Content-Type": "application/json; charset=utf-8",
 }
-_RETRY_AFTER_CAP_S = 86_400.0
 # What a read response's stream is replaced with (DynamicsClient._send): already empty, shared by every response.
 _SPENT = httpx.ByteStream(b"")
 # Refresh a token this long before the portal would reject it, so no request races its expiry.
@@ -108,6 +104,18 @@ _MISSING_PRIVILEGE = re.compile(r"is missing prv\w+ privilege", re.I)
 class ListingRow(msgspec.Struct, frozen=True):
     record_id: UUID
     listed: bool | None
+
+
+class Portal(Protocol):
+    """The Dynamics portal as every part of the service uses it: the actors and break-glass PATCH, reconciliation
+    reads the listing, the credential checks and incidents run the tenant check. ``DynamicsClient`` is the one
+    implementation; tests point it at ``testing.fake_portal.FakePortal``, a real HTTP server."""
+
+    async def set_listed(self, record_id: UUID, listed: bool) -> int: ...
+
+    async def tenant_check(self) -> None: ...
+
+    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]: ...
 
 
 class _Token(msgspec.Struct):
@@ -131,23 +139,6 @@ class _ErrorBody(msgspec.Struct):
     error_description: str | None = None
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date. None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        # A portal asking for more than a day is not asking for anything we should plan around literally.
-        return min(float(value), _RETRY_AFTER_CAP_S)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return min(_RETRY_AFTER_CAP_S, max(0.0, (when - (now or datetime.now(UTC))).total_seconds()))
-
-
 def _portal_error(response: httpx.Response) -> tuple[str, str]:
     """(Dataverse error code or "", the portal's own error text, short and safe to log)."""
     text = response.text
@@ -165,65 +156,6 @@ def _portal_error(response: httpx.Response) -> tuple[str, str]:
 
 def _is_dataverse_json(response: httpx.Response) -> bool:
     return bool(response.headers.get("content-type", "").lower().startswith("application/json"))
-
-
-class RequestBudget:
-    """At most ``limit`` requests reaching the portal in any sliding ``window_s``: Dataverse's service-protection
-    limit, kept on our side so that a backlog of thousands is paced instead of answered with 429s.
-
-    The portal counts arrivals, which we cannot see; we count a request from the moment it starts until one window
-    after its answer came back, which is always later than its arrival. That bounds arrivals exactly, however late
-    a request leaves after it was scheduled (a scheduling margin on start times let a 429 through under load).
-
-    A 429's Retry-After applies to the whole application user, and requests sent during it lengthen it, so
-    ``hold`` stops every request of this budget until the longest Retry-After seen has passed.
-    """
-
-    def __init__(self, limit: int, window_s: float) -> None:
-        self._limit = limit
-        self._window_s = window_s
-        self._in_flight = 0
-        self._answered: deque[float] = deque()  # when each answer came back, oldest first
-        self._lock = anyio.Lock()
-        self._freed = anyio.Event()
-        self._not_before = 0.0
-
-    def _used(self, now: float) -> int:
-        while self._answered and now - self._answered[0] >= self._window_s:
-            self._answered.popleft()
-        return self._in_flight + len(self._answered)
-
-    def hold(self, seconds: float) -> None:
-        """No request starts for ``seconds`` from now (or longer, if an earlier hold ends later)."""
-        self._not_before = max(self._not_before, time.monotonic() + seconds)
-
-    @property
-    def held_for_s(self) -> float:
-        return max(0.0, self._not_before - time.monotonic())
-
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Wait until one more request fits in the window, and count it until a window after it is answered."""
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                if now < self._not_before:
-                    await anyio.sleep(self._not_before - now)
-                elif self._used(now) >= self._limit:
-                    if self._answered:
-                        await anyio.sleep(self._answered[0] + self._window_s - now)
-                    else:  # every counted request is still in flight: wait for one to be answered
-                        self._freed = anyio.Event()
-                        await self._freed.wait()
-                else:
-                    break
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self._answered.append(time.monotonic())
-            self._freed.set()
 
 
 class DynamicsClient:

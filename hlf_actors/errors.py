@@ -3,7 +3,13 @@
     HLFError
      ├── ConfigError            a bad configuration value; start-up stops with one line
      ├── MigrationError         the database schema cannot be brought up to date
- ├── DatabaseUnusableError  HLF_DATABASE_URL can never work: malformed, or the server refused us (exit 3)
+     ├── DatabaseUnusableError  HLF_DATABASE_URL can never work: malformed, or the server refused us (exit 3)
+     ├── CommandFailed          a command could not do what was asked; ``code`` is its exit status
+     ├── ReplayBusy             another replay or archival holds the replay lock
+     ├── ArchiveRaced           an event older than the archive cut committed while archiving: nothing deleted
+     ├── ListingUnavailable     the public website's listing could not be read at all (the probe tries later)
+     ├── SignInRefused          a console sign-in did not complete; its message is safe to show
+     ├── DemoFailed             a step of `hlf-actors demo` did not happen in time
      └── PortalError            a call to the Dynamics portal did not succeed
           ├── TransientPortalError      worth retrying: 408/429/5xx, timeouts, resets, garbage bodies
           │    └── ThrottledError       429 from service-protection limits: wait, but spend no attempt
@@ -22,13 +28,19 @@ from __future__ import annotations
 
 __all__ = [
     "TENANT_CAUSES",
+    "ArchiveRaced",
+    "CommandFailed",
     "ConfigError",
     "CredentialError",
     "DatabaseUnusableError",
+    "DemoFailed",
     "HLFError",
+    "ListingUnavailable",
     "MigrationError",
     "PermanentPortalError",
     "PortalError",
+    "ReplayBusy",
+    "SignInRefused",
     "TenantError",
     "ThrottledError",
     "TransientPortalError",
@@ -64,6 +76,35 @@ class MigrationError(HLFError):
 class DatabaseUnusableError(HLFError):
     """Retrying cannot help: the database URL is malformed, or the server refused our role, password or database.
     (A refused or unreachable connection is not this: the server may come back.)"""
+
+
+class CommandFailed(HLFError):
+    """A command of the command line could not do what was asked: one line for the operator, and ``code`` is the
+    exit status (1 a "no", 2 bad input, 3 the database cannot be reached)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReplayBusy(HLFError):
+    """Another replay or archival holds the replay lock."""
+
+
+class ArchiveRaced(HLFError):
+    """An event older than the cut committed while the archival ran."""
+
+
+class ListingUnavailable(HLFError):
+    """The public listing could not be read at all (down, a server error, an oversized body)."""
+
+
+class SignInRefused(HLFError):
+    """A sign-in that did not complete; the message is safe to show (no token, no secret)."""
+
+
+class DemoFailed(HLFError):
+    """A step of the demo did not happen within its time."""
 
 
 class PortalError(HLFError):

@@ -57,7 +57,7 @@ Operation = Literal["remove", "restore"]
 
 
 # gc=False here and on Event: frozen structs of immutable values can never be part of a reference cycle, so the
-# cycle collector need not track the millions of them replay makes (it cost a tenth of replay's time). UnknownPayload
+# cycle collector need not track the millions of them replay makes (bench/NOTES.md). UnknownPayload
 # holds a dict, and is tracked.
 class _Payload(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False, gc=False):
     pass
@@ -369,7 +369,7 @@ def decode_event(
     payload_type = _KINDS.get(kind)
     if payload_type is not None and version == CURRENT_VERSION[kind] and isinstance(data, (str, bytes)):
         # The common case - the current version, as JSON text - decoded straight into its struct, without the dict
-        # in between: a third of the cost, which replay pays once per event. Anything odd takes the general path.
+        # in between, a cost replay pays once per event. Anything odd takes the general path.
         try:
             typed: Payload = _typed_decoder(payload_type).decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -447,7 +447,7 @@ def decode_events(mentor_id: UUID | None, rows: str | bytes) -> list[Event]:
     of the array.
 
     The common case, every row of a known kind at its current version, is decoded straight into typed payloads in
-    one call: the per-event decoder calls and intermediate objects were a third of replay's client time. Anything
+    one call: the per-event decoder calls and intermediate objects were a large share of replay's client time. Anything
     else (an old version, an unknown kind, data its struct refuses) sends the whole array down the general path.
     """
     events: list[Event] = []

@@ -34,7 +34,7 @@ Crash safety: a row is claimed before its push and marked ``pushed_at`` after it
 scheduler re-runs an unfinished night on start) pushes the claimed-but-unpushed reminders. The worst case is a
 second push of the few reminders of the batch that was in flight, never a lost one.
 
-The scheduler (``nightly_forever``) keeps no state in memory: on start, and after every sleep, it asks the database
+The scheduler (``nightly.py``) keeps no state in memory: on start, and after every sleep, it asks the database
 whether the most recent night that should have run did, and runs it if not. So a process that was down at 02:00
 runs the missed night when it starts, and a standby that takes over does not run a night twice.
 """
@@ -44,11 +44,10 @@ from __future__ import annotations
 import os
 import socket
 import time as _time
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from collections.abc import Sequence
+from datetime import date
 from typing import Any, Literal
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 import anyio
 import msgspec
@@ -56,21 +55,16 @@ import psycopg
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from .alerting import Alerting
-from .alerts import Delivery, Notice
-from .clock import Clock
-from .config import Config
+from .alerts import Alerting
+from .db import query as _query
 from .events import ReminderSent, encode_payload
+from .fcm import Delivery, Notice
 
 __all__ = [
     "JOB",
     "NightReport",
     "default_owner",
-    "last_due_night",
-    "next_run_after",
-    "nightly_forever",
     "run_night",
-    "scheduled_at",
 ]
 
 JOB = "cert_expiry"
@@ -78,8 +72,6 @@ JOB = "cert_expiry"
 _LOCK = 0x484C_465F_4558_5059  # "HLF_EXPY"
 # Pushes are recorded (reminder_sent, pushed_at) after each batch: a crash repeats at most one batch.
 _BATCH = 500
-# The longest single sleep of the scheduler: a suspended host or a stepped clock costs at most this much lateness.
-_MAX_NAP_S = 900.0
 
 Outcome = Literal["done", "already_done", "already_running"]
 
@@ -140,110 +132,16 @@ class _Targets(msgspec.Struct, frozen=True):
     devices: tuple[UUID, ...] = ()  # coordinator_devices.id of each token, in order
 
 
-# -- SQL -------------------------------------------------------------------------------------------------------
+# -- SQL: named blocks in db/queries.sql ----------------------------------------------------------------------
 
-_START = """
-INSERT INTO hlf_job_runs (job, run_key, owner) VALUES (%(job)s, %(key)s, %(owner)s)
-ON CONFLICT (job, run_key) DO UPDATE
-    SET owner = EXCLUDED.owner, started_at = clock_timestamp(), finished_at = NULL, outcome = NULL,
-        attempts = hlf_job_runs.attempts + 1, detail = '{}'
-    WHERE hlf_job_runs.outcome IS DISTINCT FROM 'ok' OR %(rerun)s
-RETURNING attempts
-"""
-
-_FINISH = """
-UPDATE hlf_job_runs SET finished_at = clock_timestamp(), outcome = %s, detail = %s::jsonb
-WHERE job = %s AND run_key = %s
-"""
-
-_RUNNING = """
-SELECT run_key, owner, started_at FROM hlf_job_runs
-WHERE job = %s AND finished_at IS NULL ORDER BY started_at DESC LIMIT 1
-"""
-
-_DONE = "SELECT owner, finished_at FROM hlf_job_runs WHERE job = %s AND run_key = %s"
-
-# Claims every reminder due tonight in one statement and returns them as one JSON document:
-#   latest   active mentors whose latest expiry is today or later, with their organisation's thresholds
-#   crossed  one row per threshold with 0 <= days_left <= threshold (non-positive thresholds ignored, in case
-#            rows from before the validating trigger hold them)
-#   due      the smallest crossed threshold per mentor: the one reminder that may be sent
-#   known    each due reminder with its row in cert_expiry_reminders, if any
-#   claimed  for mentors whose due reminder has no row: a row for every crossed threshold, the due one to push, the
-#            larger ones superseded (ON CONFLICT: a larger one may have been reminded already)
-# Pushed tonight: the rows claimed for the due threshold, plus due rows an interrupted run claimed but never pushed.
-# (Rows inserted by `claimed` are invisible to the rest of the statement, so the two sets cannot overlap.)
-_CLAIM = """
-WITH latest AS (
-    SELECT m.id AS mentor_id, m.organisation_id, o.reminder_days, max(c.expires_on) AS expiry
-    FROM mentors m
-    JOIN organisations o ON o.id = m.organisation_id
-    JOIN certifications c ON c.mentor_id = m.id
-    WHERE m.status = 'active'
-      AND (%(org)s::uuid IS NULL OR m.organisation_id = %(org)s::uuid)
-      AND (%(mentor)s::uuid IS NULL OR m.id = %(mentor)s::uuid)
-    GROUP BY m.id, o.id
-    -- 'infinity' never expires, so it is never reminded about (and infinite dates cannot be subtracted).
-    HAVING max(c.expires_on) >= %(today)s AND isfinite(max(c.expires_on))
-), crossed AS (
-    SELECT l.mentor_id, l.organisation_id, l.expiry, l.expiry - %(today)s AS days_left, t.day AS threshold
-    FROM latest l CROSS JOIN LATERAL unnest(l.reminder_days) AS t(day)
-    WHERE t.day > 0 AND l.expiry - %(today)s <= t.day
-), due AS (
-    SELECT mentor_id, organisation_id, expiry, days_left, min(threshold) AS threshold
-    FROM crossed GROUP BY mentor_id, organisation_id, expiry, days_left
-), known AS (
-    SELECT d.*, r.mentor_id IS NOT NULL AS on_record, r.pushed_at, coalesce(r.superseded, false) AS superseded
-    FROM due d
-    LEFT JOIN cert_expiry_reminders r
-        ON r.mentor_id = d.mentor_id AND r.threshold_day = d.threshold AND r.certification_expiry_date = d.expiry
-), claimed AS (
-    INSERT INTO cert_expiry_reminders (mentor_id, threshold_day, certification_expiry_date, superseded)
-    SELECT c.mentor_id, c.threshold, c.expiry, c.threshold <> k.threshold
-    FROM known k JOIN crossed c ON c.mentor_id = k.mentor_id
-    WHERE NOT k.on_record
-    ON CONFLICT DO NOTHING
-    RETURNING mentor_id, threshold_day, superseded
-), to_push AS (
-    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
-    FROM known k JOIN claimed c ON c.mentor_id = k.mentor_id AND c.threshold_day = k.threshold AND NOT c.superseded
-    UNION ALL
-    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
-    FROM known k WHERE k.on_record AND k.pushed_at IS NULL AND NOT k.superseded
-), named AS (
-    SELECT p.*, m.full_name FROM to_push p JOIN mentors m ON m.id = p.mentor_id
-)
-SELECT json_build_object(
-    'already', (SELECT count(*) FROM known WHERE on_record AND (pushed_at IS NOT NULL OR superseded)),
-    'superseded', (SELECT count(*) FROM claimed WHERE superseded),
-    'due', coalesce((SELECT json_agg(p ORDER BY p.organisation_id, p.mentor_id) FROM named p), '[]')
-)::text
-"""
-
-# Live devices only: one FCM called dead with its current token is skipped (hlf_dead_devices, alerting.py).
-_TARGETS = """
-SELECT o.id, o.alert_topic,
-       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}'),
-       coalesce(array_agg(d.id::text ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
-FROM organisations o
-LEFT JOIN (coordinator_devices d LEFT JOIN hlf_dead_devices x ON x.device_id = d.id::text AND x.fcm_token = d.fcm_token)
-    ON d.organisation_id = o.id AND x.device_id IS NULL
-WHERE o.id = ANY(%s)
-GROUP BY o.id
-"""
-
-# reminder_sent is not a projected kind: it goes straight to the log, like alert_sent, not through the inbox.
-_RECORD_EVENTS = """
-INSERT INTO event_log (mentor_id, kind, data)
-SELECT x.mentor_id, x.kind, x.data::jsonb
-FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS x(mentor_id, kind, data)
-"""
-
-_MARK_PUSHED = """
-UPDATE cert_expiry_reminders r SET pushed_at = clock_timestamp()
-FROM unnest(%s::uuid[], %s::int[], %s::date[]) AS x(mentor_id, threshold_day, expiry)
-WHERE r.mentor_id = x.mentor_id AND r.threshold_day = x.threshold_day AND r.certification_expiry_date = x.expiry
-"""
+_START = _query("expiry_start")
+_FINISH = _query("expiry_finish")
+_RUNNING = _query("expiry_running")
+_DONE = _query("expiry_done")
+_CLAIM = _query("expiry_claim")
+_TARGETS = _query("expiry_targets")
+_RECORD_EVENTS = _query("expiry_record_events")
+_MARK_PUSHED = _query("expiry_mark_pushed")
 
 
 # -- one night ------------------------------------------------------------------------------------------------
@@ -271,6 +169,10 @@ def default_owner(role: str) -> str:
     return f"{role} on {socket.gethostname()} (pid {os.getpid()})"
 
 
+_TRY_JOB_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_JOB_UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+
 async def run_night(
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
@@ -290,7 +192,7 @@ async def run_night(
     key = today.isoformat()
     async with pool.connection() as raw:
         db = _Counted(raw)
-        row = await (await db.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK,))).fetchone()
+        row = await (await db.execute(_TRY_JOB_LOCK, (_LOCK,))).fetchone()
         if not (row and row[0]):
             running = await (await db.execute(_RUNNING, (JOB,))).fetchone()
             holder = f"{running[1]}, night of {running[0]}, since {running[2]:%Y-%m-%d %H:%M:%S%z}" if running else None
@@ -314,7 +216,7 @@ async def run_night(
         finally:
             with anyio.CancelScope(shield=True):
                 try:
-                    await raw.execute("SELECT pg_advisory_unlock(%s)", (_LOCK,))
+                    await raw.execute(_JOB_UNLOCK, (_LOCK,))
                 except psycopg.Error:  # a broken connection has dropped the lock with it
                     pass
 
@@ -327,11 +229,14 @@ async def _record_failure(db: _Counted, key: str, err: BaseException) -> None:
         pass  # the row stays unfinished, which the scheduler treats the same way
 
 
+_EXPIRE_CERTIFICATIONS = "SELECT hlf_expire_certifications(%s)"
+
+
 async def _night(db: _Counted, alerting: Alerting, today: date, concurrency: int, started: float) -> NightReport:
     log = logger.bind(night=today.isoformat())
     # Expire first: the removals reach the portal while the reminders go out. The two sets cannot overlap (an
     # expired mentor has no expiry >= today to be reminded about).
-    row = await (await db.execute("SELECT hlf_expire_certifications(%s)", (today,))).fetchone()
+    row = await (await db.execute(_EXPIRE_CERTIFICATIONS, (today,))).fetchone()
     transitioned = int(row[0]) if row else 0
     if transitioned:
         log.info("{} mentor(s) with no valid certification moved to expired_cert", transitioned)
@@ -501,69 +406,3 @@ async def _push(
 # -- when ----------------------------------------------------------------------------------------------------------
 
 
-def scheduled_at(night: date, zone: ZoneInfo, at: time) -> datetime:
-    """The instant (UTC) of the run for ``night``: its local wall time ``at`` in ``zone``.
-
-    DST: a wall time that does not exist that night (02:30 when clocks jump from 02:00 to 03:00) runs at the
-    instant it would have been, 03:30 local; one that happens twice (clocks going back) runs the first time.
-    """
-    return datetime.combine(night, at, tzinfo=zone).astimezone(UTC)
-
-
-def last_due_night(now: datetime, zone: ZoneInfo, at: time) -> date:
-    """The most recent night whose scheduled run is at or before ``now``: the one that should have run by now."""
-    night = now.astimezone(zone).date()
-    if scheduled_at(night, zone, at) > now:
-        night -= timedelta(days=1)
-    return night
-
-
-def next_run_after(now: datetime, zone: ZoneInfo, at: time) -> datetime:
-    """The first scheduled run strictly after ``now`` (UTC)."""
-    night = now.astimezone(zone).date()
-    when = scheduled_at(night, zone, at)
-    while when <= now:
-        night += timedelta(days=1)
-        when = scheduled_at(night, zone, at)
-    return when
-
-
-async def _sleep_until(clock: Clock, when: datetime) -> None:
-    while (left := (when - clock.now()).total_seconds()) > 0:
-        await clock.sleep(min(left, _MAX_NAP_S))
-
-
-async def nightly_forever(
-    pool: AsyncConnectionPool[Any],
-    alerting: Alerting,
-    config: Config,
-    clock: Clock,
-    leadership_wait: Callable[[], Awaitable[None]],
-    *,
-    owner: str | None = None,
-    retry_s: float = 300.0,
-    busy_poll_s: float = 60.0,
-) -> None:
-    """Run the expiry check every night at ``config.nightly_at`` in ``config.zone``, while this process leads.
-
-    On start (and after each sleep) it runs the most recent night that should have run, unless hlf_job_runs says
-    it did. A failed night is tried again after ``retry_s``; a night another process is running is looked at again
-    after ``busy_poll_s`` (if that process dies, its lock goes and this one runs the night).
-    """
-    owner = owner or default_owner("scheduler")
-    zone, at = config.zone, config.nightly_at
-    logger.info("expiry check scheduled every night at {:%H:%M} {}", at, config.timezone)
-    while True:
-        await leadership_wait()
-        night = last_due_night(clock.now(), zone, at)
-        try:
-            report = await run_night(pool, alerting, today=night, job_lock_owner=owner)
-        except Exception as err:  # the sync path must go on; the night is tried again
-            logger.opt(exception=err).error("expiry check of {} failed: {}; again in {:.0f}s", night, err, retry_s)
-            await clock.sleep(retry_s)
-            continue
-        if report.outcome == "already_running":
-            logger.info("expiry check: {}", report.describe())
-            await clock.sleep(busy_poll_s)
-            continue
-        await _sleep_until(clock, next_run_after(clock.now(), zone, at))

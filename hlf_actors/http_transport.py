@@ -83,7 +83,7 @@ def fast_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport | None:
     proxies = urllib.request.getproxies()
     if proxies.get("http") or proxies.get("https") or proxies.get("all"):
         return None
-    ssl_context = httpx.create_ssl_context()  # one for both pools: loading the CA bundle takes ~30 ms
+    ssl_context = httpx.create_ssl_context()  # one for both pools: loading the CA bundle is slow
     transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits)
     if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
         return None

@@ -33,9 +33,10 @@ import msgspec
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from .alerting import Alerting
+from .alerts import Alerting
 from .config import Config
-from .credentials import CheckablePortal, probe, read_tenant_state, record_verdict
+from .credentials import probe, read_tenant_state, record_verdict
+from .dynamics import Portal
 from .errors import TENANT_CAUSES, TenantError
 
 __all__ = ["Incident", "Incidents"]
@@ -68,7 +69,7 @@ class Incidents:
         config: Config,
         pool: AsyncConnectionPool[Any],
         alerting: Alerting,
-        portal: CheckablePortal | None,
+        portal: Portal | None,
         *,
         on_change: Callable[[Incident | None], None] = lambda incident: None,
     ) -> None:

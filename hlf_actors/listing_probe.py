@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import html
 import json
-import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -48,15 +47,29 @@ import httpx
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import projections
-from .alerting import Alerting
+from . import writer
+from .alerts import Alerting
 from .config import Config
+from .errors import ListingUnavailable
 from .events import Event, NewEvent, Operation, PublicListingConfirmed, PublicListingStale
+from .listing_page import (
+    GUID,
+    HREF,
+    LINK_TAG,
+    REL_NEXT,
+    Listing,
+    Page,
+    error_json,
+    get_page,
+    is_json,
+    page_title,
+    visible_words,
+    words_of,
+)
 from .metrics import Metrics
 
-__all__ = ["ListingProbe", "ListingUnavailable"]
+__all__ = ["ListingProbe"]
 
-_MAX_BODY = 20 * 1024 * 1024  # a listing page larger than this is not a listing
 _MAX_PAGES = 50  # pages of one listing read; a longer listing is read as cut short (no absence is concluded)
 _KNOWN_LISTED = 500  # mentors offered as the positive control; finding any one of them is enough
 
@@ -89,90 +102,6 @@ WHERE s.operation = 'restore' AND s.state = 'in_sync'
 ORDER BY s.updated_at
 LIMIT %s
 """
-
-_GUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
-_INVISIBLE = re.compile(r"<(script|style|template)\b.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
-_TAG = re.compile(r"<[^>]*>")
-_WORD = re.compile(r"\w+")
-_LINK_TAG = re.compile(r"<(?:a|link)\b[^>]*>", re.IGNORECASE)
-_REL_NEXT = re.compile(r"""\brel\s*=\s*["']?[^"'>]*\bnext\b""", re.IGNORECASE)
-_HREF = re.compile(r"""\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""", re.IGNORECASE)
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
-class ListingUnavailable(Exception):
-    """The public listing could not be read at all (down, a server error, an oversized body)."""
-
-
-def _words(text: str) -> str:
-    """Text as its words, case-folded, one space apart and padded: " ann smith " never contains " anna "."""
-    return " " + " ".join(_WORD.findall(text.casefold())) + " "
-
-
-def _visible_words(page: str) -> str:
-    """The words a visitor reads on an HTML page: no scripts, comments or markup, entities decoded."""
-    return _words(html.unescape(_TAG.sub(" ", _INVISIBLE.sub(" ", page))))
-
-
-def _title(page: str) -> str:
-    found = _TITLE.search(page)
-    return " ".join(html.unescape(_TAG.sub(" ", found.group(1))).split())[:80] if found else ""
-
-
-@dataclass
-class _Listing:
-    """What one read of the listing showed, all pages together."""
-
-    structured: bool
-    ids: set[str] = field(default_factory=set)  # record ids, lower-case: the rows (structured), or seen on the page
-    words: str = " "  # HTML: the visible words of every page
-    raw: list[str] = field(default_factory=list)  # HTML: the pages as served (the marker is looked for here)
-    complete: bool = True  # every page was read
-    problem: str | None = None  # why this read proves nothing (unrecognised), None when it is usable
-
-    def shows(self, match: str, key: str) -> bool:
-        """Whether the listing shows the mentor whose record id or name (per ``match``) is ``key``."""
-        if match == "portal_record_id":
-            return key.lower() in self.ids
-        return bool(key.strip()) and _words(key) in self.words
-
-
-@dataclass
-class _Page:
-    text: str
-    content_type: str
-    redirected_to: str | None
-
-
-async def _get_page(
-    http: httpx.AsyncClient, url: str, validators: dict[str, tuple[str | None, str | None, _Page]]
-) -> tuple[int, _Page]:
-    """GET one page (conditionally, reusing ``validators`` from earlier reads of the same URL)."""
-    headers: dict[str, str] = {"Accept": "application/json, text/html;q=0.9"}
-    known = validators.get(url)
-    if known and known[0]:
-        headers["If-None-Match"] = known[0]
-    if known and known[1]:
-        headers["If-Modified-Since"] = known[1]
-    try:
-        async with http.stream("GET", url, headers=headers) as response:
-            if response.status_code == 304 and known:
-                return 200, known[2]
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > _MAX_BODY:
-                    raise ListingUnavailable(f"a listing page is larger than {_MAX_BODY // (1024 * 1024)} MB")
-                chunks.append(chunk)
-            text = b"".join(chunks).decode(response.encoding or "utf-8", errors="replace")
-            moved = str(response.url) if response.history else None
-            page = _Page(text, response.headers.get("Content-Type", ""), moved)
-            if response.status_code == 200:
-                validators[url] = (response.headers.get("ETag"), response.headers.get("Last-Modified"), page)
-            return response.status_code, page
-    except httpx.HTTPError as err:
-        raise ListingUnavailable(f"{type(err).__name__}: {err}"[:200]) from None
 
 
 @dataclass
@@ -215,7 +144,7 @@ class ListingProbe:
         # Redirects are followed (http → https, a moved page): where they end is judged like any page, and a sign-in
         # page is then told apart by having no listed mentor on it.
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=True)
-        self._validators: dict[str, tuple[str | None, str | None, _Page]] = {}
+        self._validators: dict[str, tuple[str | None, str | None, Page]] = {}
         self._last_read: float | None = None  # anyio clock
         self._trouble: str | None = None  # the current episode of unreadable or unrecognised reads
         self.fetches = 0  # listing reads (each one or more page GETs)
@@ -292,39 +221,39 @@ class ListingProbe:
 
     # -- one read of the listing, and what it proves ------------------------------------------------------------
 
-    async def _read(self) -> _Listing:
+    async def _read(self) -> Listing:
         """All pages of the listing, judged: structured, HTML, or unrecognised. Raises ListingUnavailable."""
         self.fetches += 1
-        status, page = await _get_page(self._http, self._url, self._validators)
+        status, page = await get_page(self._http, self._url, self._validators)
         if status != 200:
             return self._refused(status, page)
-        if _is_json(page):
+        if is_json(page):
             return await self._read_structured(page)
         return await self._read_html(page)
 
-    def _refused(self, status: int, page: _Page) -> _Listing:
+    def _refused(self, status: int, page: Page) -> Listing:
         if status >= 500 or status == 429:
             raise ListingUnavailable(f"GET answered {status}")
-        what = _error_json(page.text) if _is_json(page) else _title(page.text)
-        return _Listing(structured=False, problem=f"GET answered {status}" + (f" ({what})" if what else ""))
+        what = error_json(page.text) if is_json(page) else page_title(page.text)
+        return Listing(structured=False, problem=f"GET answered {status}" + (f" ({what})" if what else ""))
 
-    async def _read_structured(self, first: _Page) -> _Listing:
-        listing = _Listing(structured=True)
-        page: _Page | None = first
+    async def _read_structured(self, first: Page) -> Listing:
+        listing = Listing(structured=True)
+        page: Page | None = first
         url = self._url
         for _ in range(_MAX_PAGES):
             assert page is not None
             try:
                 body = json.loads(page.text)
             except ValueError:
-                return _Listing(structured=True, problem="the JSON listing does not parse")
+                return Listing(structured=True, problem="the JSON listing does not parse")
             rows = body.get("value") if isinstance(body, dict) else body
             if not isinstance(rows, list):
-                return _Listing(structured=True, problem="JSON without a `value` list of rows")
+                return Listing(structured=True, problem="JSON without a `value` list of rows")
             for row in rows:
                 fields = {str(k).lower(): v for k, v in row.items()} if isinstance(row, dict) else {}
                 if self._key_field not in fields:
-                    return _Listing(
+                    return Listing(
                         structured=True,
                         problem=f"a row without {self._key_field} (add it to $select and Webapi/<table>/fields)",
                     )
@@ -335,16 +264,16 @@ class ListingProbe:
             if not isinstance(next_link, str) or not next_link:
                 return listing
             url = str(httpx.URL(url).join(next_link))
-            status, page = await _get_page(self._http, url, self._validators)
+            status, page = await get_page(self._http, url, self._validators)
             if status != 200:
                 raise ListingUnavailable(f"GET of the listing's next page answered {status}")
-            if not _is_json(page):
-                return _Listing(structured=True, problem="the next page of the JSON listing is not JSON")
+            if not is_json(page):
+                return Listing(structured=True, problem="the next page of the JSON listing is not JSON")
         listing.complete = False
         return listing
 
-    async def _read_html(self, first: _Page) -> _Listing:
-        listing = _Listing(structured=False)
+    async def _read_html(self, first: Page) -> Listing:
+        listing = Listing(structured=False)
         known = await self._known_listed()
         page, url, number = first, self._url, 1
         seen_pages: set[str] = set()
@@ -352,8 +281,8 @@ class ListingProbe:
             if page.text in seen_pages:  # a site that clamps ?page= to its last page
                 break
             seen_pages.add(page.text)
-            found_ids = set(_GUID.findall(page.text.lower()))
-            words = _visible_words(page.text)
+            found_ids = set(GUID.findall(page.text.lower()))
+            words = visible_words(page.text)
             if number > 1 and self._page_param and not self._has_rows(found_ids, words, known):
                 break
             listing.raw.append(page.text)
@@ -365,7 +294,7 @@ class ListingProbe:
             if number >= _MAX_PAGES:
                 listing.complete = False
                 break
-            status, page = await _get_page(self._http, next_url, self._validators)
+            status, page = await get_page(self._http, next_url, self._validators)
             if status == 404 and self._page_param:
                 break
             if status != 200:
@@ -380,7 +309,7 @@ class ListingProbe:
             )
         if not control:
             moved = f", redirected to {httpx.URL(first.redirected_to).path}" if first.redirected_to else ""
-            title = _title(first.text)
+            title = page_title(first.text)
             listing.problem = (
                 "the page is not recognisably the listing: no mentor known to be listed and no"
                 f" HLF_PUBLIC_LISTING_MARKER on it (title {title!r}{moved}; rows loaded by the browser?)"
@@ -392,14 +321,14 @@ class ListingProbe:
         if self._match == "portal_record_id":
             return bool(ids)
         names = known + [w.key for w in self._watches.values() if w.key]
-        return any(_words(name) in words for name in names)
+        return any(words_of(name) in words for name in names)
 
     def _next_page(self, text: str, url: str, number: int) -> str | None:
         if self._page_param:
             return str(httpx.URL(self._url).copy_set_param(self._page_param, str(number + 1)))
-        for tag in _LINK_TAG.findall(text):
-            if _REL_NEXT.search(tag):
-                href = _HREF.search(tag)
+        for tag in LINK_TAG.findall(text):
+            if REL_NEXT.search(tag):
+                href = HREF.search(tag)
                 if href:
                     target = html.unescape(next(g for g in href.groups() if g is not None))
                     return str(httpx.URL(url).join(target))
@@ -412,7 +341,7 @@ class ListingProbe:
         if not watches:
             return
         self._last_read = anyio.current_time()
-        listing: _Listing | None
+        listing: Listing | None
         try:
             listing = await self._read()
             problem = listing.problem
@@ -458,12 +387,12 @@ class ListingProbe:
                 del self._watches[w.mentor_id]
         if events:
             async with self._pool.connection() as conn, conn.transaction():
-                await projections.append(conn, events)
+                await writer.append(conn, events)
         for w in stale:
             await self._stale_alert(w, seen_at)
 
     def _agrees(
-        self, w: _Watch, listing: _Listing | None, problem: str | None
+        self, w: _Watch, listing: Listing | None, problem: str | None
     ) -> Literal["structured", "html+control"] | None:
         """How this read confirms the watch, or None. An absence needs the whole, recognised listing."""
         if listing is None or problem is not None or not w.key:
@@ -520,16 +449,3 @@ class ListingProbe:
         self._trouble = problem
 
 
-def _is_json(page: _Page) -> bool:
-    if "json" in page.content_type.lower():
-        return True
-    return page.text.lstrip()[:1] in ("{", "[")
-
-
-def _error_json(text: str) -> str:
-    """The portals Web API's error body, ``{"error": {"code", "message"}}``, shortened for a reason line."""
-    try:
-        error = json.loads(text).get("error", {})
-        return f"{error.get('code', '')} {error.get('message', '')}".strip()[:160]
-    except (ValueError, AttributeError):
-        return ""

@@ -43,8 +43,8 @@ import anyio
 import httpx
 import msgspec
 
-from .alerts import AlertSender, Notice, UnconfiguredAlertSender
 from .config import Config, Secret
+from .fcm import AlertSender, Notice, UnconfiguredAlertSender
 
 __all__ = [
     "ChannelResult",

@@ -1,7 +1,9 @@
-"""Projections of the event log: ``sync_status`` and ``dead_letters``, as one pure fold per mentor.
+"""The pure rules of every projection of the event log: ``sync_status`` and ``dead_letters`` (``MentorFold``) and
+``duplicate_findings`` (``Detector``), one fold per mentor, no clock and no I/O.
 
-The rule lives in ``MentorFold`` and nowhere else: the live path runs it through ``apply`` and ``fold``, replay
-directly (``hlf_actors.replay.fold_mentor``).
+Each rule lives here and nowhere else: the live path runs ``MentorFold`` through ``apply`` and ``fold``
+(``writer.py`` holds the SQL that appends events and writes the folded rows); replay, archival and the duplicate
+scan run both rules in one pass with ``fold_mentor``.
 
     sync_status.state
                       status_changed / sync_requested
@@ -22,50 +24,71 @@ the mentor ``pending`` and the actor sends again. (Outcomes written before snaps
 Live folding is incremental while events arrive in ``seq`` order. When an event arrives whose ``seq`` is below what
 the row already folded (its transaction committed late), the mentor is re-folded from the log in ``seq`` order, so
 the live projection always equals what replay computes: fold(all projected events of the mentor, by seq).
+
+The duplicate rules (``Detector``), two events of one mentor that should have been one:
+
+    rule                      two events of one mentor that should have been one
+    reminder_sent_twice       reminder_sent with the same (threshold_day, certification_expiry_date)
+    auto_transitioned_twice   auto_transitioned with the same certification_expiry_date (the certification period)
+    patch_succeeded_twice     attempt_succeeded of the same operation, when the first had left the mentor in sync
+                              and no status_changed or sync_requested came between them (by seq)
+
+What a legitimate second PATCH looks like, so the third rule leaves it alone: it answers something. A change writes
+status_changed; a force sync, a dead-letter re-queue and reconciliation write sync_requested — any of these between
+two successes makes the second one legitimate. A retry after an ambiguous timeout is not reported either: the
+timed-out attempt is an attempt_failed, so there is one success. Nor is the second PATCH after a change that
+committed late (a lower seq than the first success): the fold leaves that first success ``pending`` — it did not
+answer the late change — so the rule only arms on a success that left the mentor ``in_sync``. What remains is two
+senders answering the same change: a standby that did not stand by, or a bug. An auto_transitioned without a
+certification date (the mentor never had one) has no period and is not compared. Raising a finding is
+``duplicates.py``'s job.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from datetime import date, datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from datetime import datetime, timedelta
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
-import psycopg
 
-from . import db
 from .events import (
     AttemptFailed,
     AttemptSucceeded,
+    AutoTransitioned,
     DeadLettered,
+    DuplicateDetected,
     Event,
     NewEvent,
     Operation,
     Payload,
+    ReminderSent,
     Requeued,
     StatusChanged,
     SyncRequested,
     SyncSkipped,
-    decode_event,
-    encode_payload,
+    UnknownPayload,
     not_visible_in,
 )
 
 __all__ = [
+    "DETECTED_KINDS",
     "OPEN_STATES",
     "PROJECTED_KINDS",
+    "RULES",
     "DeadLetterRow",
-    "Drained",
-    "MentorFacts",
+    "Detector",
+    "DuplicateState",
+    "Finding",
+    "FindingRow",
     "MentorFold",
     "MentorProjection",
+    "MentorState",
     "SyncRow",
-    "append",
     "apply",
-    "drain_inbox",
     "fold",
+    "fold_mentor",
 ]
 
 State = Literal["pending", "retrying", "in_sync", "dead_lettered"]
@@ -88,8 +111,6 @@ _PROJECTED_TYPES = (
     DeadLettered,
     Requeued,
 )
-# Only one transaction at a time creates projection rows; rows that exist are locked with FOR UPDATE.
-DRAIN_LOCK = 0x484C_465F_4452_4149  # "HLF_DRAI"
 
 
 # gc=False: immutable values only, never in a reference cycle; not tracked by the cycle collector (events.py).
@@ -153,10 +174,10 @@ def fold(mentor_id: UUID, events: Iterable[Event], start: MentorProjection | Non
 
 class MentorFold:
     """Folds one mentor's events, in seq order, into its projection: the rule itself, which ``apply`` and ``fold``
-    wrap and replay runs beside the duplicate rules (``hlf_actors.replay.fold_mentor``).
+    wrap and ``fold_mentor`` runs beside the duplicate rules.
 
     Pure: no clock, no I/O. Mutable inside for speed: replay folds millions of events, and rebuilding the frozen
-    rows after each one cost half of it. ``projection()`` hands out the frozen result; ``state`` is the sync
+    rows after each one would dominate its cost. ``projection()`` hands out the frozen result; ``state`` is the sync
     state so far (None until the first change).
     """
 
@@ -329,261 +350,187 @@ assert set(_HANDLERS) == set(_PROJECTED_TYPES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reading and writing projections. Every function here runs inside the caller's transaction.
+# The duplicate rules: what ``duplicate_findings`` projects.
 
-_SYNC_COLUMNS = tuple(SyncRow.__struct_fields__)
-_DL_COLUMNS = tuple(DeadLetterRow.__struct_fields__)
-
-_UPSERT_SYNC = (
-    f"INSERT INTO sync_status ({', '.join(_SYNC_COLUMNS)}) "  # noqa: S608 - column names are constants
-    f"VALUES ({', '.join(['%s'] * len(_SYNC_COLUMNS))}) "
-    "ON CONFLICT (mentor_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _SYNC_COLUMNS if c != "mentor_id")
-)
-_UPSERT_DL = (
-    f"INSERT INTO dead_letters ({', '.join(_DL_COLUMNS)}) "  # noqa: S608 - column names are constants
-    f"VALUES ({', '.join(['%s'] * len(_DL_COLUMNS))}) "
-    "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in _DL_COLUMNS if c != "id")
-)
+Rule = Literal["reminder_sent_twice", "auto_transitioned_twice", "patch_succeeded_twice"]
+RULES: tuple[Rule, ...] = ("reminder_sent_twice", "auto_transitioned_twice", "patch_succeeded_twice")
+# Kinds the detector reads besides the projected ones (those it needs for the third rule).
+DETECTED_KINDS: tuple[str, ...] = ("reminder_sent", "auto_transitioned", "duplicate_detected")
 
 
-def _events_from_rows(rows: Iterable[Sequence[Any]]) -> list[Event]:
-    return [decode_event(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+class Finding(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """What a rule found: the key is deterministic, so the same duplicate is the same finding on every run."""
+
+    key: str
+    rule: Rule
+    mentor_id: UUID
+    seqs: tuple[int, ...]
+    detail: str
 
 
-async def _load(
-    conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID], *, lock: bool, letters: bool = True
-) -> dict[UUID, MentorProjection]:
-    """Current projections of the mentors; ``lock`` takes their rows FOR UPDATE. Without ``letters`` the dead
-    letters are left out: only safe when no event about to be folded creates or changes one."""
-    pending = await _send_load(conn, mentor_ids, lock=lock, letters=letters)
-    return await pending.collect()
+class FindingRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A ``duplicate_findings`` row as its duplicate_detected event defines it (``alerted_at`` is not projected)."""
+
+    key: str
+    rule: str
+    mentor_id: UUID
+    seqs: tuple[int, ...]
+    event_seq: int
+    detected_at: datetime
 
 
-class _PendingLoad:
-    """A load whose statements are sent but whose rows are not read yet: in pipeline mode, what is sent after it
-    travels in the same round trip."""
+class DuplicateState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One mentor's duplicate detection, folded up to some event; stored in projection_snapshots at an archive cut."""
 
-    def __init__(
-        self,
-        ids: list[UUID],
-        syncs: psycopg.AsyncCursor[Any],
-        letters: psycopg.AsyncCursor[Any] | None,
-    ) -> None:
-        self._ids, self._syncs, self._letters = ids, syncs, letters
+    reminders: dict[str, int] = {}  # "threshold_day/expiry" → seq of the first reminder
+    transitions: dict[str, int] = {}  # expiry → seq of the first auto_transitioned
+    armed_seq: int | None = None  # the last success, if it left the mentor in sync and nothing asked since
+    armed_operation: str | None = None
+    found: tuple[Finding, ...] = ()
+    raised: tuple[FindingRow, ...] = ()
 
-    async def collect(self) -> dict[UUID, MentorProjection]:
-        syncs = {row[0]: sync_row_from_db(row) for row in await self._syncs.fetchall()}
-        found: dict[UUID, list[DeadLetterRow]] = defaultdict(list)
-        if self._letters is not None:
-            for row in await self._letters.fetchall():
-                letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
-                found[letter.mentor_id].append(letter)
-        return {
-            m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ())))
-            for m in self._ids
-        }
+    def unraised(self) -> list[Finding]:
+        if not self.found:
+            return []
+        done = {row.key for row in self.raised}
+        return [f for f in self.found if f.key not in done]
 
 
-async def _send_load(
-    conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID], *, lock: bool, letters: bool
-) -> _PendingLoad:
-    ids = sorted(set(mentor_ids))
-    syncs = conn.cursor()
-    await syncs.execute(db.query("load_sync_rows_for_update" if lock else "load_sync_rows"), (ids,))
-    found = None
-    if letters:
-        found = conn.cursor()
-        await found.execute(db.query("load_dead_letters"), (ids,))
-    return _PendingLoad(ids, syncs, found)
+_OTHER_PROJECTED = frozenset({AttemptFailed, DeadLettered, Requeued, SyncSkipped})
 
 
-async def _write(
-    conn: psycopg.AsyncConnection[Any], changes: Iterable[tuple[MentorProjection, MentorProjection]]
-) -> None:
-    sync_rows: list[tuple[Any, ...]] = []
-    letter_rows: list[tuple[Any, ...]] = []
-    gone: list[int] = []
-    for old, new in changes:
-        if new.sync is not None and new.sync != old.sync:
-            sync_rows.append(tuple(list(v) if isinstance(v, tuple) else v for v in msgspec.structs.astuple(new.sync)))
-        old_letters = {dl.id: dl for dl in old.dead_letters}
-        new_ids = set()
-        for letter in new.dead_letters:
-            new_ids.add(letter.id)
-            if old_letters.get(letter.id) != letter:
-                letter_rows.append(msgspec.structs.astuple(letter))
-        gone.extend(i for i in old_letters if i not in new_ids)
-    async with conn.cursor() as cur:
-        if sync_rows:
-            await cur.executemany(_UPSERT_SYNC, sync_rows)
-        if letter_rows:
-            await cur.executemany(_UPSERT_DL, letter_rows)
-        if gone:
-            await cur.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (gone,))
+class Detector:
+    """Folds one mentor's events, in seq order, into a DuplicateState. Pure: no clock, no I/O.
 
-
-async def _refold(conn: psycopg.AsyncConnection[Any], mentor_ids: Sequence[UUID]) -> dict[UUID, MentorProjection]:
-    """Fold mentors again from every projected event of theirs, in seq order: what replay would compute. A mentor
-    whose oldest events were archived starts from their state at the cut, with the events after it
-    (hlf_actors/replay.py)."""
-    cur = await conn.execute(_ARCHIVE_SNAPSHOTS, (list(mentor_ids),))
-    starts = {row[0]: (row[1], msgspec.json.decode(row[2], type=MentorProjection)) for row in await cur.fetchall()}
-    cur = await conn.execute(db.query("projected_events_of_mentors"), (list(mentor_ids), list(PROJECTED_KINDS)))
-    by_mentor: dict[UUID, list[Event]] = defaultdict(list)
-    for event in _events_from_rows(await cur.fetchall()):
-        assert event.mentor_id is not None
-        if event.mentor_id not in starts or event.seq > starts[event.mentor_id][0]:
-            by_mentor[event.mentor_id].append(event)
-    return {m: fold(m, by_mentor.get(m, ()), start=starts[m][1] if m in starts else None) for m in mentor_ids}
-
-
-_ARCHIVE_SNAPSHOTS = "SELECT mentor_id, cut_seq, projection::text FROM projection_snapshots WHERE mentor_id = ANY(%s)"
-
-
-# The events whose fold may create or change a dead letter (a success resolves the open ones).
-_LETTER_TYPES = (DeadLettered, Requeued, AttemptSucceeded)
-
-
-def _touches_letters(events: Iterable[Event | NewEvent]) -> bool:
-    return any(isinstance(e.payload, _LETTER_TYPES) for e in events)
-
-
-async def _project(
-    conn: psycopg.AsyncConnection[Any],
-    events: Sequence[Event],
-    current: dict[UUID, MentorProjection] | None = None,
-) -> dict[UUID, MentorProjection]:
-    """Fold events into the projections of their mentors; ``current`` is what the caller already loaded and
-    locked, else the rows are loaded and locked here."""
-    by_mentor: dict[UUID, list[Event]] = defaultdict(list)
-    for event in events:
-        if is_projected(event):
-            assert event.mentor_id is not None
-            by_mentor[event.mentor_id].append(event)
-    if not by_mentor:
-        return {}
-    if current is None:
-        current = await _load(conn, list(by_mentor), lock=True, letters=_touches_letters(events))
-    changes: list[tuple[MentorProjection, MentorProjection]] = []
-    late: list[UUID] = []
-    for mentor_id, mentor_events in by_mentor.items():
-        old = current[mentor_id]
-        mentor_events.sort(key=lambda e: e.seq)
-        if old.sync is not None and mentor_events[0].seq <= old.sync.last_seq:
-            # A transaction committed after a later one was already folded: fold the mentor again by seq.
-            late.append(mentor_id)
-        else:
-            changes.append((old, fold(mentor_id, mentor_events, start=old)))
-    if late:
-        olds = await _load(conn, late, lock=False)
-        news = await _refold(conn, late)
-        changes.extend((olds[m], news[m]) for m in late)
-    await _write(conn, changes)
-    return {new.mentor_id: new for _, new in changes}
-
-
-async def append(
-    conn: psycopg.AsyncConnection[Any], events: Sequence[NewEvent]
-) -> tuple[list[Event], dict[UUID, MentorProjection]]:
-    """Append events and fold them into the projections, in the caller's transaction.
-
-    Used for the service's own events (attempt outcomes, alerts). The rows of the mentors concerned are locked
-    FOR UPDATE and the events inserted in the same flight of statements (one round trip when the caller's
-    connection is in pipeline mode); an event whose seq turns out to be below what its row already folded is
-    handled like any late event, by re-folding the mentor from the log.
+    Mutable inside for speed (replay runs it over millions of events); ``state()`` hands out the frozen result.
     """
-    mentors = sorted({e.mentor_id for e in events if e.mentor_id is not None and is_projected(e)})
-    letters = _touches_letters(events)
-    load = await _send_load(conn, mentors, lock=True, letters=letters) if mentors else None
-    inserts: list[psycopg.AsyncCursor[Any]] = []
-    for new in events:
-        cur = conn.cursor()
-        await cur.execute(db.query("insert_event"), (new.mentor_id, new.kind, encode_payload(new.payload).decode()))
-        inserts.append(cur)
-    current = await load.collect() if load is not None else None
-    rows: list[tuple[int, datetime, int]] = []
-    for cur in inserts:
-        row = await cur.fetchone()
-        assert row is not None
-        rows.append((row[0], row[1], row[2]))
-    appended = [
-        Event(seq=seq, mentor_id=new.mentor_id, kind=new.kind, version=1, recorded_at=at, payload=new.payload, xid=xid)
-        for (seq, at, xid), new in zip(rows, events, strict=True)
-    ]
-    if current is None:
-        return appended, {}
-    if any(p.sync is None for p in current.values()):
-        # New projection rows are only ever created under the drain lock.
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
-        current = await _load(conn, mentors, lock=True, letters=letters)
-    return appended, await _project(conn, appended, current)
 
+    __slots__ = ("_armed_op", "_armed_seq", "_found", "_mentor", "_raised", "_reminders", "_transitions")
 
-class MentorFacts(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """What a drain read about a mentor beside its events (the ``drain_take`` query): together with the mentor's
-    folded projection, everything ``mentor_work`` would read, so the drain can hand the actor its work."""
+    def __init__(self, mentor_id: UUID, start: DuplicateState | None = None) -> None:
+        self._mentor = mentor_id
+        if start is None:  # most of replay's mentors: no copies to make
+            self._reminders: dict[str, int] = {}
+            self._transitions: dict[str, int] = {}
+            self._armed_seq: int | None = None
+            self._armed_op: str | None = None
+            self._found: list[Finding] = []
+            self._raised: list[FindingRow] = []
+            return
+        self._reminders = dict(start.reminders)
+        self._transitions = dict(start.transitions)
+        self._armed_seq = start.armed_seq
+        self._armed_op = start.armed_operation
+        self._found = list(start.found)
+        self._raised = list(start.raised)
 
-    mentor_exists: bool
-    portal_record_id: UUID | None
-    eligible: bool
-    snapshot: str
-    newest_change_seq: int | None
-    change_age_s: float | None
-    db_now: datetime
+    def step(self, event: Event, sync_state: str | None) -> None:
+        """Fold one event; ``sync_state`` is the mentor's sync state *after* it (``MentorFold``)."""
+        # Exact type checks, not isinstance: payload classes have no subclasses, and isinstance against a msgspec
+        # Struct class that is not the object's own goes through the metaclass, once per event of replay.
+        payload = event.payload
+        cls = type(payload)
+        if cls in _OTHER_PROJECTED:
+            return  # nothing for these rules
+        if type(payload) is AttemptSucceeded:
+            if self._armed_seq is not None and self._armed_op == payload.operation:
+                self._find(
+                    "patch_succeeded_twice",
+                    payload.operation,
+                    self._armed_seq,
+                    event.seq,
+                    f"{payload.operation} PATCH succeeded twice with no change or sync request between",
+                )
+            if sync_state == "in_sync":
+                self._armed_seq, self._armed_op = event.seq, payload.operation
+            else:
+                self._armed_seq = self._armed_op = None
+        elif cls is StatusChanged or cls is SyncRequested:
+            self._armed_seq = self._armed_op = None
+        elif event.kind == "reminder_sent":
+            threshold = _field(payload, "threshold_day")
+            expiry = _field(payload, "certification_expiry_date")
+            if threshold is not None and expiry is not None:
+                natural = f"{threshold}/{expiry}"
+                first = self._reminders.setdefault(natural, event.seq)
+                if first != event.seq:
+                    self._find(
+                        "reminder_sent_twice",
+                        natural,
+                        first,
+                        event.seq,
+                        f"{threshold}-day reminder for the certification expiring {expiry} sent twice",
+                    )
+        elif event.kind == "auto_transitioned":
+            expiry = _field(payload, "certification_expiry_date")
+            if expiry is not None:
+                first = self._transitions.setdefault(expiry, event.seq)
+                if first != event.seq:
+                    self._find(
+                        "auto_transitioned_twice",
+                        expiry,
+                        first,
+                        event.seq,
+                        f"auto-transitioned twice for the certification expiring {expiry}",
+                    )
+        elif type(payload) is DuplicateDetected:
+            self._raised.append(
+                FindingRow(
+                    key=payload.finding,
+                    rule=payload.rule,
+                    mentor_id=self._mentor,
+                    seqs=payload.seqs,
+                    event_seq=event.seq,
+                    detected_at=event.recorded_at,
+                )
+            )
 
+    def _find(self, rule: Rule, natural: str, first: int, second: int, detail: str) -> None:
+        key = f"{rule}:{self._mentor}:{natural}:{first}:{second}"
+        detail = f"{detail} (events {first} and {second})"
+        self._found.append(Finding(key=key, rule=rule, mentor_id=self._mentor, seqs=(first, second), detail=detail))
 
-class Drained(NamedTuple):
-    taken: int  # events taken from the inbox
-    projected: dict[UUID, MentorProjection]  # the new projection of every mentor touched
-    facts: dict[UUID, MentorFacts]  # for every mentor with events in the batch
-
-
-async def drain_inbox(
-    conn: psycopg.AsyncConnection[Any],
-    limit: int = 1000,
-    *,
-    on_events: Callable[[Sequence[Event]], None] | None = None,
-    today: date | None = None,
-) -> Drained:
-    """Project up to ``limit`` events written by SQL, oldest first, and remove them from the inbox.
-
-    Must run inside a transaction. Taking the events, locking their mentors' rows and reading the mentors' facts
-    (eligibility on ``today``, default the host's date) is one statement; the fold's writes are sent, and in
-    pipeline mode not yet waited for, when this returns. ``on_events`` sees the events taken (for metrics).
-    """
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DRAIN_LOCK,))
-    cur = await conn.execute(db.query("drain_take"), {"limit": limit, "today": today or date.today()})
-    rows = await cur.fetchall()
-    if not rows:
-        return Drained(0, {}, {})
-    events = _events_from_rows(rows)
-    if on_events is not None:
-        on_events(events)
-    current: dict[UUID, MentorProjection] = {}
-    facts: dict[UUID, MentorFacts] = {}
-    for row in rows:
-        mentor_id = row[1]
-        if mentor_id is None or mentor_id in facts:
-            continue
-        sync = sync_row_from_db(row[7:19]) if row[7] is not None else None
-        current[mentor_id] = MentorProjection(mentor_id=mentor_id, sync=sync)
-        exists, record_id, eligible, snapshot, change_seq, age, now = row[19:]
-        facts[mentor_id] = MentorFacts(
-            mentor_exists=exists,
-            portal_record_id=record_id,
-            eligible=bool(eligible),
-            snapshot=snapshot,
-            newest_change_seq=change_seq,
-            change_age_s=age,
-            db_now=now,
+    def state(self) -> DuplicateState:
+        return DuplicateState(
+            reminders=dict(self._reminders) if self._reminders else {},
+            transitions=dict(self._transitions) if self._transitions else {},
+            armed_seq=self._armed_seq,
+            armed_operation=self._armed_op,
+            found=tuple(self._found) if self._found else (),
+            raised=tuple(self._raised) if self._raised else (),
         )
-    if _touches_letters(events):  # rare: the fold needs the dead letters too (the rows are locked already)
-        current = await _load(conn, list(current), lock=True)
-    return Drained(len(events), await _project(conn, events, current), facts)
 
 
-def sync_row_from_db(row: Sequence[Any]) -> SyncRow:
-    values = dict(zip(_SYNC_COLUMNS, row, strict=True))
-    values["uncovered_xids"] = tuple(values["uncovered_xids"] or ())
-    return SyncRow(**values)
+def _field(payload: object, name: str) -> str | None:
+    """A payload field as text, from the struct or, for a payload that did not decode (an older or newer shape),
+    from its raw data — so a reminder the current struct cannot read is still compared."""
+    if isinstance(payload, ReminderSent | AutoTransitioned):
+        value = getattr(payload, name, None)
+    elif isinstance(payload, UnknownPayload):
+        value = payload.raw.get(name)
+    else:
+        return None
+    return None if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every projection of one mentor, in one pass.
+
+class MentorState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Everything the log projects for one mentor; what projection_snapshots stores at an archive cut."""
+
+    projection: MentorProjection
+    duplicates: DuplicateState
+
+
+def fold_mentor(mentor_id: UUID, events: Sequence[Event], start: MentorState | None = None) -> MentorState:
+    """Fold a mentor's events (in seq order) into every projection. Pure; the live path folds with the same
+    ``MentorFold`` (through ``apply``), and the duplicate rules see the sync state after each event."""
+    folding = MentorFold(mentor_id, start.projection if start is not None else None)
+    detector = Detector(mentor_id, start.duplicates if start is not None else None)
+    step, detect = folding.step, detector.step
+    for event in events:
+        step(event)
+        detect(event, folding.state)
+    return MentorState(projection=folding.projection(), duplicates=detector.state())

@@ -38,45 +38,34 @@ mentors are linked, nothing is requested: a ``reconcile_aborted`` event records 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import date
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 from uuid import UUID
 
-import anyio
 import msgspec
 import psycopg
 from loguru import logger
 
-from . import db, projections
-from .actor import Portal, Runtime
-from .alerting import Alerting
-from .config import Config
-from .credentials import CheckablePortal
-from .dynamics import ListingRow
+from . import db, writer
+from .actor import Runtime
+from .alerts import Alerting
+from .dynamics import Portal
 from .events import NewEvent, ReconcileAborted, ReconcileFinished
 
 __all__ = [
     "Divergence",
-    "ListingPortal",
     "Orphan",
     "ReconcileReport",
     "RequestsOutcome",
     "alert_aborted",
     "reconcile",
     "reconcile_forever",
-    "render_report",
-    "run_cli",
     "wait_for_requests",
 ]
 
 PAGE_SIZE = 5000  # Dataverse's largest page
 _BATCH = 5000  # rows fetched, and sync requests appended, per round trip
-
-
-@runtime_checkable
-class ListingPortal(CheckablePortal, Protocol):
-    def listing(self, page_size: int = PAGE_SIZE) -> AsyncIterator[list[ListingRow]]: ...
 
 
 class Divergence(msgspec.Struct, frozen=True):
@@ -139,6 +128,14 @@ class ReconcileReport(msgspec.Struct, frozen=True, kw_only=True):
             syncing=self.syncing,
         )
 
+    def summary_line(self) -> str:
+        r = self
+        return (
+            f"reconciled {r.portal_records} portal record(s) ({r.pages} page(s)) against {r.mentors_checked} mentor(s) "
+            f"in {r.duration_ms:.0f} ms: {len(r.divergent)} divergent, {len(r.missing)} missing, "
+            f"{len(r.orphans)} orphan(s); {len(r.requested)} sync(s) requested"
+        )
+
 
 def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
@@ -159,7 +156,7 @@ def _untrusted(listing_rows: int, linked: int, lacking: int, max_missing: float)
 
 async def reconcile(
     conn: psycopg.AsyncConnection[Any],
-    portal: ListingPortal,
+    portal: Portal,
     *,
     today: date,
     page_size: int = PAGE_SIZE,
@@ -250,11 +247,11 @@ async def reconcile(
     )
     async with conn.transaction():
         if untrusted is None:
-            await projections.append(conn, [NewEvent(None, report.finished())])
+            await writer.append(conn, [NewEvent(None, report.finished())])
             return report
         cur3 = await conn.execute(db.query("latest_reconcile_outcome"))
         previous = await cur3.fetchone()
-        await projections.append(conn, [NewEvent(None, report.aborted_event(max_missing))])
+        await writer.append(conn, [NewEvent(None, report.aborted_event(max_missing))])
     return msgspec.structs.replace(report, first_abort=previous is None or previous[0] != "reconcile_aborted")
 
 
@@ -274,20 +271,9 @@ async def alert_aborted(alerting: Alerting, report: ReconcileReport) -> None:
     )
 
 
-def _summary_line(r: ReconcileReport) -> str:
-    return (
-        f"reconciled {r.portal_records} portal record(s) ({r.pages} page(s)) against {r.mentors_checked} mentor(s) "
-        f"in {r.duration_ms:.0f} ms: {len(r.divergent)} divergent, {len(r.missing)} missing, "
-        f"{len(r.orphans)} orphan(s); {len(r.requested)} sync(s) requested"
-    )
-
-
 async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal) -> None:
     """The leader's periodic job: a tenant check at start-up, then every HLF_RECONCILE_EVERY a tenant check followed
     by a reconciliation. A failed run logs one line and waits for the next period."""
-    if not isinstance(portal, ListingPortal):
-        logger.warning("reconciliation and tenant checks are off: this portal client cannot read the listing")
-        return
     config = runtime.config
     incidents = runtime.incidents
     await runtime.leadership.wait()
@@ -315,7 +301,7 @@ async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal
             if report.aborted is not None:
                 await alert_aborted(alerting, report)
                 continue
-            logger.info(_summary_line(report))
+            logger.info(report.summary_line())
             for d in report.missing:
                 logger.bind(mentor_id=str(d.mentor_id)).warning(
                     "portal record {} is gone but the mentor should be listed: recreate it", d.record_id
@@ -325,50 +311,6 @@ async def reconcile_forever(runtime: Runtime, alerting: Alerting, portal: Portal
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
-
-
-def _flag(value: bool | None) -> str:
-    return "absent" if value is None else ("listed" if value else "unlisted")
-
-
-def render_report(r: ReconcileReport, *, limit: int = 50) -> str:
-    lines = [
-        _summary_line(r),
-        f"  {'in sync':<36}{r.in_sync:>8}",
-        f"  {'divergent (listed flag wrong)':<36}{len(r.divergent):>8}   → sync requested",
-        f"  {'missing record, should be listed':<36}{len(r.missing):>8}"
-        + (
-            "   → sync requested; it will fail (404), be dead-lettered and alert the coordinators:"
-            " someone must recreate the portal record"
-            if r.missing
-            else ""
-        ),
-        f"  {'absent, as it should be':<36}{r.absent_ok:>8}",
-        f"  {'dead-lettered, not requested again':<36}{len(r.dead_lettered):>8}"
-        + ("   → see `hlf-actors dead-letters list`" if r.dead_lettered else ""),
-        f"  {'differing, its own sync under way':<36}{r.syncing:>8}"
-        + ("   → left to its actor; checked again next period" if r.syncing else ""),
-        f"  {'orphan records (no mentor owns them)':<36}{len(r.orphans):>8}"
-        + ("   → reported only, never touched" if r.orphans else ""),
-        f"  {'sync requests queued':<36}{len(r.requested):>8}",
-        f"  timings: portal {r.portal_ms:.0f} ms, database {r.database_ms:.0f} ms, queueing {r.queue_ms:.0f} ms",
-    ]
-    found = r.divergent + r.missing + r.dead_lettered
-    if found:
-        lines.append(f"{'MENTOR':36}  {'RECORD':36}  {'PORTAL':8}  {'SHOULD BE':9}  SYNC STATE WHEN READ")
-        for d in found[:limit]:
-            state = d.state or "-"
-            lines.append(
-                f"{d.mentor_id!s:36}  {d.record_id!s:36}  {_flag(d.portal_listed):8}  {_flag(d.expected):9}  {state}"
-            )
-        if len(found) > limit:
-            lines.append(f"… and {len(found) - limit} more")
-    if r.orphans:
-        lines.append(f"orphan records (never touched):\n{'RECORD':36}  PORTAL")
-        lines.extend(f"{o.record_id!s:36}  {_flag(o.listed)}" for o in r.orphans[:limit])
-        if len(r.orphans) > limit:
-            lines.append(f"… and {len(r.orphans) - limit} more")
-    return "\n".join(lines)
 
 
 class RequestsOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -395,73 +337,3 @@ def wait_for_requests(
         time.sleep(poll_s)
 
 
-def run_cli(config: Config, *, wait: float, page_size: int = PAGE_SIZE, limit: int = 50) -> int:
-    """`hlf-actors reconcile`: one reconciliation, its findings, then (``wait`` > 0) how the requests ended."""
-    from .alerts import build_alert_sender
-    from .clock import SystemClock
-    from .dynamics import DynamicsClient
-    from .ops_channels import open_ops_channels
-
-    url = config.require_database()
-    config.require_portal()
-
-    async def main() -> ReconcileReport:
-        portal = DynamicsClient(config)
-        try:
-            conn = await db.connect_async(url, app_schema=config.app_schema)
-            async with conn:
-                report = await reconcile(
-                    conn,
-                    portal,
-                    today=SystemClock().today(config.zone),
-                    page_size=page_size,
-                    max_missing=config.reconcile_max_missing,
-                )
-            if report.first_abort:
-                sender = build_alert_sender(config.fcm_credentials, config.fcm_url)
-                try:
-                    async with (
-                        db.pool(
-                            url, name="hlf-reconcile", max_size=1, open_timeout=15, app_schema=config.app_schema
-                        ) as pool,
-                        open_ops_channels(config, sender) as channels,
-                    ):
-                        alerting = Alerting(pool, sender, ops_topic=config.ops_topic, ops_channels=channels)
-                        await alert_aborted(alerting, report)
-                finally:
-                    await sender.aclose()
-            return report
-        finally:
-            await portal.aclose()
-
-    report = anyio.run(main)
-    if report.aborted is not None:
-        print(f"reconciliation ABORTED, nothing requested: {report.aborted}")
-        return 1
-    print(render_report(report, limit=limit))
-    if not report.requested and report.syncing:
-        print(
-            f"nothing requested: {report.syncing} mentor(s) differ while their own sync is under way; "
-            "`hlf-actors status` shows them and `hlf-actors run` sends them"
-        )
-        return 0
-    if not report.requested:
-        print("nothing to fix")
-        return 0
-    if wait <= 0:
-        print(f"{len(report.requested)} sync request(s) queued; `hlf-actors run` sends them")
-        return 0
-    print(f"waiting up to {wait:.0f}s for the service to fix {len(report.requested)} mentor(s)…")
-    with db.connect(url, app_schema=config.app_schema) as conn:
-        outcome = wait_for_requests(conn, report.requested, timeout=wait)
-    print(f"fixed {len(outcome.fixed)} of {len(report.requested)}")
-    for mentor_id in outcome.failed[:limit]:
-        print(f"  dead-lettered: {mentor_id}  (see `hlf-actors status {mentor_id}`)")
-    for mentor_id in outcome.open[:limit]:
-        print(f"  still open:    {mentor_id}")
-    if outcome.unprojected:
-        print(
-            f"{outcome.unprojected} request(s) were never picked up: is `hlf-actors run` running? "
-            "They stay queued and are sent when it runs."
-        )
-    return 0 if not outcome.failed and not outcome.open else 1

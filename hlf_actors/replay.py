@@ -1,9 +1,10 @@
 """Replay: rebuild every projection from event_log alone, while the service runs, and check or repair the live ones.
 
 The projections are ``sync_status`` and ``dead_letters`` (``projections.MentorFold``, what ``apply`` runs) and
-``duplicate_findings`` (``duplicates.Detector``); ``fold_mentor`` runs both over one mentor's events in one pass, and
-is the only fold replay knows. A mentor's projected events are those in event_log and not in hlf_inbox, folded in
-seq order, after the mentor's projection_snapshots row if their oldest events were archived.
+``duplicate_findings`` (``projections.Detector``); ``projections.fold_mentor`` runs both over one mentor's events in
+one pass, and is the only fold replay knows (it reads the log with ``history.histories``). A mentor's projected
+events are those in event_log and not in hlf_inbox, folded in seq order, after the mentor's projection_snapshots row
+if their oldest events were archived.
 
     1. rebuild   REPEATABLE READ snapshot S0; stream event_log by (mentor, seq), one row per mentor, a few
                  thousand rows at a time, so memory stays flat whatever the log's size; fold; COPY the rows into
@@ -16,7 +17,7 @@ seq order, after the mentor's projection_snapshots row if their oldest events we
        verify:   print them and roll back; nothing live is touched
 
 Why the lock makes step 2 exact: every writer of projected events or projection rows goes through a lock on
-sync_status first — ``projections.append`` loads its rows FOR UPDATE before appending, the drain loads them before
+sync_status first — ``writer.append`` loads its rows FOR UPDATE before appending, the drain loads them before
 writing, and duplicate raisers lock duplicate_findings before appending. Once EXCLUSIVE mode is granted, none is in
 flight and the next ones wait, so the log we fold is the log the live tables reflect. (A drain may have taken rows
 off the inbox and be waiting for its row locks: its transaction has not committed, so to us those events are still
@@ -28,25 +29,16 @@ Why a diff and not TRUNCATE + INSERT: EXCLUSIVE mode still lets readers read, an
 commit and the new ones after it — never a half-built projection — and a projection that was right is not
 rewritten. One replay or archival runs at a time (a session advisory lock).
 
-Archival (``archive``): events older than N days are folded into projection_snapshots and copied to
-event_log_archive; the snapshots are stored under the table locks, and then the archived rows are deleted from
-event_log in small transactions. Every reader — replay, the periodic duplicate check and the live re-fold of a late
-commit — folds a mentor's snapshot and only the events after its cut, so it is exact before, during and after the
-delete. The append-only triggers allow exactly that delete: rows already in the archive, of mentors whose snapshot
-covers them, with ``hlf.archiving`` set.
+Archival (``archival.py``) shares the replay lock and folds with the same rule.
 """
 
 from __future__ import annotations
 
-import queue
-import sys
-import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, suppress
-from datetime import timedelta
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -54,197 +46,23 @@ import psycopg
 from psycopg import sql
 
 from . import db
-from .duplicates import DETECTED_KINDS, Detector, DuplicateState, Finding, FindingRow, raise_findings
-from .errors import HLFError
-from .events import Event, decode_events
-from .projections import PROJECTED_KINDS, DeadLetterRow, MentorFold, MentorProjection, SyncRow
+from .duplicates import raise_findings
+from .errors import ReplayBusy
+from .history import changed_since, histories, unprojected
+from .progress import Progress
+from .projections import DeadLetterRow, Finding, FindingRow, MentorState, SyncRow, fold_mentor
 
 __all__ = [
     "REPLAY_LOCK",
-    "ArchiveRaced",
-    "ArchiveReport",
-    "DuplicateScan",
-    "MentorState",
-    "Progress",
     "ReplayBusy",
     "ReplayReport",
-    "archive",
-    "fold_mentor",
-    "render_archive",
-    "render_report",
+    "connect",
     "replay",
+    "replay_lock",
 ]
 
 REPLAY_LOCK = 0x484C_465F_5245_504C  # "HLF_REPL": one replay or archival at a time (session lock)
-_ITERSIZE = 2_000  # mentors per fetch (about 20,000 events)
-_PREFETCH = 4  # fetches read ahead: on a busy machine the server and we are not always running at the same time
-_LIVE_ITERSIZE = 250  # the service's duplicate check (DuplicateScan): small fetches, since it runs beside the service
 _WRITE_BATCH = 5_000
-_STREAM_KINDS: tuple[str, ...] = (*PROJECTED_KINDS, *DETECTED_KINDS)
-
-
-class ReplayBusy(HLFError):
-    """Another replay or archival holds the replay lock."""
-
-
-class MentorState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """Everything the log projects for one mentor; what projection_snapshots stores at an archive cut."""
-
-    projection: MentorProjection
-    duplicates: DuplicateState
-
-
-def fold_mentor(mentor_id: UUID, events: Sequence[Event], start: MentorState | None = None) -> MentorState:
-    """Fold a mentor's events (in seq order) into every projection. Pure; the live path folds with the same
-    ``projections.MentorFold`` (through ``apply``), and the duplicate rules see the sync state after each event."""
-    folding = MentorFold(mentor_id, start.projection if start is not None else None)
-    detector = Detector(mentor_id, start.duplicates if start is not None else None)
-    step, detect = folding.step, detector.step
-    for event in events:
-        step(event)
-        detect(event, folding.state)
-    return MentorState(projection=folding.projection(), duplicates=detector.state())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading histories: one mentor at a time, with flat memory.
-
-# One row per mentor: their events as one JSON array of [kind, seq, version, recorded_at, xid, data] in seq order
-# (``events.decode_events`` decodes it in one call), and their snapshot if they have one. Rows per mentor rather than
-# per event cut the client's per-row cost (the driver turning columns into objects) to a tenth. Each event's JSON is
-# built by concatenation (`kind` is [a-z_]+, a CHECK; the rest are numbers, JSON and to_json: a third cheaper than
-# json_build_array) below the sort, so that for the whole log the parallel workers scan, format and sort it
-# together. That takes a plain query, streamed (``Cursor.stream``), not a server-side cursor, whose plan is never
-# parallel: on a million events the query takes about 3.5 s instead of 6 (the same CPU, on every core). The
-# aggregate takes the events in the order the sorted subquery hands them over (a subquery with ORDER BY is never
-# flattened) rather than with ORDER BY seq, which PostgreSQL 15 would sort again mentor by mentor; should a plan ever
-# differ, ``decode_events`` puts them back in seq order.
-_HISTORIES = sql.SQL(
-    "SELECT mentor_id, e.events, s.projection::text, s.duplicates::text, s.cut_seq "
-    "FROM (SELECT mentor_id, '[' || string_agg(event, ',') || ']' AS events "
-    "      FROM (SELECT mentor_id, '[\"' || kind || '\",' || seq || ',' || version || ',' "
-    "            || to_json(recorded_at)::text || ',' || xid::text || ',' || data::text || ']' AS event "
-    "            FROM event_log WHERE {events} ORDER BY mentor_id, seq) AS ordered "
-    "      GROUP BY mentor_id) AS e "
-    "FULL JOIN (SELECT mentor_id, projection, duplicates, cut_seq FROM projection_snapshots {snapshots}) AS s "
-    "USING (mentor_id)"
-)
-_INBOX = "SELECT i.seq, e.mentor_id FROM hlf_inbox i JOIN event_log e USING (seq)"
-_CHANGED_SINCE = (
-    "SELECT DISTINCT mentor_id FROM event_log "
-    "WHERE xid >= pg_snapshot_xmin(%(s)s::pg_snapshot) AND NOT pg_visible_in_snapshot(xid, %(s)s::pg_snapshot) "
-    "AND mentor_id IS NOT NULL"
-)
-
-
-_projection_decoder = msgspec.json.Decoder(MentorProjection)
-_duplicates_decoder = msgspec.json.Decoder(DuplicateState)
-
-History = tuple[UUID, MentorState | None, list[Event]]
-
-
-def _inbox(conn: psycopg.Connection[Any]) -> tuple[set[int], set[UUID]]:
-    """The unprojected events (seqs) and their mentors, in the caller's snapshot."""
-    seqs: set[int] = set()
-    mentors: set[UUID] = set()
-    for seq, mentor_id in conn.execute(_INBOX).fetchall():
-        seqs.add(seq)
-        if mentor_id is not None:
-            mentors.add(mentor_id)
-    return seqs, mentors
-
-
-def _histories(
-    conn: psycopg.Connection[Any],
-    *,
-    inbox: AbstractSet[int],
-    mentors: Sequence[UUID] | None = None,
-    kinds: Sequence[str] | None = _STREAM_KINDS,
-    upto: int | None = None,
-    on_events: Callable[[int], None] | None = None,
-    itersize: int = _ITERSIZE,
-    prefetch: int = _PREFETCH,
-) -> Iterator[History]:
-    """Each mentor's snapshot (if any) and projected events, mentor by mentor, in no particular order of mentors.
-    ``itersize`` mentors are fetched at a time, ``prefetch`` fetches ahead (memory against speed).
-
-    Must run inside a transaction. Leaving it before the end cancels the query, which aborts that transaction.
-    """
-    where = [sql.SQL("mentor_id IS NOT NULL")]
-    params: dict[str, Any] = {}
-    if kinds is not None:
-        where.append(sql.SQL("kind = ANY(%(kinds)s)"))
-        params["kinds"] = list(kinds)
-    if mentors is not None:
-        where.append(sql.SQL("mentor_id = ANY(%(mentors)s)"))
-        params["mentors"] = list(mentors)
-    if upto is not None:
-        where.append(sql.SQL("seq <= %(upto)s"))
-        params["upto"] = upto
-    snap_where = sql.SQL("WHERE mentor_id = ANY(%(mentors)s)") if mentors is not None else sql.SQL("")
-    query = _HISTORIES.format(events=sql.SQL(" AND ").join(where), snapshots=snap_where)
-    rows = _prefetch(conn.cursor().stream(query, params, size=itersize), itersize=itersize, depth=prefetch)
-    try:
-        for mentor, events_json, projection, duplicates, cut_seq in rows:
-            start: MentorState | None = None
-            after = 0  # events up to the archive cut are in the snapshot, whether or not still in the log
-            if projection is not None:
-                start = MentorState(
-                    projection=_projection_decoder.decode(projection), duplicates=_duplicates_decoder.decode(duplicates)
-                )
-                after = cut_seq
-            events: list[Event] = []
-            if events_json is not None:
-                events = decode_events(mentor, events_json)  # in seq order, whatever the server's plan did
-                if on_events is not None:
-                    on_events(len(events))
-                if after or inbox:
-                    events = [e for e in events if e.seq > after and e.seq not in inbox]
-            yield mentor, start, events
-    finally:
-        rows.close()  # stop the fetching thread, and the query with it
-
-
-def _prefetch(rows: Iterator[Any], *, itersize: int, depth: int) -> Generator[Any, None, None]:
-    """The rows, read by a thread a few thousand ahead of the consumer.
-
-    The server sends rows only as fast as we take them, so reading in line would leave the server idle while we
-    fold and us idle while it works; this overlaps the two. The driver waits for the network without the GIL.
-    """
-    batches: queue.Queue[list[Any] | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def pump() -> None:
-        try:
-            batch: list[Any] = []
-            for row in rows:
-                batch.append(row)
-                if len(batch) >= itersize:
-                    batches.put(batch)
-                    batch = []
-                    if stop.is_set():
-                        return
-            batches.put(batch)
-            batches.put(None)
-        except BaseException as err:  # handed to the consumer, which raises it
-            batches.put(err)
-        finally:
-            if isinstance(rows, Generator):
-                rows.close()  # ends the query early if the consumer stopped
-
-    thread = threading.Thread(target=pump, name="hlf-replay-fetch", daemon=True)
-    thread.start()
-    try:
-        while (item := batches.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a pump waiting to put, then let it end
-            with suppress(queue.Empty):
-                batches.get(timeout=0.05)
-        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,50 +169,6 @@ def _copy_into(table: _Table) -> sql.Composed:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Progress on stderr.
-
-
-class Progress:
-    """One line on a terminal, rewritten in place: events done, events/s and the time left. Silent elsewhere."""
-
-    def __init__(self, stream: TextIO | None = None, *, label: str = "replay", every_s: float = 0.25) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        self._tty = self._stream.isatty()
-        self._label = label
-        self._every_s = every_s
-        self.total: int | None = None
-        self.done = 0
-        self.started = time.monotonic()
-        self._drawn = 0.0
-
-    def start(self, total: int | None) -> None:
-        self.total, self.done, self.started = total, 0, time.monotonic()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self._tty and now - self._drawn >= self._every_s:
-            self._drawn = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.done / elapsed
-        if self.total and self.total > self.done and rate > 0:
-            eta = f"ETA {(self.total - self.done) / rate:.0f}s"
-            of = f"/~{self.total:,}"
-        else:
-            eta, of = "", ""
-        self._stream.write(f"\r{self._label}: {self.done:,}{of} events  {rate:,.0f} events/s  {eta}\x1b[K")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._tty and self._drawn:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Replay and verify.
 
 
@@ -444,25 +218,35 @@ class _Built(msgspec.Struct, kw_only=True):
     pending: dict[UUID, list[Finding]]
 
 
-def _connect(url: str, app_schema: str) -> psycopg.Connection[Any]:
+def connect(url: str, app_schema: str) -> psycopg.Connection[Any]:
     return db.connect(url, app_schema=app_schema, application_name="hlf-actors replay")
 
 
+_TRY_REPLAY_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_REPLAY_UNLOCK = "SELECT pg_advisory_unlock(%s)"
+
+
 @contextmanager
-def _replay_lock(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (REPLAY_LOCK,)).fetchone()
+def replay_lock(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    row = conn.execute(_TRY_REPLAY_LOCK, (REPLAY_LOCK,)).fetchone()
     if not row or not row[0]:
         raise ReplayBusy("another replay or archival is running; try again when it has finished")
     try:
         yield
     finally:
         with suppress(psycopg.Error):  # a broken connection has released it already
-            conn.execute("SELECT pg_advisory_unlock(%s)", (REPLAY_LOCK,))
+            conn.execute(_REPLAY_UNLOCK, (REPLAY_LOCK,))
+
+
+_ESTIMATED_EVENTS = "SELECT reltuples::bigint FROM pg_class WHERE oid = 'event_log'::regclass"
 
 
 def _estimate(conn: psycopg.Connection[Any]) -> int | None:
-    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'event_log'::regclass").fetchone()
+    row = conn.execute(_ESTIMATED_EVENTS).fetchone()
     return int(row[0]) if row and row[0] and row[0] > 0 else None
+
+
+_CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
 
 def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], progress: Progress) -> _Built:
@@ -474,11 +258,11 @@ def _rebuild(reader: psycopg.Connection[Any], writer: psycopg.Connection[Any], p
     reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     reader.read_only = True
     with reader.transaction():
-        row = reader.execute("SELECT pg_current_snapshot()::text").fetchone()
+        row = reader.execute(_CURRENT_SNAPSHOT).fetchone()
         assert row is not None
         snapshot = str(row[0])
-        inbox, inbox_mentors = _inbox(reader)
-        for mentor_id, start, events in _histories(reader, inbox=inbox, on_events=progress.advance):
+        inbox, inbox_mentors = unprojected(reader)
+        for mentor_id, start, events in histories(reader, inbox=inbox, on_events=progress.advance):
             state = fold_mentor(mentor_id, events, start)
             sink.add(state)
             unraised = state.duplicates.unraised()
@@ -497,7 +281,7 @@ def _refold(
 ) -> None:
     """Step 2: fold the given mentors again from the log as it is now, replacing their scratch rows."""
     ids = sorted(mentors)
-    states = [fold_mentor(m, events, start) for m, start, events in _histories(conn, inbox=inbox, mentors=ids)]
+    states = [fold_mentor(m, events, start) for m, start, events in histories(conn, inbox=inbox, mentors=ids)]
     for table in _TABLES:
         conn.execute(
             sql.SQL("DELETE FROM {} WHERE mentor_id = ANY(%s)").format(sql.Identifier("pg_temp", table.scratch)),
@@ -596,6 +380,9 @@ def _apply(conn: psycopg.Connection[Any], table: _Table) -> None:
     )
 
 
+_LOCK_PROJECTIONS = "LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE"
+
+
 def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bool, limit: int) -> ReplayReport:
     """Steps 2 and 3, in one transaction under the table locks."""
     writer.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -603,10 +390,10 @@ def _finish(writer: psycopg.Connection[Any], built: _Built, *, apply_changes: bo
     unraised: list[Finding] = []
     with writer.transaction():
         # LOCK takes no snapshot: the transaction's snapshot is taken by the next statement, after the lock.
-        writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
-        changed = {r[0] for r in writer.execute(_CHANGED_SINCE, {"s": built.snapshot}).fetchall()}
+        writer.execute(_LOCK_PROJECTIONS)
+        changed = changed_since(writer, built.snapshot)
         changed |= built.inbox_mentors
-        inbox, _ = _inbox(writer)
+        inbox, _ = unprojected(writer)
         if changed:
             _refold(writer, changed, inbox, built.pending)
         tables = tuple(_diff(writer, t, limit) for t in _TABLES)
@@ -642,211 +429,9 @@ def replay(
     """Rebuild every projection from the log; unless ``verify``, make the live tables equal to it."""
     progress = progress if progress is not None else Progress()
     started = time.monotonic()
-    with _connect(url, app_schema) as writer, _connect(url, app_schema) as reader, _replay_lock(writer):
+    with connect(url, app_schema) as writer, connect(url, app_schema) as reader, replay_lock(writer):
         built = _rebuild(reader, writer, progress)
         report = _finish(writer, built, apply_changes=not verify, limit=detail_limit)
     return msgspec.structs.replace(report, seconds=time.monotonic() - started)
 
 
-def render_report(report: ReplayReport) -> str:
-    lines = [
-        f"{'verified' if not report.applied else 'replayed'} {report.events:,} events of {report.mentors:,} "
-        f"mentors in {report.seconds:.1f}s ({report.events_per_s:,.0f} events/s); "
-        f"{report.refolded} mentor(s) changed meanwhile were folded again under the lock"
-    ]
-    for table in report.tables:
-        if not table.total:
-            lines.append(f"{table.table}: same as the log")
-            continue
-        verb = "corrected" if report.applied else "differ"
-        lines.append(
-            f"{table.table}: {table.total} row(s) {verb} — {table.missing} missing, {table.extra} extra, "
-            f"{table.different} different"
-        )
-        for row in table.rows:
-            if row.kind == "different":
-                cols = ", ".join(f"{c}: live {a!r} ≠ replayed {b!r}" for c, (a, b) in row.columns.items())
-            elif row.kind == "missing":
-                cols = "only in the replay"
-            else:
-                cols = "only in the live table"
-            lines.append(f"  {row.kind:9} {row.key}: {cols}")
-        if table.total > len(table.rows):
-            lines.append(f"  … and {table.total - len(table.rows)} more")
-    if report.raised:
-        lines.append(f"duplicates: {len(report.raised)} new finding(s) raised; the running service alerts ops")
-        lines.extend(f"  {f.key}" for f in report.raised)
-    if report.unraised:
-        lines.append(f"duplicates: {len(report.unraised)} finding(s) in the log not raised yet (replay raises them)")
-        lines.extend(f"  {f.key}: {f.detail}" for f in report.unraised)
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Archival.
-
-
-class ArchiveReport(msgspec.Struct, frozen=True, kw_only=True):
-    cut_seq: int | None  # the newest archived event; None when nothing was old enough
-    archived: int
-    snapshots: int
-    seconds: float
-
-
-class ArchiveRaced(HLFError):
-    """An event older than the cut committed while the archival ran."""
-
-
-_SNAPSHOT_COLUMNS = ("mentor_id", "cut_seq", "projection", "duplicates")
-_CUT = (
-    "SELECT max(seq) FROM event_log WHERE recorded_at < now() - %s::interval",
-    "SELECT min(seq) FROM hlf_inbox",
-)
-_COUNT_UPTO = (
-    "SELECT count(*), (SELECT count(*) FROM hlf_inbox WHERE seq <= %(cut)s) FROM event_log WHERE seq <= %(cut)s"
-)
-# A snapshot never moves back: an archival with a shorter reach than an earlier one leaves those mentors as they were.
-_STORE_SNAPSHOTS = (
-    "INSERT INTO projection_snapshots AS s (mentor_id, cut_seq, projection, duplicates) "
-    "SELECT mentor_id, cut_seq, projection, duplicates FROM pg_temp.projection_snapshots_new "
-    "ON CONFLICT (mentor_id) DO UPDATE SET cut_seq = EXCLUDED.cut_seq, projection = EXCLUDED.projection, "
-    "duplicates = EXCLUDED.duplicates, taken_at = now() WHERE s.cut_seq < EXCLUDED.cut_seq"
-)
-_COPY_TO_ARCHIVE = (
-    "INSERT INTO event_log_archive (seq, mentor_id, kind, version, data, recorded_at, xid) "
-    "SELECT seq, mentor_id, kind, version, data, recorded_at, xid FROM event_log WHERE seq <= %(cut)s "
-    "ON CONFLICT (seq) DO NOTHING"
-)
-_DELETE_ARCHIVED = (
-    "SET LOCAL hlf.archiving = 'on'",
-    "DELETE FROM event_log WHERE seq > %(low)s AND seq <= %(high)s",
-)
-_DELETE_CHUNK = 50_000  # seqs per delete transaction
-
-
-def archive(
-    url: str, *, older_than: timedelta, progress: Progress | None = None, app_schema: str = "public"
-) -> ArchiveReport:
-    """Move events older than ``older_than`` to event_log_archive, keeping replay exact.
-
-    The cut is a seq: every event up to it is archived, and it stays below anything still in the inbox. Each
-    mentor's state at the cut is folded and the events are copied to the archive outside any lock (archived events
-    never change); the snapshots are stored in one transaction under the replay's table locks, so a live re-fold
-    (which holds its mentor's row lock) sees either the old snapshot and every event or the new one and the events
-    after it; then the archived events are deleted in chunks. A rerun after a crash carries on where it stopped.
-    """
-    progress = progress if progress is not None else Progress(label="archive")
-    started = time.monotonic()
-    with _connect(url, app_schema) as writer, _connect(url, app_schema) as reader, _replay_lock(writer):
-        reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        reader.read_only = True
-        writer.execute("DROP TABLE IF EXISTS pg_temp.projection_snapshots_new")
-        writer.execute("CREATE TEMP TABLE projection_snapshots_new (LIKE projection_snapshots INCLUDING DEFAULTS)")
-        snapshots = 0
-        with reader.transaction():
-            newest = reader.execute(_CUT[0], (older_than,)).fetchone()
-            oldest_unprojected = reader.execute(_CUT[1]).fetchone()
-            cut: int | None = newest[0] if newest else None
-            if cut is not None and oldest_unprojected and oldest_unprojected[0] is not None:
-                cut = min(cut, int(oldest_unprojected[0]) - 1)
-            if cut is None or cut < 1:
-                return ArchiveReport(cut_seq=None, archived=0, snapshots=0, seconds=time.monotonic() - started)
-            counted = reader.execute(_COUNT_UPTO, {"cut": cut}).fetchone()
-            assert counted is not None
-            progress.start(int(counted[0]))
-            statement = sql.SQL("COPY pg_temp.projection_snapshots_new ({}) FROM STDIN").format(
-                sql.SQL(", ").join(map(sql.Identifier, _SNAPSHOT_COLUMNS))
-            )
-            with writer.cursor() as cur, cur.copy(statement) as copy:
-                for mentor_id, start, events in _histories(
-                    reader, inbox=frozenset(), kinds=None, upto=cut, on_events=progress.advance
-                ):
-                    state = fold_mentor(mentor_id, events, start)
-                    copy.write_row(
-                        (
-                            mentor_id,
-                            cut,
-                            msgspec.json.encode(state.projection).decode(),
-                            msgspec.json.encode(state.duplicates).decode(),
-                        )
-                    )
-                    snapshots += 1
-        progress.finish()
-        # Copies first, outside the locks: harmless on their own (replay reads event_log), and kept on a retry.
-        writer.execute(_COPY_TO_ARCHIVE, {"cut": cut})
-        with writer.transaction():
-            writer.execute("LOCK TABLE sync_status, dead_letters, duplicate_findings IN EXCLUSIVE MODE")
-            now = writer.execute(_COUNT_UPTO, {"cut": cut}).fetchone()
-            assert now is not None
-            if int(now[0]) != int(counted[0]) or int(now[1]) != 0:
-                raise ArchiveRaced(
-                    f"an event at or below seq {cut} committed while archiving; nothing was deleted, run it again"
-                )
-            writer.execute(_STORE_SNAPSHOTS)
-        # From here on every reader folds a mentor's snapshot and only the events after its cut, so the archived
-        # rows can leave the log in small transactions, without the locks.
-        first = writer.execute("SELECT min(seq) FROM event_log").fetchone()
-        low = int(first[0]) - 1 if first and first[0] is not None else cut
-        while low < cut:
-            high = min(low + _DELETE_CHUNK, cut)
-            with writer.transaction():
-                writer.execute(_DELETE_ARCHIVED[0])
-                writer.execute(_DELETE_ARCHIVED[1], {"low": low, "high": high})
-            low = high
-    return ArchiveReport(cut_seq=cut, archived=int(counted[0]), snapshots=snapshots, seconds=time.monotonic() - started)
-
-
-def render_archive(report: ArchiveReport) -> str:
-    if report.cut_seq is None:
-        return "archive: no event old enough"
-    return (
-        f"archived {report.archived:,} events up to seq {report.cut_seq} into event_log_archive, "
-        f"{report.snapshots:,} mentor snapshot(s) stored at the cut, in {report.seconds:.1f}s"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The live service's periodic duplicate check.
-
-
-class DuplicateScan:
-    """Raise the duplicate findings of the mentors whose events committed since the previous scan (all mentors on
-    the first). Synchronous: the service runs it in a worker thread. Keeps the snapshot of its last scan."""
-
-    def __init__(self, url: str, app_schema: str = "public") -> None:
-        self._url = url
-        self._app_schema = app_schema
-        self._since: str | None = None
-        self._recheck: set[UUID] = set()
-
-    def run(self, stop: threading.Event | None = None) -> list[FindingRow]:
-        with db.connect(self._url, app_schema=self._app_schema, application_name="hlf-actors duplicates") as conn:
-            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            conn.read_only = True
-            found: list[Finding] = []
-            with conn.transaction():
-                row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-                assert row is not None
-                snapshot = str(row[0])
-                inbox, inbox_mentors = _inbox(conn)
-                mentors: list[UUID] | None = None
-                if self._since is not None:
-                    changed = {r[0] for r in conn.execute(_CHANGED_SINCE, {"s": self._since}).fetchall()}
-                    mentors = sorted(changed | self._recheck)
-                if mentors is None or mentors:
-                    # Small fetches, one ahead: this runs beside the live service, whose memory matters more than
-                    # the scan's speed (the first scan reads every mentor: with replay's read-ahead it made the
-                    # service's peak RSS at 100,000 mentors, 80-82 MB; 76 MB with this, python -m bench.peers).
-                    for mentor_id, start, events in _histories(
-                        conn, inbox=inbox, mentors=mentors, itersize=_LIVE_ITERSIZE, prefetch=1
-                    ):
-                        if stop is not None and stop.is_set():
-                            return []
-                        found.extend(fold_mentor(mentor_id, events, start).duplicates.unraised())
-            conn.isolation_level = None
-            conn.read_only = None
-            with conn.transaction():
-                raised = raise_findings(conn, found)
-        # Events still in the inbox were left out; their mentors are looked at again once they are drained.
-        self._since, self._recheck = snapshot, inbox_mentors
-        return raised

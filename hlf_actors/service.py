@@ -32,93 +32,39 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, duplicates, expiry, projections
-from .actor import Circuit, Dispatcher, Leadership, Portal, Recorder, Runtime, Work, work_from_drain, work_from_row
-from .alerting import Alerting
-from .alerts import AlertSender
+from . import db, duplicates, nightly, projections, writer
+from .actor import Runtime, Work, work_from_drain, work_from_row
+from .alerts import Alerting
+from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
-from .credentials import CheckablePortal
+from .dispatcher import Dispatcher
+from .dynamics import ListingRow, Portal
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .fcm import AlertSender
 from .incidents import Incident, Incidents
+from .leadership import Leadership
+from .listener import (
+    CHANNEL,
+    LISTEN,
+    LISTEN_CHECK,
+    WAKE_PAYLOADS,
+    StrayNotifies,
+    closing,
+    connect_listener,
+    listen_works,
+    queue_usage_change,
+)
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics
 from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
+from .recorder import Recorder
 from .retry import default_jitter
 from .web import build_app, serve_http
 
 __all__ = ["Service", "ServiceState"]
-
-
-@asynccontextmanager
-async def _closing(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """Close the connection even when cancelled: a leaked one would keep holding the leadership lock."""
-    try:
-        yield conn
-    finally:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
-
-
-async def _connect_listener(url: str) -> psycopg.AsyncConnection[Any]:
-    kwargs = {**db.CONNECT_KWARGS, "application_name": "hlf-actors listener"}
-    return await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
-
-
-async def _listen_works(conn: psycopg.AsyncConnection[Any], url: str, timeout_s: float = 2.0) -> bool:
-    """Whether LISTEN on ``conn`` really subscribed. Behind PgBouncer in transaction pooling it "succeeds" and does
-    nothing: a new transaction may run on another server connection, which does not list the channel, and a
-    notification sent to us is never forwarded. Both are checked: the channel, then a round trip."""
-    cur = await conn.execute("SELECT %s = ANY(ARRAY(SELECT pg_listening_channels()))", (CHANNEL,))
-    row = await cur.fetchone()
-    if not (row and row[0]):
-        return False
-    token = f"{_LISTEN_CHECK}{os.getpid()}:{time.monotonic_ns()}"
-    sender = await psycopg.AsyncConnection.connect(url, autocommit=True, **db.CONNECT_KWARGS)
-    async with _closing(sender):
-        await sender.execute("SELECT pg_notify(%s, %s)", (CHANNEL, token))
-    async for note in conn.notifies(timeout=timeout_s):
-        if note.payload == token:
-            return True
-    return False
-
-
-class StrayNotifies:
-    """Counts NOTIFY payloads nobody should send and reports them at most once per ``every_s``, with a count.
-
-    Any role that can connect may NOTIFY our channel; one log line each let a loop of them fill the disk. The first
-    one is reported at once (an operator sees it start), the rest in one line per interval; ``flush`` is called
-    periodically so a burst that stopped is still reported.
-    """
-
-    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every_s = every_s
-        self._clock = clock
-        self._count = 0
-        self._latest = ""
-        self._reported_at: float | None = None
-
-    def seen(self, payload: str) -> None:
-        self._count += 1
-        self._latest = payload
-        self.flush()
-
-    def flush(self) -> None:
-        now = self._clock()
-        if not self._count or (self._reported_at is not None and now - self._reported_at < self._every_s):
-            return
-        since = "" if self._reported_at is None else f" in the last {now - self._reported_at:.0f}s"
-        logger.warning(
-            "ignoring {} unexpected NOTIFY payload(s) on {}{} (latest: {!r})",
-            self._count,
-            CHANNEL,
-            since,
-            self._latest[:80],
-        )
-        self._count = 0
-        self._reported_at = now
 
 
 class _LeaderOnly:
@@ -134,24 +80,14 @@ class _LeaderOnly:
         await self._leadership.wait()
         return await self._portal.set_listed(record_id, listed)
 
+    async def tenant_check(self) -> None:  # reads only: no leadership needed
+        await self._portal.tenant_check()
 
-QUEUE_USAGE_WARNING = 0.5
-
-
-def queue_usage_change(before: float, now: float) -> str | None:
-    """"high" when pg_notification_queue_usage() crosses QUEUE_USAGE_WARNING upwards, "normal" when it falls back
-    below it: one log line per crossing, not one per sweep."""
-    if now > QUEUE_USAGE_WARNING >= before:
-        return "high"
-    if before > QUEUE_USAGE_WARNING >= now:
-        return "normal"
-    return None
+    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
+        return self._portal.listing(page_size)
 
 
-CHANNEL = "hlf_events"
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
-_WAKE_PAYLOADS = frozenset({"", "wake"})
-_LISTEN_CHECK = "listen-check:"
 _UNREACHABLE_REPORT_S = 60.0
 # The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
 # the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
@@ -178,6 +114,16 @@ class ServiceState:
     http_port: int | None = None
     polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
     notify_queue_usage: float = 0.0
+
+
+_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf_schema_migrations') IS NOT NULL"
+_PING = "SELECT 1"
+_TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(%s)"
+_OPEN_LETTERS_AND_QUEUE_USAGE = (
+    "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
+    "pg_notification_queue_usage()"
+)
+_APPLIED_VERSIONS = "SELECT version FROM hlf_schema_migrations"
 
 
 class Service:
@@ -212,7 +158,7 @@ class Service:
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
-        self._connect = connect or _connect_listener
+        self._connect = connect or connect_listener
         self._ops_channels = ops_channels
         self._outbox_every_s = outbox_every_s
         self._outbox_backoff_s = outbox_backoff_s
@@ -336,7 +282,9 @@ class Service:
                 tg.start_soon(reconcile_forever, runtime, alerting, self._portal, name="reconciler")
                 if self.probe is not None:
                     tg.start_soon(self.probe.run, runtime.leadership.wait, name="listing probe")
-                tg.start_soon(expiry.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait)
+                tg.start_soon(
+                    nightly.nightly_forever, pool, alerting, self.config, self._clock, runtime.leadership.wait
+                )
                 tg.start_soon(
                     functools.partial(duplicates.watch, app_schema=self.config.app_schema),
                     self._url,
@@ -401,7 +349,7 @@ class Service:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            async with _closing(conn):
+            async with closing(conn):
                 return
 
     async def _behind_transaction_pooler(self) -> bool:
@@ -409,19 +357,19 @@ class Service:
         fail too. Asked once at start; the listener asks again on every connection it makes."""
         try:
             conn = await self._connect(self._url)
-            async with _closing(conn):
-                await conn.execute(f"LISTEN {CHANNEL}")
-                return not await _listen_works(conn, self._url)
+            async with closing(conn):
+                await conn.execute(LISTEN)
+                return not await listen_works(conn, self._url)
         except psycopg.Error:
             return False  # no verdict; the pool's own start-up reports an unreachable database
 
     async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
         async with pool.connection() as conn:
-            cur = await conn.execute("SELECT to_regclass('hlf_schema_migrations') IS NOT NULL")
+            cur = await conn.execute(_MIGRATIONS_TABLE_EXISTS)
             row = await cur.fetchone()
             have: set[int] = set()
             if row and row[0]:
-                cur = await conn.execute("SELECT version FROM hlf_schema_migrations")
+                cur = await conn.execute(_APPLIED_VERSIONS)
                 have = {int(r[0]) for r in await cur.fetchall()}
         missing = [m for m in db.migrations() if m.version not in have]
         if missing:
@@ -437,14 +385,13 @@ class Service:
         async def on_circuit(opened: bool, failing: int) -> None:
             payload = CircuitOpened(failing_mentors=failing) if opened else CircuitClosed()
             async with pool.connection() as conn, conn.transaction():
-                await projections.append(conn, [NewEvent(None, payload)])
+                await writer.append(conn, [NewEvent(None, payload)])
             if opened:
                 data = {"type": "hlf_portal_outage", "failing_mentors": str(failing)}
                 tg.start_soon(self._guarded, alerting.ops(data), "outage alert")
 
         cfg = self.config
-        checkable = self._portal if isinstance(self._portal, CheckablePortal) else None
-        incidents = Incidents(cfg, pool, alerting, checkable, on_change=self._show_incident)
+        incidents = Incidents(cfg, pool, alerting, self._portal, on_change=self._show_incident)
         return Runtime(
             config=cfg,
             pool=pool,
@@ -489,13 +436,13 @@ class Service:
         while True:
             try:
                 conn = await self._connect(self._url)
-                async with _closing(conn):
+                async with closing(conn):
                     # its search_path, and a vanished leader's lock must not outlive it on the server
                     await db.configure_session(conn, self.config.app_schema)
                     claimed_at = await self._become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.state.polling = not await _listen_works(conn, self._url)
+                    await conn.execute(LISTEN)
+                    self.state.polling = not await listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
@@ -543,7 +490,7 @@ class Service:
         honest: a dead one raises here and the listener reconnects."""
         while True:
             await anyio.sleep(self.config.poll_interval_s)
-            await conn.execute("SELECT 1")
+            await conn.execute(_PING)
             self._wake.set()
 
     @property
@@ -555,7 +502,7 @@ class Service:
         us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
         said = False
         while True:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
+            cur = await conn.execute(_TRY_LEADER_LOCK, (LEADER_LOCK,))
             row = await cur.fetchone()
             if row and row[0]:
                 self._was_leader = True
@@ -634,7 +581,7 @@ class Service:
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
-        if payload not in _WAKE_PAYLOADS and not payload.startswith(_LISTEN_CHECK):
+        if payload not in WAKE_PAYLOADS and not payload.startswith(LISTEN_CHECK):
             # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
             # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
             # reaches every listener: ours, not stray.)
@@ -687,7 +634,7 @@ class Service:
         while True:
             # Pipeline mode: two round trips a batch (lock + take + load + facts; write + COMMIT).
             async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                drained = await projections.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
+                drained = await writer.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
                 read_at = time.perf_counter()
                 for mentor_id, projection in drained.projected.items():
                     to_wake.pop(mentor_id, None)
@@ -710,8 +657,7 @@ class Service:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
             cur = await conn.execute(
-                "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
-                "pg_notification_queue_usage()"
+                _OPEN_LETTERS_AND_QUEUE_USAGE
             )
             checks = await cur.fetchone()
         self.metrics.open_dead_letters.set(checks[0] if checks else 0)

@@ -7,7 +7,7 @@ still waiting in ``hlf_inbox`` (written while the service was down) are counted 
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -23,9 +23,6 @@ __all__ = [
     "Summary",
     "dead_letters",
     "mentor_story",
-    "render_dead_letters",
-    "render_story",
-    "render_summary",
     "summary",
     "wait_for_outcome",
 ]
@@ -86,14 +83,8 @@ class Outcome(msgspec.Struct, frozen=True):
         return f"{self.kind}: {self.detail}"
 
 
-def summary(
-    conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0, alerts_off: bool = False
-) -> Summary:
-    states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
-    for state, n in conn.execute("SELECT state, count(*) FROM sync_status GROUP BY state").fetchall():
-        states[state] = n
-    row = conn.execute(
-        """SELECT (SELECT count(*) FROM mentors),
+_STATE_COUNTS = "SELECT state, count(*) FROM sync_status GROUP BY state"
+_SUMMARY_COUNTS = """SELECT (SELECT count(*) FROM mentors),
                   (SELECT count(*) FROM hlf_inbox),
                   least((SELECT min(updated_at) FROM sync_status WHERE state IN ('pending', 'retrying')),
                         (SELECT min(e.recorded_at) FROM hlf_inbox i JOIN event_log e USING (seq))),
@@ -103,6 +94,16 @@ def summary(
                   (SELECT kind = 'circuit_opened' FROM event_log
                     WHERE kind IN ('circuit_opened', 'circuit_closed') ORDER BY seq DESC LIMIT 1),
                   clock_timestamp()"""
+
+
+def summary(
+    conn: psycopg.Connection[Any], *, probe_on: bool = False, deadline_s: float = 1200.0, alerts_off: bool = False
+) -> Summary:
+    states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
+    for state, n in conn.execute(_STATE_COUNTS).fetchall():
+        states[state] = n
+    row = conn.execute(
+        _SUMMARY_COUNTS
     ).fetchone()
     assert row is not None
     oldest, now = row[2], row[7]
@@ -123,30 +124,26 @@ def summary(
     )
 
 
-def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
-    """Devices dead with the token they still have, per organisation (empty before migration 009)."""
-    row = conn.execute("SELECT to_regclass('hlf_dead_devices') IS NOT NULL").fetchone()
-    if not (row and row[0]):
-        return []
-    rows = conn.execute(
-        """SELECT o.id, o.name, array_agg(x.device_id ORDER BY x.marked_at, x.device_id)
+_DEAD_DEVICES_EXIST = "SELECT to_regclass('hlf_dead_devices') IS NOT NULL"
+_DEAD_DEVICES_BY_ORG = """SELECT o.id, o.name, array_agg(x.device_id ORDER BY x.marked_at, x.device_id)
            FROM hlf_dead_devices x
            JOIN coordinator_devices d ON d.id::text = x.device_id AND d.fcm_token = x.fcm_token
            JOIN organisations o ON o.id = d.organisation_id
            GROUP BY o.id, o.name ORDER BY o.name, o.id"""
+
+
+def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Devices dead with the token they still have, per organisation (empty before migration 009)."""
+    row = conn.execute(_DEAD_DEVICES_EXIST).fetchone()
+    if not (row and row[0]):
+        return []
+    rows = conn.execute(
+        _DEAD_DEVICES_BY_ORG
     ).fetchall()
     return [{"organisation_id": str(o), "name": name, "devices": [str(d) for d in ids]} for o, name, ids in rows]
 
 
-def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
-    """What the listing probe observed over the last day: the exposure window coordinators are quoted.
-
-    Exposure (the change → the public seeing it) splits into our own latency (the change → Dataverse's 204) and the
-    website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
-    before the probe required proof have none and are left out of the percentiles.
-    """
-    row = conn.execute(
-        """WITH v AS (
+_PUBLIC_LISTING_TIMES = """WITH v AS (
                SELECT kind, (data ->> 'exposure_ms')::bigint AS exposure, (data ->> 'delay_ms')::bigint AS website,
                       (data ->> 'exposure_ms')::bigint - (data ->> 'delay_ms')::bigint AS ours,
                       kind = 'public_listing_confirmed' AND data ? 'confirmed_by' AS seen
@@ -163,14 +160,26 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
                   max(ours) FILTER (WHERE seen),
                   count(*) FILTER (WHERE seen)
            FROM v"""
-    ).fetchone()
-    assert row is not None
-    waiting = conn.execute(
-        """SELECT count(*) FROM event_log s
+_UNPROBED_SUCCESSES = """SELECT count(*) FROM event_log s
            WHERE s.kind = 'attempt_succeeded' AND s.recorded_at > now() - make_interval(secs => %s)
              AND NOT EXISTS (
                  SELECT 1 FROM event_log n WHERE n.mentor_id = s.mentor_id AND n.seq > s.seq
-                    AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))""",
+                    AND n.kind IN ('attempt_succeeded', 'public_listing_confirmed', 'public_listing_stale'))"""
+
+
+def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: float) -> dict[str, Any]:
+    """What the listing probe observed over the last day: the exposure window coordinators are quoted.
+
+    Exposure (the change → the public seeing it) splits into our own latency (the change → Dataverse's 204) and the
+    website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
+    before the probe required proof have none and are left out of the percentiles.
+    """
+    row = conn.execute(
+        _PUBLIC_LISTING_TIMES
+    ).fetchone()
+    assert row is not None
+    waiting = conn.execute(
+        _UNPROBED_SUCCESSES,
         (deadline_s + 60,),
     ).fetchone()
     exposure, website, ours = row[2] or [None, None], row[4] or [None, None], row[6] or [None, None]
@@ -186,10 +195,7 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
     }
 
 
-def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
-    row = conn.execute(
-        """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
+_LAST_CHECKS = """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
                     ORDER BY seq DESC LIMIT 1),
                   (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'credential_check'
                       AND data ->> 'ok' IS NOT NULL ORDER BY seq DESC LIMIT 1),
@@ -199,6 +205,12 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                     ORDER BY seq DESC LIMIT 1),
                   (SELECT data FROM event_log WHERE mentor_id IS NULL AND kind = 'reconcile_finished'
                     ORDER BY seq DESC LIMIT 1)"""
+
+
+def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
+    row = conn.execute(
+        _LAST_CHECKS
     ).fetchone()
     assert row is not None
     checked_at, verdict, failed_since, reconciled_at, counts = row
@@ -222,137 +234,49 @@ def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     }
 
 
-def _ago(at: datetime | None) -> str:
-    if at is None:
-        return "never"
-    seconds = (datetime.now(UTC) - at).total_seconds()
-    return f"{at:%Y-%m-%d %H:%M:%S %Z} ({_duration(seconds)} ago)"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def render_summary(s: Summary) -> str:
-    lines = [
-        "hlf-actors status",
-        f"  mentors in the database   {s.mentors_known}",
-        "  sync state                " + "  ".join(f"{k} {v}" for k, v in s.states.items()),
-        f"  oldest unfinished change  {_ago(s.oldest_open_change_at) if s.oldest_open_change_at else 'none'}",
-        f"  not yet projected events  {s.unprojected_events}"
-        + ("  (is `hlf-actors run` running?)" if s.unprojected_events and (s.oldest_open_age_s or 0) > 60 else ""),
-        f"  open dead letters         {s.open_dead_letters}"
-        + ("  (see `hlf-actors dead-letters list`)" if s.open_dead_letters else ""),
-        f"  portal                    {'OUTAGE: circuit open, sending paused' if s.circuit_open else 'answering'}",
-        f"  tenant-wide incident      {_incident_line(s.incident)}",
-        f"  last successful sync      {_ago(s.last_success_at)}",
-        f"  credentials               {s.credentials}  (last checked {_ago(s.credentials_checked_at)})",
-        f"  last reconciliation       {_ago(s.last_reconcile_at)}" + _reconcile_counts(s.last_reconcile),
-        f"  last event                {_ago(s.last_event_at)}",
-        f"  public website (24 h)     {_public_listing_line(s.public_listing)}",
-        "  alerts                    "
-        + ("OFF (HLF_ALERTS=off): sync failures and outages reach no one" if s.alerts == "off" else "on"),
-        f"  dead coordinator devices  {sum(len(o['devices']) for o in s.dead_devices) or 'none'}",
-    ]
-    for org in s.dead_devices:
-        lines.append(f"    {org['name']} ({org['organisation_id']}): {', '.join(org['devices'])}")
-    return "\n".join(lines)
-
-
-def _incident_line(incident: dict[str, Any] | None) -> str:
-    if incident is None:
-        return "none"
-    return (
-        f"OPEN ({incident['cause']}) since {_ago(incident['since'])}: every send is held; {incident['error']}. "
-        f"Fix: {incident['fix']}. It heals by itself once fixed."
-    )
-
-
-def _public_listing_line(p: dict[str, Any] | None) -> str:
-    if not p:
-        return "unknown"
-    if p["probe"] == "off" and not p["confirmed"] and not p["stale"]:
-        return "probe off (HLF_PUBLIC_LISTING_URL unset)"
-
-    def ms(value: Any) -> str:
-        return "-" if value is None else _duration(value / 1000)
-
-    def three(t: dict[str, Any]) -> str:
-        return f"p50 {ms(t['p50'])} / p95 {ms(t['p95'])} / max {ms(t['max'])}"
-
-    line = f"{p['confirmed']} confirmed, {p['stale']} stale"
-    if p.get("seen"):
-        line += (
-            f"; exposure {three(p['exposure_ms'])}"
-            f" = our sync (change → 204) {three(p['sync_ms'])}"
-            f" + website cache (204 → seen) {three(p['delay_ms'])}"
-        )
-    if p["waiting"]:
-        line += f"; {p['waiting']} waiting"
-    return line + ("" if p["probe"] == "on" else " (probe off now)")
-
-
-def _reconcile_counts(counts: dict[str, Any] | None) -> str:
-    if not counts:
-        return ""
-    shown = ("divergent", "missing", "orphans", "requests")
-    return ": " + ", ".join(f"{counts.get(k, 0)} {k}" for k in shown) + f" of {counts.get('mentors_checked', 0)}"
-
-
-def render_summary_json(s: Summary) -> str:
-    return msgspec.json.encode(s).decode()
+_DEAD_LETTER_ROWS = """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
+                  d.requeued_at, d.resolved_at
+           FROM dead_letters d LEFT JOIN mentors m ON m.id = d.mentor_id
+           WHERE %s OR (d.requeued_at IS NULL AND d.resolved_at IS NULL)
+           ORDER BY d.id"""
 
 
 def dead_letters(conn: psycopg.Connection[Any], *, include_requeued: bool) -> list[DeadLetter]:
     rows = conn.execute(
-        """SELECT d.id, d.mentor_id, m.full_name, d.operation, d.attempts, d.last_error, d.dead_lettered_at,
-                  d.requeued_at, d.resolved_at
-           FROM dead_letters d LEFT JOIN mentors m ON m.id = d.mentor_id
-           WHERE %s OR (d.requeued_at IS NULL AND d.resolved_at IS NULL)
-           ORDER BY d.id""",
+        _DEAD_LETTER_ROWS,
         (include_requeued,),
     ).fetchall()
     return [DeadLetter(**dict(zip(DeadLetter.__struct_fields__, r, strict=True))) for r in rows]
 
 
-def render_dead_letters(letters: list[DeadLetter]) -> str:
-    if not letters:
-        return "no dead letters"
-    lines = [f"{'ID':>8}  {'MENTOR':36}  {'OPERATION':9}  {'TRIES':>5}  {'SINCE':19}  ERROR"]
-    for d in letters:
-        since = f"{d.dead_lettered_at:%Y-%m-%d %H:%M:%S}"
-        error = (d.last_error or "")[:80] + ("  [re-queued]" if d.requeued_at else "")
-        error += "  [resolved: synced since]" if d.resolved_at else ""
-        lines.append(f"{d.id:>8}  {d.mentor_id!s:36}  {d.operation:9}  {d.attempts:>5}  {since:19}  {error}")
-    lines.append(f"{len(letters)} dead letter(s); re-queue with `hlf-actors dead-letters requeue ID` or `--all`")
-    return "\n".join(lines)
+_EVENTS_OF_MENTOR = """SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log
+           WHERE mentor_id = %s AND seq > %s ORDER BY seq"""
 
 
 def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> list[Event]:
     rows = conn.execute(
-        """SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log
-           WHERE mentor_id = %s AND seq > %s ORDER BY seq""",
+        _EVENTS_OF_MENTOR,
         (mentor_id, after),
     ).fetchall()
     return [decode_event(*r) for r in rows]
 
 
+_SYNC_ROW_OF_MENTOR = (
+    "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
+    "WHERE mentor_id = %s"
+)
+_MENTOR_ROW = "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s"
+
+
 def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None:
     mentor = conn.execute(
-        "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s", (mentor_id,)
+        _MENTOR_ROW, (mentor_id,)
     ).fetchone()
     events = _events(conn, mentor_id)
     if mentor is None and not events:
         return None
     cur = conn.execute(
-        "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
-        "WHERE mentor_id = %s",
+        _SYNC_ROW_OF_MENTOR,
         (mentor_id,),
     )
     sync_row = cur.fetchone()
@@ -370,31 +294,6 @@ def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None
             {"seq": e.seq, "at": e.recorded_at, "kind": e.kind, "data": msgspec.to_builtins(e.payload)} for e in events
         ],
     )
-
-
-_HIDDEN = frozenset({"raw", "snapshot"})  # kept in --json; noise for a person reading the story
-
-
-def render_story(story: Story) -> str:
-    name = story.full_name or "(mentor row deleted)"
-    lines = [f"{name}  {story.mentor_id}", f"  status {story.status}   portal record {story.portal_record_id}"]
-    if story.sync:
-        s = story.sync
-        line = f"  sync   {s['state']}   last operation {s['operation']}   attempts {s['attempts']}"
-        if s.get("next_attempt_at"):
-            line += f"   next attempt {s['next_attempt_at']:%H:%M:%S}"
-        lines.append(line)
-        if s.get("last_error"):
-            lines.append(f"  error  {s['last_error']}")
-    lines.append("  story:")
-    for e in story.events:
-        detail = ", ".join(f"{k}={v}" for k, v in e["data"].items() if v is not None and k not in _HIDDEN)
-        lines.append(f"    {e['seq']:>8}  {e['at']:%Y-%m-%d %H:%M:%S.%f}"[:-3] + f"  {e['kind']:<18} {detail}")
-    return "\n".join(lines)
-
-
-def render_story_json(story: Story) -> str:
-    return msgspec.json.encode(story).decode()
 
 
 def wait_for_outcome(

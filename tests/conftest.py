@@ -6,21 +6,31 @@ had, the run stops with an error: a test that needs Postgres never skips.
 
 Each test gets its own database cloned from a template that was migrated once (pytest-postgresql's
 ``postgresql_noproc``), so tests are isolated and a clone costs milliseconds.
+
+Shared by every test folder: ``conn`` (the app's autocommit connection), ``portal`` (the fake Dataverse), ``org``
+(the seeded organisation most tests start from), ``fcm``/``fcm_env``/``sender`` (the fake FCM and the real sender
+pointed at it) and ``cli_env`` (the environment the `hlf-actors` commands read).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
 from pytest_postgresql import factories
 
 from hlf_actors import db
+from hlf_actors.fcm import FirebaseAlertSender
+from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
+from hlf_actors.testing.seed import add_organisation
 
 
 def _choose_server() -> tuple[dict[str, Any], str]:
@@ -109,6 +119,50 @@ def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
 def portal() -> Iterator[FakePortal]:
     with FakePortal() as fake:
         yield fake
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    """An autocommit connection pool on the test database, for code that takes the service's pool."""
+    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
+    )
+    await p.open(wait=True)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def fcm() -> Iterator[FakeFCM]:
+    with FakeFCM() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fcm_env(fcm: FakeFCM, tmp_path: Path) -> dict[str, str]:
+    """HLF_FCM_CREDENTIALS (a service account written for the fake) and HLF_FCM_URL (the fake)."""
+    return fcm.env(tmp_path / "service-account.json")
+
+
+@pytest.fixture
+def sender(fcm_env: dict[str, str]) -> FirebaseAlertSender:
+    """The real FCM sender, pointed at the fake; a fresh firebase app name per test."""
+    return FirebaseAlertSender(fcm_env["HLF_FCM_CREDENTIALS"], fcm_url=fcm_env["HLF_FCM_URL"], app_name=f"t-{uuid4()}")
+
+
+@pytest.fixture
+def org(conn: psycopg.Connection[Any]) -> UUID:
+    """The seeded world most tests start from: one organisation, with no coordinator devices."""
+    return add_organisation(conn)
+
+
+@pytest.fixture
+def cli_env(db_url: str, portal: FakePortal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment `hlf-actors` commands read in this test: its database and its fake portal."""
+    for name, value in {"HLF_DATABASE_URL": db_url, **portal.env()}.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture

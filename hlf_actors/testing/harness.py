@@ -15,11 +15,12 @@ from uuid import UUID
 import anyio
 import psycopg
 
-from ..alerts import AlertSender, RecordingAlertSender
 from ..config import Config, load_config
 from ..dynamics import DynamicsClient
+from ..fcm import AlertSender
 from ..service import Service
 from .fake_portal import FakePortal
+from .recording import RecordingAlertSender
 
 __all__ = ["eventually", "running_service", "sync_state", "test_config"]
 
@@ -63,9 +64,12 @@ async def running_service(
         await client.aclose()
 
 
+_SYNC_STATE = "SELECT state FROM sync_status WHERE mentor_id = %s"
+
+
 def sync_state(conn: psycopg.Connection[Any], mentor_id: UUID) -> str | None:
     """The mentor's sync_status.state as a user would read it (None before the first projection)."""
-    row = conn.execute("SELECT state FROM sync_status WHERE mentor_id = %s", (mentor_id,)).fetchone()
+    row = conn.execute(_SYNC_STATE, (mentor_id,)).fetchone()
     return str(row[0]) if row else None
 
 

@@ -45,6 +45,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+_PING = "SELECT 1"
+
+
 class PgBouncer:
     def __init__(self, db_url: str, workdir: Path, *, pool_mode: str = "transaction") -> None:
         self._target = conninfo_to_dict(db_url)
@@ -111,7 +114,7 @@ class PgBouncer:
                 )
             try:
                 with psycopg.connect(self.url, connect_timeout=2, autocommit=True) as conn:
-                    conn.execute("SELECT 1")
+                    conn.execute(_PING)
                 return
             except psycopg.OperationalError as err:
                 last = err

@@ -5,7 +5,7 @@ what differs between two equal databases (owners, session settings, pg_dump's pe
 sorted, so that two databases with the same objects give the same text. ``service_objects`` keeps only what the
 service owns: everything in hlf, the triggers on the app's tables and the functions the app may call.
 
-    python -m hlf_actors.testing.schema_dump [URL] > hlf_actors/db/schema.sql
+    python -m hlf_actors.testing.schema_dump [URL] > db/schema.sql
 
 (no URL: a scratch database on the tests' server, HLF_TEST_DATABASE_URL or 127.0.0.1:5432, migrated from scratch and
 dropped afterwards) writes the declared
@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .. import db
@@ -70,7 +71,7 @@ def _scratch(server: str) -> str:
     name = f"hlf_schema_{uuid.uuid4().hex[:8]}"
     admin = make_conninfo("", **{**params, "dbname": params.get("dbname", "postgres")})
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     url = make_conninfo("", **{**params, "dbname": name})
     try:
         with psycopg.connect(url) as conn:
@@ -78,7 +79,7 @@ def _scratch(server: str) -> str:
         return dump_schema(url)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 if __name__ == "__main__":

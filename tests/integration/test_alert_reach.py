@@ -26,17 +26,17 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from hlf_actors import status
-from hlf_actors.alerting import Alerting
-from hlf_actors.alerts import (
+from hlf_actors import render, status
+from hlf_actors.alerts import Alerting
+from hlf_actors.cli import main
+from hlf_actors.config import load_config
+from hlf_actors.expiry import run_night
+from hlf_actors.fcm import (
     PRIVATE_ATTRIBUTES,
     FirebaseAlertSender,
     UnconfiguredAlertSender,
     check_firebase_internals,
 )
-from hlf_actors.cli import main
-from hlf_actors.config import load_config
-from hlf_actors.expiry import run_night
 from hlf_actors.ops_channels import build_ops_channels, teams_payload
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
@@ -55,32 +55,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
-    )
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
 def webhook() -> Iterator[FakeWebhook]:
     with FakeWebhook() as fake:
         yield fake
-
-
-@pytest.fixture
-def fcm_env(fcm: FakeFCM, tmp_path: Path) -> dict[str, str]:
-    return fcm.env(tmp_path / "service-account.json")
 
 
 @pytest.fixture
@@ -146,7 +123,7 @@ async def test_dead_devices_are_never_targeted_again_until_the_app_writes_a_new_
     summary = status.summary(conn)
     assert [(o["organisation_id"], o["name"]) for o in summary.dead_devices] == [(str(org), "HLF Oslo")]
     assert set(summary.dead_devices[0]["devices"]) == {str(ids[a]), str(ids[b]), str(ids[d])}
-    assert "dead coordinator devices  3" in status.render_summary(summary)
+    assert "dead coordinator devices  3" in render.render_summary(summary)
 
     # The app re-registers A: a new token on the same row makes it live again.
     a2 = token()

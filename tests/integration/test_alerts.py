@@ -1,6 +1,6 @@
 """Alerts through the real firebase-admin and google-auth, against FakeFCM on 127.0.0.1.
 
-Nothing of firebase-admin is patched here; the only redirection is ``HLF_FCM_URL`` as ``hlf_actors.alerts``
+Nothing of firebase-admin is patched here; the only redirection is ``HLF_FCM_URL`` as ``hlf_actors.fcm``
 honours it. A guard fails any test in which something tried to resolve a host other than the loopback, so these
 tests also prove that neither library reaches Google.
 """
@@ -20,16 +20,16 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from hlf_actors.alerts import (
+from hlf_actors.errors import ConfigError
+from hlf_actors.fcm import (
     NOT_CONFIGURED,
     Delivery,
     FirebaseAlertSender,
-    RecordingAlertSender,
     UnconfiguredAlertSender,
     build_alert_sender,
 )
-from hlf_actors.errors import ConfigError
 from hlf_actors.testing.fake_fcm import FakeFCM
+from hlf_actors.testing.recording import RecordingAlertSender
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("error::DeprecationWarning")]
 
@@ -70,14 +70,13 @@ def log() -> Iterator[list[str]]:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeFCM]:
-    with FakeFCM() as fcm:
-        yield fcm
+def fake(fcm: FakeFCM) -> FakeFCM:  # the shared fake FCM (tests/conftest.py), by the name this file uses
+    return fcm
 
 
 @pytest.fixture
-def service_account(fake: FakeFCM, tmp_path: Path) -> dict[str, str]:
-    return fake.env(tmp_path / "service-account.json")
+def service_account(fcm_env: dict[str, str]) -> dict[str, str]:
+    return fcm_env
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ database-wide search_path: the service must find schema hlf on its own, as it do
   The same through a session pooler (PgBouncer in session mode), and a greenfield install in another app schema.
 - Brownfield tables that differ from the contract: migrate names every problem, exits 2, changes nothing.
 - An upgrade from the old layout (everything in public, migrations 001-006 applied as the last release did).
-- Migrations from scratch equal the declared schema (hlf_actors/db/schema.sql), and brownfield plus triggers equals
+- Migrations from scratch equal the declared schema (db/schema.sql), and brownfield plus triggers equals
   greenfield for the service's objects.
 
 Roles are cluster-wide and other test runs share the server, so they are created idempotently and never dropped.
@@ -598,11 +598,11 @@ def test_migrations_from_scratch_equal_the_declared_schema(empty_db: str) -> Non
     url = _url(empty_db)
     with psycopg.connect(url) as conn:
         db.migrate(conn)
-    declared = (ROOT / "hlf_actors" / "db" / "schema.sql").read_text()
+    declared = (ROOT / "db" / "schema.sql").read_text()
     actual = dump_schema(url)
     assert actual == declared, (
-        "the migrations no longer give hlf_actors/db/schema.sql; if the change is meant, regenerate it with "
-        "`.venv/bin/python -m hlf_actors.testing.schema_dump > hlf_actors/db/schema.sql` and review the diff"
+        "the migrations no longer give db/schema.sql; if the change is meant, regenerate it with "
+        "`.venv/bin/python -m hlf_actors.testing.schema_dump > db/schema.sql` and review the diff"
     )
 
 
@@ -612,7 +612,7 @@ def test_brownfield_plus_triggers_equals_greenfield(
     supabase.grant()
     code, output = _migrate(monkeypatch, supabase.service_url, capsys)
     assert code == 0, output
-    declared = (ROOT / "hlf_actors" / "db" / "schema.sql").read_text()
+    declared = (ROOT / "db" / "schema.sql").read_text()
     assert dump_schema(supabase.admin_url, service_only=True) == _service_part(declared)
 
 
@@ -657,7 +657,7 @@ def test_greenfield_in_another_app_schema(
 def test_attach_refuses_a_column_a_migration_added_only_to_its_copy(empty_db: str) -> None:
     """A later migration that adds a column to an app table adds it to migrate's copy in hlf on a first brownfield
     install; migrate must stop there rather than drop the copy and leave the app's table without it."""
-    attach = (ROOT / "hlf_actors" / "db" / "steps" / "attach.sql").read_text()
+    attach = (ROOT / "db" / "steps" / "attach.sql").read_text()
     with psycopg.connect(_url(empty_db)) as conn:
         conn.execute(_APP_TABLES)
         conn.execute("CREATE SCHEMA hlf")

@@ -14,7 +14,7 @@ import pytest
 from hlf_actors.break_glass import main
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,6 @@ def linked(conn: psycopg.Connection[Any], org: UUID, portal: FakePortal, **kwarg
     mentor, record = add_mentor(conn, org, portal=portal, **kwargs)
     assert record is not None
     return mentor, record
-
 
 
 def event_count(conn: psycopg.Connection[Any]) -> int:
@@ -42,9 +41,13 @@ async def break_glass(argv: list[str], env: dict[str, str], **kwargs: Any) -> tu
 
 
 async def test_break_glass_with_new_credentials_repairs_every_mentor_and_keeps_projections_true(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    db_url: str,
+    conn: psycopg.Connection[Any],
+    portal: FakePortal,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     active = [linked(conn, org, portal) for _ in range(4)]
     paused = [linked(conn, org, portal, status="paused", listed=False) for _ in range(2)]
     unlinked, _ = add_mentor(conn, org, status="paused", record=False)
@@ -114,9 +117,8 @@ def _owner(conn: psycopg.Connection[Any], record: UUID) -> UUID:
 
 
 async def test_break_glass_prompts_for_the_secret_and_reports_what_failed(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     fine, fine_record = linked(conn, org, portal, listed=False)
     gone, gone_record = linked(conn, org, portal)
     portal.remove_record(gone_record)  # someone deleted it in the portal

@@ -10,7 +10,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -21,7 +20,7 @@ import pytest
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.logs import setup_logging
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply, chaos_mix, token_chaos_mix
@@ -36,12 +35,6 @@ TIMEOUT_S = 0.5
 SLOW_S = TIMEOUT_S + 0.3
 # What a dead letter's last_error must say: the status the portal answered, or what the transport did.
 CLEAR_ERROR = re.compile(r"answered \d{3}|timed out|failed: \w+|unreachable|unreadable|refused")
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
 
 
 def key_fragments(service_account: Path) -> list[str]:
@@ -128,9 +121,8 @@ async def test_a_random_mix_of_portal_failures_leaves_every_mentor_right_or_clea
 
 
 async def test_a_burst_is_paced_inside_the_portals_service_protection_limits(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors: list[UUID] = []
     for i in range(200):
         mentor, _ = add_mentor(conn, org, portal=portal, status="paused", listed=False, name=f"Mentor {i}")

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import anyio
 import httpx
@@ -19,7 +20,6 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.service import Service
 from hlf_actors.testing import harness
@@ -27,6 +27,7 @@ from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.proxy import TcpProxy
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio
@@ -94,9 +95,8 @@ async def test_unauthenticated_gets_go_to_sign_in_and_posts_are_refused(
 
 
 async def test_entra_sign_in_admits_the_group_and_every_post_needs_the_csrf_token(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, oidc: FakeOidc, tmp_path: Path
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, oidc: FakeOidc, tmp_path: Path, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, name="Kari Nordmann")
     port = free_port()
     base = f"http://127.0.0.1:{port}"

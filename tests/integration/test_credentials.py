@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID
 
 import anyio
 import psycopg
 import pytest
 
 from hlf_actors import status
-from hlf_actors.alerts import FirebaseAlertSender
 from hlf_actors.cli import main
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
-def sender(fcm: FakeFCM, tmp_path: Path) -> FirebaseAlertSender:
-    env = fcm.env(tmp_path / "service-account.json")
-    return FirebaseAlertSender(env["HLF_FCM_CREDENTIALS"], fcm_url=env["HLF_FCM_URL"], app_name=f"t-{uuid4()}")
 
 
 def checks(conn: psycopg.Connection[Any], after: int = 0) -> list[dict[str, Any]]:
@@ -84,9 +70,8 @@ async def test_a_revoked_secret_alerts_ops_once_across_scheduler_runs_and_once_w
 
 
 async def test_a_credential_error_during_a_patch_alerts_at_once_not_at_the_next_period(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal, sender=sender, env={"HLF_OPS_TOPIC": "ops"}):  # period: 15 min
         await eventually(lambda: len(checks(conn)) == 1, what="the start-up check")
@@ -112,11 +97,9 @@ async def test_check_credentials_command_prints_the_verdict_and_exits_accordingl
     db_url: str,
     conn: psycopg.Connection[Any],
     portal: FakePortal,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_env: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name, value in {"HLF_DATABASE_URL": db_url, **portal.env()}.items():
-        monkeypatch.setenv(name, value)
     assert await anyio.to_thread.run_sync(main, ["check-credentials"]) == 0
     assert capsys.readouterr().out.startswith("credentials OK (token, WhoAmI, read and write access in ")
     assert [r.path for r in portal.requests()][:3] == [

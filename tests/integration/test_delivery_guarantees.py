@@ -10,10 +10,11 @@ import psycopg
 import pytest
 
 from hlf_actors.events import decode_event
-from hlf_actors.projections import PROJECTED_KINDS, fold, sync_row_from_db
+from hlf_actors.projections import PROJECTED_KINDS, fold
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
+from hlf_actors.writer import sync_row_from_db
 
 pytestmark = pytest.mark.anyio
 
@@ -37,9 +38,8 @@ def replayed_equals_live(conn: psycopg.Connection[Any], mentor_id: UUID) -> None
 
 
 async def test_transactions_committing_out_of_seq_order_are_both_delivered(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     first, first_rec = add_mentor(conn, org, portal=portal)
     second, second_rec = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
@@ -61,9 +61,8 @@ async def test_transactions_committing_out_of_seq_order_are_both_delivered(
 
 
 async def test_a_late_commit_for_a_mentor_already_synced_is_refolded_and_sent(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await eventually(lambda: sync_state(conn, mentor) == "in_sync")
@@ -80,9 +79,8 @@ async def test_a_late_commit_for_a_mentor_already_synced_is_refolded_and_sent(
 
 
 async def test_changes_made_while_the_service_is_down_are_caught_up(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(5)]
     for mentor, _ in mentors[:3]:
         set_status(conn, mentor, "paused")
@@ -95,9 +93,8 @@ async def test_changes_made_while_the_service_is_down_are_caught_up(
 
 
 async def test_killed_mid_patch_the_next_process_finishes_the_work(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(4)]
     async with running_service(db_url, portal):
         await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors))
@@ -116,9 +113,8 @@ async def test_killed_mid_patch_the_next_process_finishes_the_work(
 
 
 async def test_listener_backend_terminated_reconnects_and_catches_up(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal, standby_poll_s=0.05) as service:
         await eventually(lambda: sync_state(conn, mentor) == "in_sync")
@@ -136,16 +132,15 @@ async def test_listener_backend_terminated_reconnects_and_catches_up(
 
 
 async def test_a_second_process_waits_as_standby_and_takes_over(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(6)]
     async with running_service(db_url, portal, standby_poll_s=0.05) as leader:
         await eventually(lambda: all(sync_state(conn, m) == "in_sync" for m, _ in mentors))
-        from hlf_actors.alerts import RecordingAlertSender
         from hlf_actors.dynamics import DynamicsClient
         from hlf_actors.service import Service
         from hlf_actors.testing.harness import test_config
+        from hlf_actors.testing.recording import RecordingAlertSender
 
         config = test_config(db_url, portal)
         client = DynamicsClient(config)
@@ -170,8 +165,7 @@ async def test_a_second_process_waits_as_standby_and_takes_over(
         await client.aclose()
 
 
-async def test_event_log_rejects_update_delete_and_truncate(conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+async def test_event_log_rejects_update_delete_and_truncate(conn: psycopg.Connection[Any], org: UUID) -> None:
     add_mentor(conn, org)
     for statement in ("UPDATE event_log SET kind = 'x'", "DELETE FROM event_log", "TRUNCATE event_log"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,15 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from hlf_actors.alerting import Alerting
-from hlf_actors.alerts import AlertSender, Delivery, FirebaseAlertSender, RecordingAlertSender
+from hlf_actors.alerts import Alerting
 from hlf_actors.config import Config, load_config
-from hlf_actors.expiry import NightReport, nightly_forever, run_night
+from hlf_actors.expiry import NightReport, run_night
+from hlf_actors.fcm import AlertSender, Delivery, FirebaseAlertSender
+from hlf_actors.nightly import nightly_forever
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_certification, add_device, add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio
@@ -41,18 +43,6 @@ OTHER_DEVICE = "coordinator-phone-registration-token-0002"
 
 
 @pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
-    p: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url, min_size=1, max_size=10, kwargs={"autocommit": True}, open=False
-    )
-    await p.open(wait=True)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
 def recorder() -> RecordingAlertSender:
     return RecordingAlertSender()
 
@@ -60,17 +50,6 @@ def recorder() -> RecordingAlertSender:
 @pytest.fixture
 def alerting(pool: AsyncConnectionPool[Any], recorder: RecordingAlertSender) -> Alerting:
     return Alerting(pool, recorder, ops_topic="ops", retry_delays_s=(0.01,))
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fcm_env(fcm: FakeFCM, tmp_path: Path) -> dict[str, str]:
-    return fcm.env(tmp_path / "service-account.json")
 
 
 async def night(alerting: Alerting, pool: AsyncConnectionPool[Any], day: date, **kwargs: Any) -> NightReport:
@@ -359,9 +338,8 @@ class BrokenOnce:
 
 
 async def test_a_night_that_failed_half_way_is_finished_by_the_next_run_without_repeats(
-    conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any], recorder: RecordingAlertSender
+    conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any], recorder: RecordingAlertSender, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     due = mentor(conn, org, NIGHT + timedelta(days=14))
     alerting = Alerting(pool, BrokenOnce(recorder), ops_topic="ops")
@@ -400,9 +378,8 @@ class HeldSender(RecordingAlertSender):
 
 
 async def test_two_concurrent_runs_and_a_manual_one_never_run_a_night_twice(
-    db_url: str, conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any], tmp_path: Path
+    db_url: str, conn: psycopg.Connection[Any], pool: AsyncConnectionPool[Any], tmp_path: Path, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     due = mentor(conn, org, NIGHT + timedelta(days=7))
     held = HeldSender()
@@ -442,9 +419,8 @@ async def check_expiry(db_url: str, workdir: Path, *args: str, env: Mapping[str,
 
 
 async def test_check_expiry_command(
-    db_url: str, conn: psycopg.Connection[Any], fcm: FakeFCM, fcm_env: dict[str, str], tmp_path: Path
+    db_url: str, conn: psycopg.Connection[Any], fcm: FakeFCM, fcm_env: dict[str, str], tmp_path: Path, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     due = mentor(conn, org, NIGHT + timedelta(days=30))
     lapsed = mentor(conn, org, NIGHT - timedelta(days=1))
@@ -474,8 +450,8 @@ async def test_scheduler_runs_a_missed_night_on_start_then_each_night_and_not_ag
     pool: AsyncConnectionPool[Any],
     alerting: Alerting,
     recorder: RecordingAlertSender,
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     due = mentor(conn, org, NIGHT + timedelta(days=31))  # 31 days left on the 11th, 30 on the 12th
     cfg = config(db_url, HLF_TIMEZONE="Europe/Oslo", HLF_NIGHTLY_AT="02:00")
@@ -524,8 +500,8 @@ async def test_the_local_date_decides_when_a_certification_has_expired(
     zone: str,
     night_of: str,
     lapsed_status: str,
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     lapsing = mentor(conn, org, date(2025, 3, 10))  # valid through the 10th
     last_day = mentor(conn, org, date(2025, 3, 11))
@@ -550,9 +526,8 @@ async def test_the_local_date_decides_when_a_certification_has_expired(
 
 
 async def test_the_nightly_transition_reaches_the_portal_as_a_removal(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     lapsing, record = add_mentor(conn, org, portal=portal, cert_valid_days=None)
     add_certification(conn, lapsing, date(2025, 3, 10))
     staying, staying_record = add_mentor(conn, org, portal=portal, cert_valid_days=None)

@@ -23,12 +23,6 @@ ODATA_HEADERS = {"OData-MaxVersion": "4.0", "OData-Version": "4.0", "If-Match": 
 
 
 @pytest.fixture
-def portal() -> Iterator[FakePortal]:
-    with FakePortal() as running:
-        yield running
-
-
-@pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=5.0, verify=TLS) as http:
         yield http

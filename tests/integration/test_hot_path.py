@@ -15,24 +15,25 @@ import httpx
 import psycopg
 import pytest
 
-from hlf_actors import db, http_transport, projections
-from hlf_actors.actor import Actor, Recorder, Work, work_from_drain, work_from_row
+from hlf_actors import db, http_transport, writer
+from hlf_actors.actor import Actor, Work, work_from_drain, work_from_row
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.events import AttemptFailed, AttemptSucceeded, NewEvent
 from hlf_actors.http_transport import fast_transport
+from hlf_actors.recorder import Recorder
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
-from hlf_actors.testing.seed import add_certification, add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_certification, add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
 TODAY = date(2026, 11, 24)
 
 
-async def _drain(db_url: str) -> projections.Drained:
+async def _drain(db_url: str) -> writer.Drained:
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.pipeline(), aconn.transaction():
-            return await projections.drain_inbox(aconn, today=TODAY)
+            return await writer.drain_inbox(aconn, today=TODAY)
 
 
 def _mentor_work(conn: psycopg.Connection[Any], mentor_id: UUID) -> Work:
@@ -56,9 +57,8 @@ def _comparable(work: Work) -> tuple[Any, ...]:
 
 
 async def test_the_work_a_drain_hands_out_is_what_the_actor_would_read(
-    db_url: str, conn: psycopg.Connection[Any]
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
 ) -> None:
-    org = add_organisation(conn)
     certified, _ = add_mentor(conn, org, today=TODAY)
     paused, _ = add_mentor(conn, org, today=TODAY)
     lapsed, _ = add_mentor(conn, org, cert_valid_days=-1, today=TODAY)
@@ -88,8 +88,7 @@ async def test_the_work_a_drain_hands_out_is_what_the_actor_would_read(
     assert gone_work.portal_record_id == gone_record  # remembered by the projection, so the listing can go
 
 
-async def test_eligibility_is_one_rule_and_the_planner_inlines_it(conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+async def test_eligibility_is_one_rule_and_the_planner_inlines_it(conn: psycopg.Connection[Any], org: UUID) -> None:
     cases: list[tuple[UUID, bool]] = []
     for status in ("active", "paused", "expired_cert"):
         for certs in ([], [-1], [0], [30], [-400, -1], [-5, 200]):
@@ -114,9 +113,8 @@ async def test_eligibility_is_one_rule_and_the_planner_inlines_it(conn: psycopg.
 
 
 async def test_the_recorder_shares_transactions_and_a_refused_outcome_fails_alone(
-    db_url: str, conn: psycopg.Connection[Any]
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, today=TODAY)[0] for _ in range(10)]
     await _drain(db_url)
     results: dict[UUID, Any] = {}
@@ -185,9 +183,8 @@ async def test_the_recorder_shares_transactions_and_a_refused_outcome_fails_alon
 
 
 async def test_an_actor_trusts_a_handed_read_only_if_it_includes_its_own_last_outcome(
-    db_url: str, conn: psycopg.Connection[Any]
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, today=TODAY)
     await _drain(db_url)
     fresh = _mentor_work(conn, mentor)

@@ -7,17 +7,17 @@ The real service in-process, the fake Dataverse answering as the real one does w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import anyio
 import psycopg
 import pytest
 
 from hlf_actors import status
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, RecordedRequest, Reply
 from hlf_actors.testing.harness import eventually, running_service
@@ -28,18 +28,6 @@ pytestmark = pytest.mark.anyio
 DEVICE = "coordinator-phone-registration-token-incidents"
 # Short incident checks so that healing is seen in seconds; the defaults (30 s doubling to 5 min) are in config.
 FAST_CHECKS = {"HLF_INCIDENT_CHECK_EVERY": "200ms", "HLF_INCIDENT_CHECK_MAX": "1s", "HLF_OPS_TOPIC": "ops"}
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
-def sender(fcm: FakeFCM, tmp_path: Path) -> FirebaseAlertSender:
-    env = fcm.env(tmp_path / "service-account.json")
-    return FirebaseAlertSender(env["HLF_FCM_CREDENTIALS"], fcm_url=env["HLF_FCM_URL"], app_name=f"t-{uuid4()}")
 
 
 def seed(conn: psycopg.Connection[Any], portal: FakePortal, count: int) -> list[tuple[UUID, UUID]]:

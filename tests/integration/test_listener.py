@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hlf_actors import replay, status
-from hlf_actors.service import QUEUE_USAGE_WARNING, queue_usage_change
+from hlf_actors.listener import QUEUE_USAGE_WARNING, queue_usage_change
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state
 from hlf_actors.testing.pgbouncer import PgBouncer
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +29,8 @@ def all_in_sync(conn: psycopg.Connection[Any], mentors: list[UUID]) -> bool:
 
 
 async def test_behind_pgbouncer_in_transaction_pooling_the_service_polls_and_syncs_everything(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     added = [add_mentor(conn, org, portal=portal) for _ in range(5)]
     mentors = [m for m, _ in added]
     with PgBouncer(db_url, tmp_path / "pgbouncer") as bouncer:
@@ -64,9 +63,8 @@ async def test_a_direct_connection_is_detected_as_listening(
 
 
 async def test_a_listen_refused_during_recovery_is_retried_and_nothing_is_lost(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     refusals = 0
 
@@ -86,9 +84,8 @@ async def test_a_listen_refused_during_recovery_is_retried_and_nothing_is_lost(
 
 
 async def test_stray_notify_payloads_of_any_shape_are_counted_and_syncing_goes_on(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     payloads = st.one_of(
         st.text(max_size=200),
@@ -118,9 +115,8 @@ async def test_stray_notify_payloads_of_any_shape_are_counted_and_syncing_goes_o
 
 
 async def test_an_event_of_an_unknown_kind_in_the_log_is_shown_and_replayed_around(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await eventually(lambda: sync_state(conn, mentor) == "in_sync", what="the first sync")

@@ -19,12 +19,12 @@ import psycopg
 import pytest
 from loguru import logger
 
-from hlf_actors import status
-from hlf_actors.alerts import RecordingAlertSender
+from hlf_actors import render, status
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.fake_website import FakeWebsite, View
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
 
 pytestmark = pytest.mark.anyio
@@ -59,9 +59,8 @@ def unrecognised_reads(service: Service) -> float:
 
 
 async def test_a_removal_is_confirmed_from_the_web_api_with_the_website_cache_delay(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     with FakeWebsite(portal, cache_delay_s=2.0) as site:
         async with running_service(db_url, portal, env=probe_env(site)):
@@ -84,9 +83,8 @@ async def test_a_removal_is_confirmed_from_the_web_api_with_the_website_cache_de
 
 
 async def test_a_paged_web_api_listing_confirms_only_once_the_mentor_left_page_three(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = dict(add_mentor(conn, org, portal=portal, name=f"Mentor {i}") for i in range(8))
     last = max(mentors, key=lambda m: str(mentors[m]))  # the listing is ordered by record id: 3 + 3 + 2 rows
     with FakeWebsite(portal, cache_delay_s=2.0, page_size=3) as site:
@@ -122,9 +120,8 @@ async def test_a_page_that_is_not_the_listing_never_confirms_a_removal(
     portal: FakePortal,
     view: View,
     switch: str | None,
-    reason: str,
+    reason: str, org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     add_mentor(conn, org, portal=portal, name="Listed Control")  # a listed mentor: the page would show them
     mentor, _ = add_mentor(conn, org, portal=portal, name="Leaving Mentor")
     sender = RecordingAlertSender()
@@ -158,9 +155,8 @@ async def test_a_page_that_is_not_the_listing_never_confirms_a_removal(
 
 @pytest.mark.parametrize("paging", ["rel-next", "page-param"])
 async def test_a_paged_html_list_with_a_listed_mentor_on_it_confirms_a_removal_from_its_last_page(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, paging: str
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, paging: str, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = dict(add_mentor(conn, org, portal=portal, name=f"Mentor {i}") for i in range(5))
     last = max(mentors, key=lambda m: str(mentors[m]))  # on page 3 of 2 rows a page
     extra = {"HLF_PUBLIC_LISTING_PAGE_PARAM": "page"} if paging == "page-param" else {}
@@ -179,9 +175,8 @@ async def test_a_paged_html_list_with_a_listed_mentor_on_it_confirms_a_removal_f
 
 
 async def test_name_matching_is_whole_word_ann_is_not_found_in_anna(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     _anna, anna_record = add_mentor(conn, org, portal=portal, name="Anna")
     ann, ann_record = add_mentor(conn, org, portal=portal, name="Ann", status="paused", listed=False)
     # A cache that never refreshes: the site shows Anna and not Ann, whatever happens next.
@@ -226,9 +221,8 @@ async def test_two_hundred_syncs_in_ten_seconds_cost_at_most_one_fetch_per_inter
 
 
 async def test_a_website_that_never_refreshes_gives_one_stale_verdict_and_one_alert(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     sender = RecordingAlertSender()
     with FakeWebsite(portal, cache_delay_s=None) as site:
@@ -247,9 +241,8 @@ async def test_a_website_that_never_refreshes_gives_one_stale_verdict_and_one_al
 
 
 async def test_with_the_probe_off_the_website_is_never_asked(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     with FakeWebsite(portal) as site:
         async with running_service(db_url, portal) as service:
@@ -261,9 +254,8 @@ async def test_with_the_probe_off_the_website_is_never_asked(
 
 
 async def test_the_website_down_never_holds_up_syncing_and_is_confirmed_once_back(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal, name=f"Mentor {i}")[0] for i in range(5)]
     with FakeWebsite(portal, cache_delay_s=0.0) as site:
         site.down = True
@@ -280,9 +272,8 @@ async def test_the_website_down_never_holds_up_syncing_and_is_confirmed_once_bac
 
 
 async def test_a_new_leader_resumes_the_watches_a_stopped_one_left_with_exactly_one_verdict(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     with FakeWebsite(portal, cache_delay_s=3.0) as site:
         async with running_service(db_url, portal, env=probe_env(site)):
@@ -302,9 +293,8 @@ async def test_a_new_leader_resumes_the_watches_a_stopped_one_left_with_exactly_
 
 
 async def test_matching_by_name_reads_the_escaped_name_and_status_splits_the_exposure(
-    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal
+    conn: psycopg.Connection[Any], db_url: str, portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     control, control_record = add_mentor(conn, org, portal=portal, name="Kari Nordmann")
     mentor, record = add_mentor(conn, org, portal=portal, name="Siobhán O'Brien & Co", status="paused", listed=False)
     with FakeWebsite(portal, cache_delay_s=0.5) as site:
@@ -326,6 +316,6 @@ async def test_matching_by_name_reads_the_escaped_name_and_status_splits_the_exp
     assert p["exposure_ms"]["max"] == max(v["exposure_ms"] for v in everything)
     assert p["delay_ms"]["max"] == max(v["delay_ms"] for v in everything)
     assert p["sync_ms"]["max"] == max(v["exposure_ms"] - v["delay_ms"] for v in everything)
-    text = status.render_summary(summary)
+    text = render.render_summary(summary)
     assert "public website (24 h)     3 confirmed, 0 stale; exposure p50" in text
     assert "= our sync (change → 204) p50" in text and "+ website cache (204 → seen) p50" in text

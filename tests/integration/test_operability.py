@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -68,9 +69,8 @@ async def test_healthz_flips_when_the_database_goes_away_and_back(
 
 
 async def test_metrics_count_a_sync_and_its_latency(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     port = free_port()
     async with running_service(db_url, portal, env={"HLF_HTTP_PORT": str(port)}), httpx.AsyncClient() as http:
@@ -93,9 +93,8 @@ async def test_status_json_has_the_operators_fields(
     conn: psycopg.Connection[Any],
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal, name="Robert'); DROP TABLE mentors;--")
     monkeypatch.setenv("HLF_DATABASE_URL", db_url)
     assert main(["status", "--json"]) == 0
@@ -117,9 +116,8 @@ async def test_status_json_has_the_operators_fields(
 
 
 async def test_stop_lets_the_in_flight_patch_finish_and_leaves_the_rest_pending(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     first, first_rec = add_mentor(conn, org, portal=portal)
     second, second_rec = add_mentor(conn, org, portal=portal)
     env = {"HLF_PORTAL_CONCURRENCY": "1"}

@@ -14,11 +14,12 @@ import pytest
 
 from hlf_actors.cli import main
 from hlf_actors.dynamics import DynamicsClient, ListingRow
-from hlf_actors.reconcile import reconcile, render_report
+from hlf_actors.reconcile import reconcile
+from hlf_actors.render import render_reconcile as render_report
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state
-from hlf_actors.testing.seed import add_mentor, add_organisation
+from hlf_actors.testing.seed import add_mentor
 
 pytestmark = pytest.mark.anyio
 
@@ -39,23 +40,18 @@ async def settle(db_url: str, conn: psycopg.Connection[Any], portal: FakePortal,
     portal.clear_requests()
 
 
-def use_cli(monkeypatch: pytest.MonkeyPatch, db_url: str, portal: FakePortal) -> None:
-    for name, value in {"HLF_DATABASE_URL": db_url, **portal.env()}.items():
-        monkeypatch.setenv(name, value)
-
-
 async def test_a_drifted_portal_is_repaired_by_one_reconcile(
     db_url: str,
     conn: psycopg.Connection[Any],
     portal: FakePortal,
+    org: UUID,
+    cli_env: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    org = add_organisation(conn)
     active = [linked(conn, org, portal) for _ in range(4)]
     paused = [linked(conn, org, portal, status="paused", listed=False) for _ in range(3)]
     everyone = active + paused
-    use_cli(monkeypatch, db_url, portal)
     # Two of seven records deleted is more than the default 10 % a trusted read may lack: allow it here.
     monkeypatch.setenv("HLF_RECONCILE_MAX_MISSING", "50%")
     async with running_service(db_url, portal):
@@ -113,9 +109,8 @@ async def test_a_drifted_portal_is_repaired_by_one_reconcile(
 
 
 async def test_the_listing_is_read_over_several_pages(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [linked(conn, org, portal) for _ in range(7)]
     await settle(db_url, conn, portal, [m for m, _ in mentors])
     last_record = max((r for _, r in mentors), key=str)  # the fake pages in record-id order: the last page
@@ -143,14 +138,13 @@ async def test_reconcile_without_the_service_says_the_requests_stay_queued(
     db_url: str,
     conn: psycopg.Connection[Any],
     portal: FakePortal,
-    monkeypatch: pytest.MonkeyPatch,
+    org: UUID,
+    cli_env: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = linked(conn, org, portal)
     await settle(db_url, conn, portal, [mentor])
     portal.add_record(record, listed=False)
-    use_cli(monkeypatch, db_url, portal)
     assert await anyio.to_thread.run_sync(main, ["reconcile", "--wait", "0.3"]) == 1
     out = capsys.readouterr().out
     assert "fixed 0 of 1" in out and "were never picked up: is `hlf-actors run` running?" in out
@@ -167,13 +161,12 @@ async def test_force_sync_of_an_in_sync_mentor_sends_one_patch_and_prints_the_ou
     db_url: str,
     conn: psycopg.Connection[Any],
     portal: FakePortal,
-    monkeypatch: pytest.MonkeyPatch,
+    org: UUID,
+    cli_env: None,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = linked(conn, org, portal)
     other, _ = linked(conn, org, portal)
-    use_cli(monkeypatch, db_url, portal)
     async with running_service(db_url, portal):
         await eventually(lambda: sync_state(conn, mentor) == "in_sync" and sync_state(conn, other) == "in_sync")
         await anyio.sleep(0.1)
@@ -204,9 +197,8 @@ class _ChangeWhileListing(DynamicsClient):
 
 
 async def test_a_mentor_whose_sync_lands_while_the_listing_is_read_is_not_requested_again(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = linked(conn, org, portal)
     steady, _ = linked(conn, org, portal)
     async with running_service(db_url, portal):
@@ -232,9 +224,8 @@ async def test_a_mentor_whose_sync_lands_while_the_listing_is_read_is_not_reques
 
 
 async def test_a_mentor_waiting_in_the_inbox_is_left_to_its_actor(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = linked(conn, org, portal)
     conn.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (mentor,))  # no service yet: it waits
     client = DynamicsClient(harness.test_config(db_url, portal))

@@ -23,15 +23,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hlf_actors import events, projections, replay
-from hlf_actors.alerts import RecordingAlertSender
+from hlf_actors import archival, events, replay, writer
 from hlf_actors.cli import main
-from hlf_actors.duplicates import DuplicateState, Finding, raise_findings
+from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
+from hlf_actors.progress import Progress
+from hlf_actors.projections import DuplicateState, Finding
+from hlf_actors.render import render_replay
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.recording import RecordingAlertSender
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -39,13 +42,12 @@ EXPIRY = date(2031, 5, 1)
 FAST = {"HLF_SWEEP_INTERVAL": "100ms", "HLF_MAX_ATTEMPTS": "3"}
 
 
-def quiet() -> replay.Progress:
-    return replay.Progress(io.StringIO())
+def quiet() -> Progress:
+    return Progress(io.StringIO())
 
 
 def verify(db_url: str) -> replay.ReplayReport:
     return replay.replay(db_url, verify=True, progress=quiet())
-
 
 
 def settled(conn: psycopg.Connection[Any], mentors: list[UUID]) -> bool:
@@ -124,9 +126,8 @@ def live_service(db_url: str, portal: FakePortal) -> Iterator[Service]:
 
 
 def test_replay_of_any_history_through_the_real_service_equals_the_live_projections(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, live_service: Service
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, live_service: Service, org: UUID
 ) -> None:
-    org = add_organisation(conn)
 
     @settings(
         max_examples=15,
@@ -178,7 +179,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
         wait_until(lambda: settled(conn, ids), "the history to settle")
 
         checked = verify(db_url)
-        assert checked.differences == 0, replay.render_report(checked)
+        assert checked.differences == 0, render_replay(checked)
         # A letter closed itself only at a success after it; a mentor in sync has no open letter left.
         assert conn.execute(
             """SELECT count(*) FROM dead_letters d
@@ -210,7 +211,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
 # -- live safety ------------------------------------------------------------------------------------------------
 
 
-class _SlowFirstBatch(replay.Progress):
+class _SlowFirstBatch(Progress):
     """Holds the rebuild after its first mentor, so the live traffic certainly writes between snapshot and swap."""
 
     def __init__(self) -> None:
@@ -225,9 +226,8 @@ class _SlowFirstBatch(replay.Progress):
 
 
 async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twice(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(12)]
     ids = [m for m, _ in mentors]
     final: dict[UUID, str] = {}
@@ -262,7 +262,7 @@ async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twic
         after = await anyio.to_thread.run_sync(lambda: verify(db_url))
 
     # Every replay, swapped in while changes and PATCHes kept coming, found the live tables right...
-    assert [r.differences for r in reports] == [0, 0, 0], [replay.render_report(r) for r in reports]
+    assert [r.differences for r in reports] == [0, 0, 0], [render_replay(r) for r in reports]
     # ...because the mentors changed during each rebuild were folded again under the lock.
     assert all(r.refolded > 0 for r in reports)
     assert after.differences == 0
@@ -277,12 +277,13 @@ async def test_replay_during_live_traffic_misses_nothing_and_counts_nothing_twic
     assert all(r is not None and portal.listed(r) is (final.get(m, "active") == "active") for m, r in mentors)
 
 
-async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(db_url: str, conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
+) -> None:
     mentor, _ = add_mentor(conn, org)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
         result: dict[str, replay.ReplayReport] = {}
         worker = threading.Thread(target=lambda: result.update(report=replay.replay(db_url, progress=quiet())))
         async with aconn.transaction():
@@ -290,7 +291,7 @@ async def test_the_swap_waits_for_an_append_in_flight_and_folds_it(db_url: str, 
             row = await cur.fetchone()
             assert row is not None
             success = AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=0, snapshot=row[0])
-            appended, _ = await projections.append(aconn, [NewEvent(mentor, success)])
+            appended, _ = await writer.append(aconn, [NewEvent(mentor, success)])
             worker.start()
             await eventually(lambda: waiting_for_lock(conn, "LOCK TABLE sync_status"), what="the swap to wait")
         await anyio.to_thread.run_sync(worker.join, 10)
@@ -309,8 +310,8 @@ async def test_verify_reports_a_corrupted_projection_and_replay_fixes_it(
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     good, _ = add_mentor(conn, org, portal=portal)
     refused, record = add_mentor(conn, org, portal=portal, status="paused")
     assert record is not None
@@ -370,7 +371,7 @@ def test_progress_is_one_line_rewritten_on_a_terminal() -> None:
             return True
 
     screen = Terminal()
-    progress = replay.Progress(screen, every_s=0.0)
+    progress = Progress(screen, every_s=0.0)
     progress.start(1000)
     progress.advance(250)
     progress.advance(250)
@@ -385,15 +386,14 @@ def test_progress_is_one_line_rewritten_on_a_terminal() -> None:
 
 
 async def test_old_and_unknown_event_versions_replay_like_the_live_path(
-    db_url: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    db_url: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
 
         async def drain() -> None:
             async with aconn.transaction():
-                await projections.drain_inbox(aconn)
+                await writer.drain_inbox(aconn)
 
         await drain()
         change = conn.execute("SELECT max(seq) FROM event_log WHERE mentor_id = %s", (mentor,)).fetchone()
@@ -413,7 +413,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
     # A release that bumps sync_requested to version 2 still replays the version-1 rows, through the upgrade.
     conn.execute("SELECT hlf_force_sync(%s)", (mentor,))
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn, aconn.transaction():
-        await projections.drain_inbox(aconn)
+        await writer.drain_inbox(aconn)
     monkeypatch.setitem(events.CURRENT_VERSION, "sync_requested", 2)
     monkeypatch.setitem(events._UPGRADES, ("sync_requested", 1), lambda d: {**d, "reason": f"v1:{d['reason']}"})
     row = conn.execute(
@@ -432,27 +432,26 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
 
 
 async def test_duplicates_are_raised_and_alerted_once_across_replays_and_the_periodic_check(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org, portal=portal)
     other, _ = add_mentor(conn, org, portal=portal)
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn:
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
         for _ in range(2):  # two senders answering the same change
             async with aconn.transaction():
                 cur = await aconn.execute("SELECT pg_current_snapshot()::text")
                 snap = await cur.fetchone()
                 assert snap is not None
                 success = AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=0, snapshot=snap[0])
-                await projections.append(aconn, [NewEvent(mentor, success)])
+                await writer.append(aconn, [NewEvent(mentor, success)])
         transition = {"from": "active", "to": "expired_cert", "today": "2031-05-02"}
         transition["certification_expiry_date"] = EXPIRY.isoformat()
         for _ in range(2):
             conn.execute("SELECT hlf_append_event(%s, 'auto_transitioned', %s)", (mentor, json.dumps(transition)))
         async with aconn.transaction():
-            await projections.drain_inbox(aconn)
+            await writer.drain_inbox(aconn)
     add_reminder(conn, mentor, 30)
     add_reminder(conn, mentor, 30)
     add_reminder(conn, mentor, 14)
@@ -501,12 +500,11 @@ async def test_duplicates_are_raised_and_alerted_once_across_replays_and_the_per
 
 
 def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
-    db_url: str, conn: psycopg.Connection[Any]
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, _ = add_mentor(conn, org)
     add_reminder(conn, mentor, 7)
-    scan = replay.DuplicateScan(db_url)
+    scan = DuplicateScan(db_url)
     assert scan.run() == []
     add_reminder(conn, mentor, 7)
     raised = scan.run()
@@ -514,12 +512,13 @@ def test_the_periodic_check_looks_again_only_at_mentors_that_changed(
     assert scan.run() == []
     # A finding whose row was lost is not raised twice: the duplicate_detected event remembers it.
     conn.execute("DELETE FROM duplicate_findings")
-    assert replay.DuplicateScan(db_url).run() == []
+    assert DuplicateScan(db_url).run() == []
     assert verify(db_url).tables[2].missing == 1
 
 
-def test_two_raisers_racing_for_one_finding_raise_it_once(db_url: str, conn: psycopg.Connection[Any]) -> None:
-    org = add_organisation(conn)
+def test_two_raisers_racing_for_one_finding_raise_it_once(
+    db_url: str, conn: psycopg.Connection[Any], org: UUID
+) -> None:
     mentor, _ = add_mentor(conn, org)
     finding = Finding(
         key=f"reminder_sent_twice:{mentor}:30/{EXPIRY}:1:2",
@@ -556,8 +555,8 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal) for _ in range(4)]
     ids = [m for m, _ in mentors]
     refused = mentors[3][1]
@@ -579,13 +578,13 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
 
         row = conn.execute("SELECT clock_timestamp() - %s", (cut_at[0],)).fetchone()
         assert row is not None
-        archived = await anyio.to_thread.run_sync(lambda: replay.archive(db_url, older_than=row[0], progress=quiet()))
+        archived = await anyio.to_thread.run_sync(lambda: archival.archive(db_url, older_than=row[0], progress=quiet()))
         assert archived.cut_seq is not None and archived.archived > 0 and archived.snapshots == 4
         kept = conn.execute("SELECT min(seq), (SELECT count(*) FROM event_log_archive) FROM event_log").fetchone()
         assert kept is not None and kept[0] > archived.cut_seq and kept[1] == archived.archived
 
         after = await anyio.to_thread.run_sync(lambda: verify(db_url))
-        assert after.differences == 0, replay.render_report(after)
+        assert after.differences == 0, render_replay(after)
         assert [f.rule for f in after.unraised] == ["reminder_sent_twice"]  # found across the cut
 
         # Stopped after storing the snapshots and before deleting the rows: the rows are still there, and every
@@ -597,7 +596,7 @@ async def test_archival_keeps_replay_exact_and_the_log_append_only(
         assert (await anyio.to_thread.run_sync(lambda: verify(db_url))).differences == 0
         row = conn.execute("SELECT clock_timestamp() - %s", (cut_at[0],)).fetchone()
         assert row is not None
-        again = await anyio.to_thread.run_sync(lambda: replay.archive(db_url, older_than=row[0], progress=quiet()))
+        again = await anyio.to_thread.run_sync(lambda: archival.archive(db_url, older_than=row[0], progress=quiet()))
         assert again.cut_seq == archived.cut_seq
         left = conn.execute("SELECT count(*) FROM event_log WHERE seq <= %s", (archived.cut_seq,)).fetchone()
         assert left == (0,)

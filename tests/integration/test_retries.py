@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import anyio
 import psycopg
 import pytest
 
-from hlf_actors.alerts import FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
@@ -22,19 +20,6 @@ from hlf_actors.testing.seed import add_device, add_mentor, add_organisation, se
 pytestmark = pytest.mark.anyio
 
 DEVICE = "coordinator-phone-registration-token-0001"
-
-
-@pytest.fixture
-def fcm() -> Iterator[FakeFCM]:
-    with FakeFCM() as fake:
-        yield fake
-
-
-@pytest.fixture
-def sender(fcm: FakeFCM, tmp_path: Path) -> FirebaseAlertSender:
-    env = fcm.env(tmp_path / "service-account.json")
-    return FirebaseAlertSender(env["HLF_FCM_CREDENTIALS"], fcm_url=env["HLF_FCM_URL"], app_name=f"t-{uuid4()}")
-
 
 
 def events(conn: psycopg.Connection[Any], mentor_id: UUID, kind: str) -> list[dict[str, Any]]:
@@ -298,9 +283,8 @@ async def test_unregistered_device_is_reported_and_an_fcm_outage_never_blocks_sy
 
 
 async def test_a_backlog_is_paced_inside_the_service_protection_limit_without_429s(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentors = [add_mentor(conn, org, portal=portal, status="paused", cert_valid_days=None) for _ in range(60)]
     portal.enforce_service_protection(max_requests=25, window_s=1.0, max_concurrent=52)
     started = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service, sync_state
-from hlf_actors.testing.seed import add_mentor, add_organisation, set_status
+from hlf_actors.testing.seed import add_mentor, set_status
 
 pytestmark = pytest.mark.anyio
 
@@ -33,9 +33,8 @@ async def settled(conn: psycopg.Connection[Any], mentor_id: UUID) -> None:
 
 
 async def test_pause_removes_the_mentor_from_the_portal(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await settled(conn, mentor)  # the insert itself is synced: listed
@@ -58,9 +57,8 @@ async def test_pause_removes_the_mentor_from_the_portal(
 
 
 async def test_expired_certificate_status_removes(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await settled(conn, mentor)
@@ -70,9 +68,8 @@ async def test_expired_certificate_status_removes(
 
 
 async def test_reinstated_with_valid_certificate_is_restored(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, status="paused", listed=True)
     async with running_service(db_url, portal):
         await eventually(lambda: portal.listed(record) is False, what="the initial removal")
@@ -84,9 +81,8 @@ async def test_reinstated_with_valid_certificate_is_restored(
 
 
 async def test_reinstated_without_valid_certificate_stays_removed(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, status="paused", cert_valid_days=-1)
     async with running_service(db_url, portal):
         await settled(conn, mentor)
@@ -98,9 +94,8 @@ async def test_reinstated_without_valid_certificate_stays_removed(
 
 
 async def test_mentor_without_portal_record_gets_a_recorded_outcome(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     paused, _ = add_mentor(conn, org, status="paused", record=False, name="Paused no record")
     active, _ = add_mentor(conn, org, status="active", record=False, name="Active no record")
     async with running_service(db_url, portal):
@@ -115,9 +110,8 @@ async def test_mentor_without_portal_record_gets_a_recorded_outcome(
 
 
 async def test_notify_from_another_connection_and_malformed_payload(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     async with running_service(db_url, portal) as service:
         conn.execute("NOTIFY hlf_events, '{not json at all'")
         conn.execute("SELECT pg_notify('hlf_events', repeat('x', 7000))")
@@ -131,9 +125,8 @@ async def test_notify_from_another_connection_and_malformed_payload(
 
 
 async def test_pause_then_reinstate_within_a_moment_sends_only_the_final_state(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await settled(conn, mentor)
@@ -147,9 +140,8 @@ async def test_pause_then_reinstate_within_a_moment_sends_only_the_final_state(
 
 
 async def test_two_mentors_in_parallel_do_not_wait_for_each_other(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     slow, slow_record = add_mentor(conn, org, portal=portal)
     fast, fast_record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
@@ -171,9 +163,8 @@ async def test_two_mentors_in_parallel_do_not_wait_for_each_other(
 
 
 async def test_ten_thousand_row_update_is_one_notification_and_every_mentor_synced(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     n = 10_000
     rows = conn.execute(
         """INSERT INTO mentors (organisation_id, full_name, status, portal_record_id)

@@ -10,11 +10,11 @@ import pytest
 from loguru import logger
 from psycopg.conninfo import make_conninfo
 
-from hlf_actors.alerts import RecordingAlertSender
 from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.service import Service
 from hlf_actors.testing import harness
 from hlf_actors.testing.fake_portal import FakePortal
+from hlf_actors.testing.recording import RecordingAlertSender
 
 pytestmark = pytest.mark.anyio
 

@@ -58,9 +58,8 @@ def _cli(db_url: str, workdir: Path, *args: str, env: dict[str, str] | None = No
 
 
 async def test_infinite_and_far_future_certificates_pass_through_every_command(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, tmp_path: Path
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, tmp_path: Path, org: UUID
 ) -> None:
-    org = add_organisation(conn)
     add_device(conn, org, DEVICE)
     today = date.today()
     forever, _ = _mentor(conn, org, portal, "infinity")

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from hlf_actors.config import load_config
-from hlf_actors.dynamics import DynamicsClient, parse_retry_after
+from hlf_actors.dynamics import DynamicsClient
 from hlf_actors.errors import (
     CredentialError,
     PermanentPortalError,
@@ -30,6 +30,7 @@ from hlf_actors.errors import (
     TransientPortalError,
     UndecidedRefusal,
 )
+from hlf_actors.limits import parse_retry_after
 from hlf_actors.retry import plan_delay_ms, throttle_delay_ms
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hlf_actors.expiry import NightReport, last_due_night, next_run_after, scheduled_at
+from hlf_actors.expiry import NightReport
+from hlf_actors.nightly import last_due_night, next_run_after, scheduled_at
 
 OSLO = ZoneInfo("Europe/Oslo")
 TWO = time(2, 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from hlf_actors.actor import Leadership
+from hlf_actors.leadership import Leadership
 
 pytestmark = pytest.mark.anyio
 

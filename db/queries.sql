@@ -13,8 +13,8 @@ RETURNING seq, recorded_at, xid::text::bigint;
 --     database's clock), from which the drain builds each open mentor's work after folding.
 -- MATERIALIZED: `locked` must run as written (FOR UPDATE cannot sit on the nullable side of the join below).
 -- `= ANY(ARRAY(…))`, not `IN`/JOIN: the planner sizes the taken set by the LIMIT (1000) and, while the log was small,
--- hash-joined the whole event log for every batch (1.2 ms a drain at 3,500 events, growing with the log); with an
--- array it looks each event up by primary key whatever the sizes.
+-- hash-joined the whole event log for every batch, a cost that grew with the log (bench/NOTES.md); with an array it
+-- looks each event up by primary key whatever the sizes.
 WITH taken AS (
     DELETE FROM hlf_inbox
     WHERE seq = ANY(ARRAY(SELECT seq FROM hlf_inbox ORDER BY seq LIMIT %(limit)s))
@@ -253,3 +253,100 @@ SELECT a.pid, f.host, f.os_pid, pg_terminate_backend(a.pid, 5000)
 FROM fenced f
 JOIN pg_stat_activity a ON a.pid IN (SELECT pid FROM holders) OR a.application_name = f.session_tag
 WHERE a.pid <> pg_backend_pid();
+
+-- name: expiry_start
+INSERT INTO hlf_job_runs (job, run_key, owner) VALUES (%(job)s, %(key)s, %(owner)s)
+ON CONFLICT (job, run_key) DO UPDATE
+    SET owner = EXCLUDED.owner, started_at = clock_timestamp(), finished_at = NULL, outcome = NULL,
+        attempts = hlf_job_runs.attempts + 1, detail = '{}'
+    WHERE hlf_job_runs.outcome IS DISTINCT FROM 'ok' OR %(rerun)s
+RETURNING attempts;
+
+-- name: expiry_finish
+UPDATE hlf_job_runs SET finished_at = clock_timestamp(), outcome = %s, detail = %s::jsonb
+WHERE job = %s AND run_key = %s;
+
+-- name: expiry_running
+SELECT run_key, owner, started_at FROM hlf_job_runs
+WHERE job = %s AND finished_at IS NULL ORDER BY started_at DESC LIMIT 1;
+
+-- name: expiry_done
+SELECT owner, finished_at FROM hlf_job_runs WHERE job = %s AND run_key = %s;
+
+-- name: expiry_claim
+-- Claims every reminder due tonight in one statement and returns them as one JSON document:
+--   latest   active mentors whose latest expiry is today or later, with their organisation's thresholds
+--   crossed  one row per threshold with 0 <= days_left <= threshold (non-positive thresholds ignored, in case
+--            rows from before the validating trigger hold them)
+--   due      the smallest crossed threshold per mentor: the one reminder that may be sent
+--   known    each due reminder with its row in cert_expiry_reminders, if any
+--   claimed  for mentors whose due reminder has no row: a row for every crossed threshold, the due one to push, the
+--            larger ones superseded (ON CONFLICT: a larger one may have been reminded already)
+-- Pushed tonight: the rows claimed for the due threshold, plus due rows an interrupted run claimed but never pushed.
+-- (Rows inserted by `claimed` are invisible to the rest of the statement, so the two sets cannot overlap.)
+WITH latest AS (
+    SELECT m.id AS mentor_id, m.organisation_id, o.reminder_days, max(c.expires_on) AS expiry
+    FROM mentors m
+    JOIN organisations o ON o.id = m.organisation_id
+    JOIN certifications c ON c.mentor_id = m.id
+    WHERE m.status = 'active'
+      AND (%(org)s::uuid IS NULL OR m.organisation_id = %(org)s::uuid)
+      AND (%(mentor)s::uuid IS NULL OR m.id = %(mentor)s::uuid)
+    GROUP BY m.id, o.id
+    -- 'infinity' never expires, so it is never reminded about (and infinite dates cannot be subtracted).
+    HAVING max(c.expires_on) >= %(today)s AND isfinite(max(c.expires_on))
+), crossed AS (
+    SELECT l.mentor_id, l.organisation_id, l.expiry, l.expiry - %(today)s AS days_left, t.day AS threshold
+    FROM latest l CROSS JOIN LATERAL unnest(l.reminder_days) AS t(day)
+    WHERE t.day > 0 AND l.expiry - %(today)s <= t.day
+), due AS (
+    SELECT mentor_id, organisation_id, expiry, days_left, min(threshold) AS threshold
+    FROM crossed GROUP BY mentor_id, organisation_id, expiry, days_left
+), known AS (
+    SELECT d.*, r.mentor_id IS NOT NULL AS on_record, r.pushed_at, coalesce(r.superseded, false) AS superseded
+    FROM due d
+    LEFT JOIN cert_expiry_reminders r
+        ON r.mentor_id = d.mentor_id AND r.threshold_day = d.threshold AND r.certification_expiry_date = d.expiry
+), claimed AS (
+    INSERT INTO cert_expiry_reminders (mentor_id, threshold_day, certification_expiry_date, superseded)
+    SELECT c.mentor_id, c.threshold, c.expiry, c.threshold <> k.threshold
+    FROM known k JOIN crossed c ON c.mentor_id = k.mentor_id
+    WHERE NOT k.on_record
+    ON CONFLICT DO NOTHING
+    RETURNING mentor_id, threshold_day, superseded
+), to_push AS (
+    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
+    FROM known k JOIN claimed c ON c.mentor_id = k.mentor_id AND c.threshold_day = k.threshold AND NOT c.superseded
+    UNION ALL
+    SELECT k.mentor_id, k.organisation_id, k.threshold, k.days_left, k.expiry
+    FROM known k WHERE k.on_record AND k.pushed_at IS NULL AND NOT k.superseded
+), named AS (
+    SELECT p.*, m.full_name FROM to_push p JOIN mentors m ON m.id = p.mentor_id
+)
+SELECT json_build_object(
+    'already', (SELECT count(*) FROM known WHERE on_record AND (pushed_at IS NOT NULL OR superseded)),
+    'superseded', (SELECT count(*) FROM claimed WHERE superseded),
+    'due', coalesce((SELECT json_agg(p ORDER BY p.organisation_id, p.mentor_id) FROM named p), '[]')
+)::text;
+
+-- name: expiry_targets
+-- Live devices only: one FCM called dead with its current token is skipped (hlf_dead_devices, alerts.py).
+SELECT o.id, o.alert_topic,
+       coalesce(array_agg(d.fcm_token ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}'),
+       coalesce(array_agg(d.id::text ORDER BY d.fcm_token) FILTER (WHERE d.fcm_token IS NOT NULL), '{}')
+FROM organisations o
+LEFT JOIN (coordinator_devices d LEFT JOIN hlf_dead_devices x ON x.device_id = d.id::text AND x.fcm_token = d.fcm_token)
+    ON d.organisation_id = o.id AND x.device_id IS NULL
+WHERE o.id = ANY(%s)
+GROUP BY o.id;
+
+-- name: expiry_record_events
+-- reminder_sent is not a projected kind: it goes straight to the log, like alert_sent, not through the inbox.
+INSERT INTO event_log (mentor_id, kind, data)
+SELECT x.mentor_id, x.kind, x.data::jsonb
+FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS x(mentor_id, kind, data);
+
+-- name: expiry_mark_pushed
+UPDATE cert_expiry_reminders r SET pushed_at = clock_timestamp()
+FROM unnest(%s::uuid[], %s::int[], %s::date[]) AS x(mentor_id, threshold_day, expiry)
+WHERE r.mentor_id = x.mentor_id AND r.threshold_day = x.threshold_day AND r.certification_expiry_date = x.expiry;
