@@ -25,7 +25,7 @@ import httpcore
 import httpx
 from httpcore import AnyIOBackend
 
-__all__ = ["fast_transport"]
+__all__ = ["fast_transport", "pool_of"]
 
 
 def _readable(sock: socket.socket | None) -> bool:
@@ -95,3 +95,12 @@ def fast_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport | None:
         network_backend=_Backend(),
     )
     return transport
+
+
+def pool_of(transport: httpx.AsyncHTTPTransport | None) -> httpcore.AsyncConnectionPool | None:
+    """The connection pool of a transport ``fast_transport`` made, for the one request that goes to httpcore
+    directly (``DynamicsClient._patch``); None for any other transport."""
+    pool = getattr(transport, "_pool", None)
+    if isinstance(pool, httpcore.AsyncConnectionPool) and isinstance(pool._network_backend, _Backend):
+        return pool
+    return None
