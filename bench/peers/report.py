@@ -244,7 +244,7 @@ def _ratios(summary: dict[str, Any], meta: dict[str, Any], delays: Sequence[str]
         best_text = f"{best[1]:.2f} ({_LABELS[best[0]]})" if best else "—"
         floor_text = f"{floor[1]:.2f} ({floor[0]})" if floor[1] is not None else "—"
         ok: bool | None = None
-        if value is not None and floor[1] is not None:
+        if target and value is not None and floor[1] is not None:
             ok = value <= factor * floor[1] if lower else value >= factor * floor[1]
         met = "—" if ok is None else ("yes" if ok else "**no**")
         lines.append(
