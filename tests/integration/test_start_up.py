@@ -1,12 +1,13 @@
 """What `hlf-actors run` loads before its first PATCH: firebase-admin (with google-auth, requests and cryptography)
-only once FCM is configured, so a service without it starts sooner and smaller (issue 25)."""
+only once FCM is configured, Starlette and uvicorn only once HLF_HTTP_PORT is on, so a service without them starts
+sooner and smaller (issue 25)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-HEAVY = ("firebase_admin", "google.auth", "requests", "cryptography")
+HEAVY = ("firebase_admin", "google.auth", "requests", "cryptography", "starlette", "uvicorn")
 
 
 def _loaded_after(code: str) -> set[str]:
@@ -20,7 +21,8 @@ def test_the_service_imports_no_firebase_until_fcm_is_configured() -> None:
     assert _loaded_after("from hlf_actors.alerts import build_alert_sender\nbuild_alert_sender(None, None)") == set()
 
 
-def test_a_configured_fcm_still_loads_it() -> None:
+def test_a_configured_fcm_and_the_http_side_still_load_them() -> None:
     # The other half, so the test above cannot pass because the probe sees nothing at all.
     assert "firebase_admin" in _loaded_after("from hlf_actors.alerts import check_firebase_internals\n"
                                               "check_firebase_internals()")
+    assert {"starlette", "uvicorn"} <= _loaded_after("from hlf_actors.web import build_app")
