@@ -2,6 +2,10 @@
 httpx (the path every request took before) and through httpcore directly (``DynamicsClient._patch``), on asyncio
 and on uvloop, beside httpx alone (the floor of bench/peers), all against bench/peers' fake portal.
 
+``raw_asyncio+uvloop`` is no HTTP library at all: the same PATCH bytes written to ten keep-alive asyncio streams
+and the 204 read back by hand, with no timeouts, no TLS and no error handling: not a client, only the floor of
+Python, the event loop and the socket under the other variants.
+
 Each variant runs in its own subprocess, in turn, ``--rounds`` times (so a noisy neighbour hits them alike), ten
 requests in flight as in the service; the figures are medians over the rounds.
 
@@ -21,7 +25,14 @@ import sys
 import time
 from uuid import uuid4
 
-VARIANTS = ("httpx_alone", "httpx_path", "httpcore_path", "httpx_path+uvloop", "httpcore_path+uvloop")
+VARIANTS = (
+    "httpx_alone",
+    "httpx_path",
+    "httpcore_path",
+    "httpx_path+uvloop",
+    "httpcore_path+uvloop",
+    "raw_asyncio+uvloop",
+)
 
 
 async def _client_run(variant: str, portal_env: dict[str, str], requests: int) -> dict[str, float]:
@@ -31,6 +42,8 @@ async def _client_run(variant: str, portal_env: dict[str, str], requests: int) -
     from hlf_actors.dynamics import DynamicsClient
 
     records = [uuid4() for _ in range(requests)]
+    if variant == "raw_asyncio":
+        return await _raw(portal_env, records)
     if variant == "httpx_alone":
         base = f"{portal_env['HLF_DYNAMICS_URL']}/api/data/v9.2/{portal_env['HLF_DYNAMICS_ENTITY_SET']}"
         async with httpx.AsyncClient(
@@ -54,6 +67,44 @@ async def _client_run(variant: str, portal_env: dict[str, str], requests: int) -
         return await _drive(one, records)
     finally:
         await client.aclose()
+
+
+async def _raw(portal_env: dict[str, str], records: list[object]) -> dict[str, float]:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(portal_env["HLF_DYNAMICS_URL"])
+    path = f"/api/data/v9.2/{portal_env['HLF_DYNAMICS_ENTITY_SET']}"
+    body = b'{"hlf_publiclisting":true}'
+    connections = [await asyncio.open_connection(url.hostname, url.port) for _ in range(10)]
+
+    def worker(index: int) -> object:
+        reader, writer = connections[index]
+
+        async def one(record: object) -> None:
+            head = (
+                f"PATCH {path}({record}) HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer bench\r\n"
+                f"If-Match: *\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            answer = await reader.readuntil(b"\r\n\r\n")
+            if not answer.startswith(b"HTTP/1.1 204"):
+                raise RuntimeError(answer[:40])
+
+        return one
+
+    senders = [worker(i) for i in range(10)]
+
+    async def run(mine: list[object], send: object) -> None:
+        for record in mine:
+            await send(record)  # type: ignore[operator]
+
+    await asyncio.gather(*(run([uuid4()], senders[i]) for i in range(10)))
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    await asyncio.gather(*(run(records[i::10], senders[i]) for i in range(10)))
+    result = {"cpu_s": time.process_time() - cpu0, "seconds": time.monotonic() - wall0, "requests": len(records)}
+    for _, writer in connections:
+        writer.close()
+    return result
 
 
 async def _drive(one: object, records: list[object]) -> dict[str, float]:
