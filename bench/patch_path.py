@@ -31,6 +31,7 @@ VARIANTS = (
     "httpcore_path",
     "httpx_path+uvloop",
     "httpcore_path+uvloop",
+    "httpcore_path+uvloop+httpcore_pool",
     "raw_asyncio+uvloop",
 )
 
@@ -58,6 +59,11 @@ async def _client_run(variant: str, portal_env: dict[str, str], requests: int) -
     client = DynamicsClient(config)
     if variant.startswith("httpx_path"):
         client._pool = None  # the way every request went before: through httpx
+    if variant.endswith("httpcore_pool"):
+        import httpcore
+
+        assert client._pool is not None
+        client._pool.__class__ = httpcore.AsyncConnectionPool  # httpcore's own bookkeeping, not http_transport._Pool
     try:
 
         async def one(record: object) -> None:
@@ -124,10 +130,10 @@ async def _drive(one: object, records: list[object]) -> dict[str, float]:
 
 def _child(variant: str, env_json: str, requests: int) -> None:
     env = json.loads(env_json)
-    if variant.endswith("+uvloop"):
+    if "+uvloop" in variant:
         import uvloop
 
-        result = uvloop.run(_client_run(variant.split("+")[0], env, requests))
+        result = uvloop.run(_client_run(variant.replace("+uvloop", ""), env, requests))
     else:
         result = asyncio.run(_client_run(variant, env, requests))
     print(json.dumps(result), flush=True)
