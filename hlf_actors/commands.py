@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,10 @@ def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    # httpx's package imports its command-line client's libraries (click, pygments, rich) wherever they are
+    # installed, for nothing here. A None in sys.modules makes that one import fail, and httpx falls back to its
+    # own stub `httpx.main` (its `except ImportError`).
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     from loguru import logger
 
     from .dynamics import DynamicsClient
@@ -95,11 +100,19 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
 
     # Everything loaded so far (modules, the settings, the clients) lives as long as the process: frozen, the cyclic
     # collector no longer walks it on every full collection. Full collections were the latency tail under load
-    # (bench/NOTES.md: GC pauses).
-    gc.collect()
+    # (bench/NOTES.md: GC pauses). Start-up's garbage (argparse's, the settings') is all in the young generations:
+    # a full pass over every module's objects finds nothing more and only delays the first PATCH.
+    gc.collect(1)
     gc.freeze()
-    anyio.run(main)
+    anyio.run(main, backend_options=_event_loop_options())
     return 0
+
+
+def _event_loop_options() -> dict[str, Any]:
+    """uvloop where it is installed: the same asyncio API with its loop, sockets and callbacks in C (bench/)."""
+    import importlib.util
+
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:

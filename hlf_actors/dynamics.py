@@ -42,6 +42,10 @@ The tenant check (``tenant_check``) asks what a PATCH cannot: a fresh token, Who
 set selecting the key and listed columns (a renamed table or column, a missing Read privilege), and, for that row,
 ``RetrievePrincipalAccess`` (the application user's Write right, without changing any data).
 
+The PATCH, the one request sent thousands of times, goes to httpcore (httpx's own transport) directly: the request
+is the one httpx would build (made once per token, only the record id changes), and every answer but a plain 204
+becomes an httpx.Response and goes through the same classification. Everything else goes through httpx.
+
 Error messages carry the status and at most 200 characters of the portal's own message; never a header, token or
 secret. After the token endpoint refused the secret, the secret file (HLF_DYNAMICS_CLIENT_SECRET_FILE) is read
 again before every token request, so rotating the secret is writing the new one to the file.
@@ -58,6 +62,7 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 import anyio
+import httpcore
 import httpx
 import msgspec
 from loguru import logger
@@ -72,7 +77,7 @@ from .errors import (
     TransientPortalError,
     UndecidedRefusal,
 )
-from .http_transport import fast_transport
+from .http_transport import fast_transport, pool_of
 from .limits import RequestBudget, parse_retry_after
 from .logs import hide_secret
 
@@ -89,6 +94,15 @@ _ODATA_HEADERS = {
 _SPENT = httpx.ByteStream(b"")
 # Refresh a token this long before the portal would reject it, so no request races its expiry.
 _TOKEN_MARGIN_S = 120.0
+# What httpx turns into httpx.TimeoutException / httpx.TransportError (httpx._transports.default), for the PATCH
+# that goes to httpcore directly (DynamicsClient._patch); their class names are httpx's own.
+_CORE_TIMEOUT = httpcore.TimeoutException
+_CORE_TRANSPORT_ERRORS = (
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+    httpcore.UnsupportedProtocol,
+)
 
 # Dataverse's own error codes that say who is affected (see the table above).
 _RECORD_MISSING = "0x80040217"
@@ -180,12 +194,18 @@ class DynamicsClient:
             max_connections=config.portal_concurrency + 2,
             max_keepalive_connections=config.portal_concurrency + 2,
         )
+        own = fast_transport(limits) if transport is None else None
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(config.portal_timeout_s, connect=min(10.0, config.portal_timeout_s)),
             limits=limits,
-            transport=transport if transport is not None else fast_transport(limits),
+            transport=transport if transport is not None else own,
             follow_redirects=False,
         )
+        # The PATCH, sent thousands of times, goes straight to the pool of our own transport (_patch); a transport
+        # handed in (a test's MockTransport) gets every request through httpx.
+        # Credentials in the URL would make httpx add Basic auth: leave such a set-up to httpx.
+        self._pool = pool_of(own) if not (urlsplit(self._base).username or urlsplit(self._base).password) else None
+        self._patch_templates: tuple[str, dict[bool, httpx.Request]] | None = None
         self._token: str | None = None
         self._token_expires = 0.0
         self._token_lock = anyio.Lock()
@@ -376,6 +396,8 @@ class DynamicsClient:
 
     async def set_listed(self, record_id: UUID, listed: bool) -> int:
         """PATCH the listed field of one record; returns the HTTP status (204)."""
+        if self._pool is not None and not self._http.cookies.jar:
+            return await self._patch(self._pool, record_id, listed)
         response = await self._send(
             "PATCH",
             f"{self._base}({record_id})",
@@ -383,6 +405,64 @@ class DynamicsClient:
             headers={"If-Match": "*"},
         )
         return response.status_code
+
+    def _patch_template(self, bearer: str, listed: bool) -> httpx.Request:
+        """The PATCH exactly as ``_send`` would have httpx build it (every header, in httpx's order), made once per
+        token: only the record id in the path differs from one mentor to the next."""
+        if self._patch_templates is None or self._patch_templates[0] != bearer:
+            self._patch_templates = (
+                bearer,
+                {
+                    value: self._http.build_request(
+                        "PATCH",
+                        f"{self._base}(00000000-0000-0000-0000-000000000000)",
+                        content=msgspec.json.encode({self._listed_field: value}),
+                        headers={**_ODATA_HEADERS, "If-Match": "*", "Authorization": f"Bearer {bearer}"},
+                    )
+                    for value in (True, False)
+                },
+            )
+        return self._patch_templates[1][listed]
+
+    async def _patch(self, pool: httpcore.AsyncConnectionPool, record_id: UUID, listed: bool) -> int:
+        """``set_listed`` through httpcore, the transport httpx itself uses, without httpx's per-request machinery
+        (building and merging headers, cookies, the response object): the same bytes on the wire, the same timeouts,
+        the same 401 retry, and any answer but a 204 classified by ``_classify`` from an httpx.Response, as before.
+        """
+        bearer = await self._bearer()
+        for retry in (False, True):
+            template = self._patch_template(bearer, listed)
+            url = template.url
+            head, _, tail = url.raw_path.rpartition(b"00000000-0000-0000-0000-000000000000")
+            target = head + str(record_id).encode() + tail
+            request = httpcore.Request(
+                b"PATCH",
+                httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=target),
+                headers=template.headers.raw,
+                content=template.content,
+                extensions=template.extensions,
+            )
+            try:
+                async with self._budget.slot():
+                    answer = await pool.handle_async_request(request)
+                    try:
+                        body = await answer.aread()
+                    finally:
+                        await answer.aclose()
+            except _CORE_TIMEOUT:
+                raise TransientPortalError("PATCH timed out") from None
+            except _CORE_TRANSPORT_ERRORS as err:
+                raise TransientPortalError(f"PATCH failed: {type(err).__name__}: {err}"[:200]) from None
+            if answer.status == 204 and not any(name.lower() == b"set-cookie" for name, _ in answer.headers):
+                return 204
+            if answer.status == 401 and not retry:
+                bearer = await self._bearer(stale=bearer)
+                continue
+            response = httpx.Response(answer.status, headers=answer.headers, content=body, request=template)
+            # A portal that sets cookies gets them back as httpx would send them: from now on through httpx.
+            self._http.cookies.extract_cookies(response)
+            return self._classify("PATCH", response).status_code
+        raise CredentialError("PATCH refused with 401 even with a fresh token", http_status=401)
 
     async def whoami(self) -> UUID:
         """The cheapest authorised read: the application user's id."""

@@ -83,13 +83,29 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 import anyio
-import firebase_admin
-import google.auth.transport.requests
 import msgspec
-from firebase_admin import credentials, messaging
 from loguru import logger
 
 from .errors import ConfigError
+
+
+class _OnFirstUse:
+    """A module imported when first used: firebase-admin and google-auth (with requests and cryptography) are a
+    third of the service's start-up imports and memory, and only a configured FCM (FirebaseAlertSender) uses them."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+firebase_admin: Any = _OnFirstUse("firebase_admin")
+credentials: Any = _OnFirstUse("firebase_admin.credentials")
+messaging: Any = _OnFirstUse("firebase_admin.messaging")
+_google_auth_requests: Any = _OnFirstUse("google.auth.transport.requests")
 
 __all__ = [
     "PRIVATE_ATTRIBUTES",
@@ -113,13 +129,18 @@ _HTTP_TIMEOUT_S: Final = 30
 _RETRYABLE: Final = frozenset(
     {"UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNKNOWN"}
 )
-# FCM's own error codes arrive as these firebase-admin classes; other errors carry a canonical ``code``.
-_FCM_ERROR_NAMES: Final[tuple[tuple[type[Exception], str], ...]] = (
-    (messaging.UnregisteredError, "UNREGISTERED"),
-    (messaging.QuotaExceededError, "QUOTA_EXCEEDED"),
-    (messaging.SenderIdMismatchError, "SENDER_ID_MISMATCH"),
-    (messaging.ThirdPartyAuthError, "THIRD_PARTY_AUTH_ERROR"),
-)
+
+
+def _fcm_error_names() -> tuple[tuple[type[Exception], str], ...]:
+    """FCM's own error codes arrive as these firebase-admin classes; other errors carry a canonical ``code``."""
+    return (
+        (messaging.UnregisteredError, "UNREGISTERED"),
+        (messaging.QuotaExceededError, "QUOTA_EXCEEDED"),
+        (messaging.SenderIdMismatchError, "SENDER_ID_MISMATCH"),
+        (messaging.ThirdPartyAuthError, "THIRD_PARTY_AUTH_ERROR"),
+    )
+
+
 # A token FCM calls dead for good: never target it again.
 _DEAD_CODES: Final = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
 _TOKEN_FIELD = re.compile(r"registration token|message\.token\b", re.IGNORECASE)
@@ -353,7 +374,7 @@ class FirebaseAlertSender:
             raise ConfigError(f"HLF_FCM_CREDENTIALS: {_scrub(str(err), ())}") from None
         self._credential = certificate.get_credential()
         self._project_id: str | None = certificate.project_id
-        self._auth_request = google.auth.transport.requests.Request()
+        self._auth_request = _google_auth_requests.Request()
         self._refresh_lock = anyio.Lock()
         self._closed = False
 
@@ -470,7 +491,7 @@ def _about_token(err: BaseException) -> bool:
 
 
 def _error_code(err: BaseException) -> str:
-    for cls, name in _FCM_ERROR_NAMES:
+    for cls, name in _fcm_error_names():
         if isinstance(err, cls):
             return name
     code = getattr(err, "code", None)

@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TextIO
 
+import msgspec
 from loguru import logger
 
 if TYPE_CHECKING:  # loguru's Record type exists only in its stubs
-    from loguru import Record
+    from loguru import Message, Record
 
 __all__ = ["hide_secret", "setup_logging"]
 
@@ -57,6 +58,47 @@ class _ToLoguru(logging.Handler):
         logger.log(level, "{}: {}", record.name, message)
 
 
+# What json.dumps(default=str) makes of anything JSON has no type for (an exception instance, in practice).
+_JSON = msgspec.json.Encoder(enc_hook=str)
+
+
+class _JsonLines:
+    """loguru's ``serialize=True`` lines, the same document with the same keys, built by msgspec: loguru's own
+    serializer (json.dumps of a nested dict) was a third of the cost of the one log line each sync writes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._flush = getattr(stream, "flush", None)
+
+    def write(self, message: Message) -> None:
+        record = message.record
+        exception: dict[str, object] | None = None
+        if record["exception"] is not None:
+            kind, value, traceback = record["exception"]
+            exception = {"type": None if kind is None else kind.__name__, "value": value, "traceback": bool(traceback)}
+        document = {
+            "text": str(message),
+            "record": {
+                "elapsed": {"repr": str(record["elapsed"]), "seconds": record["elapsed"].total_seconds()},
+                "exception": exception,
+                "extra": record["extra"],
+                "file": {"name": record["file"].name, "path": record["file"].path},
+                "function": record["function"],
+                "level": {"icon": record["level"].icon, "name": record["level"].name, "no": record["level"].no},
+                "line": record["line"],
+                "message": record["message"],
+                "module": record["module"],
+                "name": record["name"],
+                "process": {"id": record["process"].id, "name": record["process"].name},
+                "thread": {"id": record["thread"].id, "name": record["thread"].name},
+                "time": {"repr": str(record["time"]), "timestamp": record["time"].timestamp()},
+            },
+        }
+        self._stream.write(_JSON.encode(document).decode() + "\n")
+        if self._flush is not None:
+            self._flush()
+
+
 def setup_logging(
     *, level: str = "INFO", stream: TextIO | None = None, json: bool | None = None, secrets: Iterable[str] = ()
 ) -> None:
@@ -77,9 +119,8 @@ def setup_logging(
     )
     logger.configure(extra={"mentor_id": ""})
     logger.add(
-        out,
+        _JsonLines(out).write if as_json else out,
         level=level,
-        serialize=as_json,
         format=fmt if not as_json else "{message}",
         filter=scrub,
         colorize=not as_json and out.isatty(),

@@ -62,7 +62,6 @@ from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter
-from .web import build_app, serve_http
 
 __all__ = ["Service", "ServiceState"]
 
@@ -311,6 +310,8 @@ class Service:
     async def _serve_http(self, tg: TaskGroup, pool: AsyncConnectionPool[Any], alerting: Alerting) -> int:
         """Start /healthz, /metrics and the console; a port that cannot be bound is a configuration error (one line,
         exit 2). The usual cause is a second `run` on the same host, the hot standby, left on the default port."""
+        from .web import build_app, serve_http  # Starlette and uvicorn load only when HLF_HTTP_PORT is on
+
         host, port = self.config.http_host, self.config.http_port
         console = None
         if self.config.console_enabled:

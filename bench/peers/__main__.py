@@ -30,7 +30,7 @@ from psycopg.conninfo import make_conninfo
 from .phases import Settings, run_httpx_alone, run_listen_notify, run_memory, run_system
 from .portal import PortalProcess
 from .report import render, summarise
-from .systems import SYSTEMS, by_name
+from .systems import SYSTEMS, before_tree, by_name
 
 _FLOORS = ("listen_notify", "httpx")
 _RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -77,6 +77,13 @@ def _parse() -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 300 mentors, 3 s paced, small tests")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default bench/results/<timestamp>.json)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout of an earlier commit (e.g. `git archive <commit> | tar -x -C DIR`): also run it, as "
+        "hlf_before, right after hlf_actors, for a before/after in one run",
+    )
     args = parser.parse_args()
     if args.quick:
         args.reps, args.mentors, args.seconds = 1, 300, 3.0
@@ -87,7 +94,15 @@ def _parse() -> argparse.Namespace:
 
 def main() -> int:
     args = _parse()
-    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    names = [n.strip() for n in args.systems.split(",") if n.strip() and n.strip() != "hlf_before"]
+    if args.before is not None:
+        os.environ["BENCH_BEFORE_TREE"] = str(args.before.resolve())
+        before_tree()  # a wrong directory stops the run here, with one line, not after the first system
+        at = names.index("hlf_actors") + 1 if "hlf_actors" in names else 0
+        names.insert(at, "hlf_before")
+        meta_before = str(args.before.resolve())
+    else:
+        meta_before = None
     unknown = [n for n in names if n not in _FLOORS and n not in {s.name for s in SYSTEMS}]
     if unknown:
         print(f"unknown system(s): {', '.join(unknown)}", file=sys.stderr)
@@ -123,6 +138,7 @@ def main() -> int:
         "quick": args.quick,
         "load_before": _load(),
         "logs": str(logs),
+        "before": meta_before,
     }
     print(f"bench.peers: logs in {logs}; load average {meta['load_before']}", file=sys.stderr)
     began = time.monotonic()

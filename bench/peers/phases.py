@@ -409,7 +409,7 @@ def run_memory(
             with psycopg.connect(url, autocommit=True) as conn:
                 system.seed(conn, run.mentors.rows)
             result: dict[str, Any] = {"known": len(run.mentors.rows), "active": active}
-            if system.name == "hlf_actors":
+            if system.kind == "ours":
                 result.update(_known_history(url))
                 if set(result["sync_status"]) != {"in_sync"}:
                     result["error"] = "the seeded history did not leave every mentor in_sync; not measured"

@@ -2,6 +2,7 @@
 
     system         a change is                                                  the worker
     hlf_actors     UPDATE mentors (its triggers log the event and NOTIFY)        `hlf-actors run`, concurrency 10
+    hlf_before     the same, run from another checkout (``--before DIR``)        that checkout's `hlf-actors run`
     procrastinate  UPDATE mentors + sync_mentor.defer_async(connection=conn)     Procrastinate worker, concurrency 10
     pgqueuer       UPDATE mentors + Queries.enqueue on the same transaction      QueueManager (asyncpg), limit 10
     poller         UPDATE mentors (a trigger inserts an outbox row)              10 async SKIP LOCKED pollers
@@ -29,7 +30,7 @@ from .portal import PortalProcess
 from .procs import Worker
 from .workers.common import asyncpg_params
 
-__all__ = ["SYSTEMS", "Change", "System", "by_name"]
+__all__ = ["SYSTEMS", "Change", "System", "before_tree", "by_name"]
 
 Change = Callable[[UUID, str], Awaitable[None]]  # (mentor id, new status): one committed transaction
 
@@ -87,7 +88,7 @@ class System:
 
     def install(self, conn: psycopg.Connection[Any]) -> None:
         """Create this system's tables in an empty scratch database (autocommit connection)."""
-        if self.name == "hlf_actors":
+        if self.kind == "ours":
             from hlf_actors import db
 
             db.migrate(conn)
@@ -127,7 +128,7 @@ class System:
             conn.execute("SET LOCAL session_replication_role = replica")
             ids = [m for m, _ in mentors]
             records = [r for _, r in mentors]
-            if self.name == "hlf_actors":
+            if self.kind == "ours":
                 org = conn.execute("INSERT INTO organisations (name) VALUES ('Bench') RETURNING id").fetchone()
                 assert org is not None
                 conn.execute(
@@ -201,7 +202,7 @@ class System:
 
         base = {k: v for k, v in os.environ.items() if not k.startswith(("HLF_", "PGQUEUER_", "PROCRASTINATE_"))}
         base["PYTHONUNBUFFERED"] = "1"
-        if self.name == "hlf_actors":
+        if self.kind == "ours":
             env = {
                 **base,
                 **portal.env(),
@@ -213,6 +214,9 @@ class System:
                 "HLF_BACKOFF_JITTER": "off",
                 "HLF_ALERTS": "off",  # no alert channel in a benchmark: on purpose
             }
+            if self.name == "hlf_before":
+                # The earlier checkout's package comes first on the path, ahead of this repository's editable one.
+                env["PYTHONPATH"] = before_tree() + os.pathsep + base.get("PYTHONPATH", "")
             return Worker([sys.executable, "-m", "hlf_actors", "run"], env, log_path, "leader: listening")
         assert self.module is not None
         repo = str(Path(__file__).resolve().parents[2])
@@ -224,7 +228,7 @@ class System:
 
     def outcomes(self, conn: psycopg.Connection[Any]) -> int:
         """Syncs whose outcome the system has written so far (hlf_actors: attempt_succeeded events)."""
-        if self.name == "hlf_actors":
+        if self.kind == "ours":
             row = conn.execute("SELECT count(*) FROM event_log WHERE kind = 'attempt_succeeded'").fetchone()
         else:
             row = conn.execute("SELECT coalesce(sum(syncs), 0) FROM sync_outcome").fetchone()
@@ -238,7 +242,7 @@ class System:
             "procrastinate": "SELECT NOT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))",
             "pgqueuer": "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer WHERE status IN ('queued', 'picked'))",
             "poller": "SELECT NOT EXISTS (SELECT 1 FROM outbox)",
-        }.get(self.name)
+        }.get("hlf_actors" if self.kind == "ours" else self.name)
         if query is None:
             return True
         row = conn.execute(query).fetchone()
@@ -247,11 +251,22 @@ class System:
 
 SYSTEMS: tuple[System, ...] = (
     System("hlf_actors", "ours", durable=True, module=None),
+    System("hlf_before", "ours", durable=True, module=None),
     System("procrastinate", "peer", durable=True, module="procrastinate_worker"),
     System("pgqueuer", "peer", durable=True, module="pgqueuer_worker"),
     System("poller", "peer", durable=True, module="poller"),
     System("minimal_loop", "floor", durable=False, module="minimal_loop"),
 )
+
+
+def before_tree() -> str:
+    """The checkout ``hlf_before`` runs (``--before DIR``): its root, which holds its ``hlf_actors`` package."""
+    import os
+
+    tree = os.environ.get("BENCH_BEFORE_TREE", "")
+    if not tree or not (Path(tree) / "hlf_actors" / "__init__.py").is_file():
+        raise RuntimeError("hlf_before needs --before DIR: a checkout whose DIR/hlf_actors is the package to run")
+    return tree
 
 
 def by_name(name: str) -> System:
