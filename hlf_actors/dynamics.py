@@ -330,11 +330,14 @@ class DynamicsClient:
             return self._classify(method, response)
         raise CredentialError(f"{method} refused with 401 even with a fresh token", http_status=401)
 
-    def _message(self, response: httpx.Response) -> str:
-        """The portal's error text, with our own secret blanked should the portal ever echo it back."""
-        text = _portal_error(response)[1]
+    def _error(self, response: httpx.Response) -> tuple[str, str]:
+        """Dataverse's error code and text, with our own secret blanked should the portal ever echo it back."""
+        code, text = _portal_error(response)
         secret = self._secret.reveal()
-        return text.replace(secret, "********") if secret else text
+        return code, (text.replace(secret, "********") if secret else text)
+
+    def _message(self, response: httpx.Response) -> str:
+        return self._error(response)[1]
 
     def _classify(self, method: str, response: httpx.Response) -> httpx.Response:
         status = response.status_code
@@ -356,10 +359,7 @@ class DynamicsClient:
                 cause="not_dataverse",
                 http_status=status,
             )
-        code, text = _portal_error(response)
-        secret = self._secret.reveal()
-        if secret:
-            text = text.replace(secret, "********")
+        code, text = self._error(response)
         message = f"{method} answered {status}: {text}"
         if status in _TRANSIENT_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
