@@ -1,6 +1,6 @@
 """Duplicate log entries: raising each finding once, the service's periodic scan, and the ops alert.
 
-The rules are in ``projections.py`` (``Detector``), beside the sync fold: the findings are a projection like
+The rules are in ``duplicate_rules.py`` (``Detector``), run beside the sync fold: the findings are a projection like
 ``sync_status``, folded by ``projections.fold_mentor`` into a ``DuplicateState`` (what the rules found, and which
 findings duplicate_detected events already raised). Raising appends a duplicate_detected event and inserts its
 ``duplicate_findings`` row in one transaction, under a lock on that table and only for a key not there yet: once per
@@ -24,9 +24,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db
 from .alerts import Alerting
+from .duplicate_rules import Finding, FindingRow
 from .events import DuplicateDetected, encode_payload
 from .history import changed_since, histories, unprojected
-from .projections import Finding, FindingRow, fold_mentor
+from .projections import fold_mentor
 
 __all__ = ["DuplicateScan", "raise_findings", "send_pending_alerts", "watch"]
 
@@ -139,7 +140,6 @@ async def watch(
                 "duplicate check failed: {}", err
             )
         await anyio.sleep(alert_every_s)
-
 
 
 _CURRENT_SNAPSHOT = "SELECT pg_current_snapshot()::text"

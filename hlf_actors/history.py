@@ -19,8 +19,9 @@ import msgspec
 import psycopg
 from psycopg import sql
 
+from .duplicate_rules import DETECTED_KINDS, DuplicateState
 from .events import Event, decode_events
-from .projections import DETECTED_KINDS, PROJECTED_KINDS, DuplicateState, MentorProjection, MentorState
+from .projections import PROJECTED_KINDS, MentorProjection, MentorState
 
 __all__ = ["History", "changed_since", "histories", "unprojected"]
 
@@ -169,5 +170,3 @@ def _prefetch(rows: Iterator[Any], *, itersize: int, depth: int) -> Generator[An
             with suppress(queue.Empty):
                 batches.get(timeout=0.05)
         thread.join()
-
-

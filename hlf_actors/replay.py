@@ -1,7 +1,7 @@
 """Replay: rebuild every projection from event_log alone, while the service runs, and check or repair the live ones.
 
 The projections are ``sync_status`` and ``dead_letters`` (``projections.MentorFold``, what ``apply`` runs) and
-``duplicate_findings`` (``projections.Detector``); ``projections.fold_mentor`` runs both over one mentor's events in
+``duplicate_findings`` (``duplicate_rules.Detector``); ``projections.fold_mentor`` runs both over one mentor's events in
 one pass, and is the only fold replay knows (it reads the log with ``history.histories``). A mentor's projected
 events are those in event_log and not in hlf_inbox, folded in seq order, after the mentor's projection_snapshots row
 if their oldest events were archived.
@@ -46,11 +46,12 @@ import psycopg
 from psycopg import sql
 
 from . import db
+from .duplicate_rules import Finding, FindingRow
 from .duplicates import raise_findings
 from .errors import ReplayBusy
 from .history import changed_since, histories, unprojected
 from .progress import Progress
-from .projections import DeadLetterRow, Finding, FindingRow, MentorState, SyncRow, fold_mentor
+from .projections import DeadLetterRow, MentorState, SyncRow, fold_mentor
 
 __all__ = [
     "REPLAY_LOCK",
@@ -433,5 +434,3 @@ def replay(
         built = _rebuild(reader, writer, progress)
         report = _finish(writer, built, apply_changes=not verify, limit=detail_limit)
     return msgspec.structs.replace(report, seconds=time.monotonic() - started)
-
-

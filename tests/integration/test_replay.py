@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from hlf_actors import archival, events, replay, writer
 from hlf_actors.cli import main
+from hlf_actors.duplicate_rules import DuplicateState, Finding
 from hlf_actors.duplicates import DuplicateScan, raise_findings
 from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
 from hlf_actors.progress import Progress
-from hlf_actors.projections import DuplicateState, Finding
 from hlf_actors.render import render_replay
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
