@@ -1,32 +1,34 @@
 """The events in ``event_log``: one frozen msgspec struct per kind, decoded once at the edge.
 
-A row becomes an ``Event`` (envelope) whose ``payload`` is the struct for its kind and version. Projections and
+A row becomes an ``Event`` (envelope) whose ``payload`` is the struct for its kind and version (``event_codec.py``
+decodes rows). Projections and
 the CLI only ever see these structs, never dicts. A kind this code does not know decodes to ``UnknownPayload``:
 projections ignore it and replay goes on, so an old binary never chokes on a newer log.
 
 Versions: every kind starts at version 1. When a payload changes shape, add the new struct, bump
-``CURRENT_VERSION`` for the kind and keep an upgrade function for the old version in ``_UPGRADES``, so that old
+``CURRENT_VERSION`` for the kind and keep an upgrade function for the old version in ``UPGRADES``, so that old
 events still replay to the same projections.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import date, datetime
-from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
 
 __all__ = [
+    "CURRENT_VERSION",
+    "KINDS",
+    "UPGRADES",
     "AlertFailed",
     "AlertSent",
     "AttemptFailed",
     "AttemptSucceeded",
     "AutoTransitioned",
+    "BasePayload",
     "CircuitClosed",
     "CircuitOpened",
     "ConsoleAction",
@@ -48,8 +50,6 @@ __all__ = [
     "SyncRequested",
     "SyncSkipped",
     "UnknownPayload",
-    "decode_event",
-    "decode_events",
     "encode_payload",
 ]
 
@@ -59,11 +59,11 @@ Operation = Literal["remove", "restore"]
 # gc=False here and on Event: frozen structs of immutable values can never be part of a reference cycle, so the
 # cycle collector need not track the millions of them replay makes (bench/NOTES.md). UnknownPayload
 # holds a dict, and is tracked.
-class _Payload(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False, gc=False):
+class BasePayload(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False, gc=False):
     pass
 
 
-class StatusChanged(_Payload, frozen=True, kw_only=True):
+class StatusChanged(BasePayload, frozen=True, kw_only=True):
     """A mentor or certification row changed in a way that may change the mentor's eligibility."""
 
     cause: str
@@ -74,7 +74,7 @@ class StatusChanged(_Payload, frozen=True, kw_only=True):
     expires_on: str | None = None
 
 
-class SyncRequested(_Payload, frozen=True, kw_only=True):
+class SyncRequested(BasePayload, frozen=True, kw_only=True):
     """Someone asked for the mentor to be sent again: force sync, dead-letter re-queue, reconciliation."""
 
     reason: str
@@ -83,7 +83,7 @@ class SyncRequested(_Payload, frozen=True, kw_only=True):
     expected: bool | None = None  # reconcile: what the database says it should be
 
 
-class AttemptSucceeded(_Payload, frozen=True, kw_only=True):
+class AttemptSucceeded(BasePayload, frozen=True, kw_only=True):
     operation: Operation
     attempt: int
     http_status: int
@@ -92,7 +92,7 @@ class AttemptSucceeded(_Payload, frozen=True, kw_only=True):
     snapshot: str | None = None  # pg_current_snapshot() of that read: which changes this outcome answers
 
 
-class AttemptFailed(_Payload, frozen=True, kw_only=True):
+class AttemptFailed(BasePayload, frozen=True, kw_only=True):
     operation: Operation
     attempt: int
     http_status: int | None
@@ -104,7 +104,7 @@ class AttemptFailed(_Payload, frozen=True, kw_only=True):
     snapshot: str | None = None
 
 
-class SyncSkipped(_Payload, frozen=True, kw_only=True):
+class SyncSkipped(BasePayload, frozen=True, kw_only=True):
     """Nothing to send: e.g. removing a mentor who has no portal record, so is not listed anyway."""
 
     operation: Operation
@@ -113,7 +113,7 @@ class SyncSkipped(_Payload, frozen=True, kw_only=True):
     snapshot: str | None = None
 
 
-class DeadLettered(_Payload, frozen=True, kw_only=True):
+class DeadLettered(BasePayload, frozen=True, kw_only=True):
     operation: Operation
     attempts: int
     last_error: str
@@ -121,18 +121,18 @@ class DeadLettered(_Payload, frozen=True, kw_only=True):
     snapshot: str | None = None
 
 
-class Requeued(_Payload, frozen=True, kw_only=True):
+class Requeued(BasePayload, frozen=True, kw_only=True):
     dead_letter_id: int
 
 
-class AlertSent(_Payload, frozen=True, kw_only=True):
+class AlertSent(BasePayload, frozen=True, kw_only=True):
     alert: str  # the payload's "type"
     target: str  # "topic:<name>" or a shortened device token, never a whole one
     message_id: str | None = None
     dead_letter_id: int | None = None  # the dead letter this alert is about, if any
 
 
-class AlertFailed(_Payload, frozen=True, kw_only=True):
+class AlertFailed(BasePayload, frozen=True, kw_only=True):
     alert: str
     target: str
     error: str
@@ -141,7 +141,7 @@ class AlertFailed(_Payload, frozen=True, kw_only=True):
     will_retry: bool = False  # an ops alert kept in hlf_ops_outbox: sent again with backoff for up to 24 h
 
 
-class DeviceDead(_Payload, frozen=True, kw_only=True):
+class DeviceDead(BasePayload, frozen=True, kw_only=True):
     """FCM called a coordinator device's token dead: the device is not targeted again until the app writes a new
     token for it (``hlf_dead_devices``)."""
 
@@ -151,17 +151,17 @@ class DeviceDead(_Payload, frozen=True, kw_only=True):
     alert: str  # the payload type whose push found it dead
 
 
-class CircuitOpened(_Payload, frozen=True, kw_only=True):
+class CircuitOpened(BasePayload, frozen=True, kw_only=True):
     """Calls for many mentors failed at once: the portal is down for everyone, sending is paused."""
 
     failing_mentors: int
 
 
-class CircuitClosed(_Payload, frozen=True, kw_only=True):
+class CircuitClosed(BasePayload, frozen=True, kw_only=True):
     """The portal answered again after an outage."""
 
 
-class ReminderSent(_Payload, frozen=True, kw_only=True):
+class ReminderSent(BasePayload, frozen=True, kw_only=True):
     """A certification-expiry reminder was pushed to the mentor's organisation (``hlf_actors.expiry``)."""
 
     threshold_day: int  # the organisation's threshold this reminder answers (reminder_days)
@@ -172,7 +172,7 @@ class ReminderSent(_Payload, frozen=True, kw_only=True):
     delivered: int
 
 
-class AutoTransitioned(_Payload, frozen=True, kw_only=True):
+class AutoTransitioned(BasePayload, frozen=True, kw_only=True):
     """The nightly check moved an active mentor whose certifications have all expired to ``expired_cert``."""
 
     from_: str = msgspec.field(name="from")
@@ -181,7 +181,7 @@ class AutoTransitioned(_Payload, frozen=True, kw_only=True):
     certification_expiry_date: date | None = None  # the latest expiry; None when the mentor had no certification
 
 
-class ReconcileFinished(_Payload, frozen=True, kw_only=True):
+class ReconcileFinished(BasePayload, frozen=True, kw_only=True):
     """One reconciliation of the portal's listing against the database (``hlf_actors.reconcile``). Not projected."""
 
     portal_records: int
@@ -197,7 +197,7 @@ class ReconcileFinished(_Payload, frozen=True, kw_only=True):
     syncing: int = 0  # divergent while its own sync was under way: left to its actor
 
 
-class CredentialCheck(_Payload, frozen=True, kw_only=True):
+class CredentialCheck(BasePayload, frozen=True, kw_only=True):
     """A tenant check (``hlf_actors.credentials``), or a sync answer that named a tenant-wide cause: ok True/False,
     or None when the portal was unreachable (no verdict). ``transition`` marks the start and the end of an incident;
     ``cause`` (a key of ``errors.TENANT_CAUSES``) says what is wrong; None on checks recorded before causes existed
@@ -211,7 +211,7 @@ class CredentialCheck(_Payload, frozen=True, kw_only=True):
     cause: str | None = None
 
 
-class ReconcileAborted(_Payload, frozen=True, kw_only=True):
+class ReconcileAborted(BasePayload, frozen=True, kw_only=True):
     """A reconciliation that requested nothing because the listing it read cannot be trusted: it lacked more of the
     linked mentors' records than HLF_RECONCILE_MAX_MISSING allows (e.g. a role with user-level Read sees only the
     rows it owns). Not projected."""
@@ -225,7 +225,7 @@ class ReconcileAborted(_Payload, frozen=True, kw_only=True):
     duration_ms: float | None = None
 
 
-class DuplicateDetected(_Payload, frozen=True, kw_only=True):
+class DuplicateDetected(BasePayload, frozen=True, kw_only=True):
     """Two log entries that should have been one (``hlf_actors.duplicates``): raised once per finding, for ops."""
 
     finding: str  # the finding's key: rule, mentor, natural key and the seqs involved; raising it is idempotent
@@ -234,7 +234,7 @@ class DuplicateDetected(_Payload, frozen=True, kw_only=True):
     detail: str = ""
 
 
-class PublicListingConfirmed(_Payload, frozen=True, kw_only=True):
+class PublicListingConfirmed(BasePayload, frozen=True, kw_only=True):
     """The public website agrees with a successful sync (``hlf_actors.listing_probe``). Not projected."""
 
     operation: Operation
@@ -247,7 +247,7 @@ class PublicListingConfirmed(_Payload, frozen=True, kw_only=True):
     confirmed_by: Literal["structured", "html+control", "unverified"] = "unverified"
 
 
-class PublicListingStale(_Payload, frozen=True, kw_only=True):
+class PublicListingStale(BasePayload, frozen=True, kw_only=True):
     """The public website still disagreed with a successful sync at HLF_PUBLIC_LISTING_DEADLINE. Not projected."""
 
     operation: Operation
@@ -256,7 +256,7 @@ class PublicListingStale(_Payload, frozen=True, kw_only=True):
     reason: str
 
 
-class ConsoleAction(_Payload, frozen=True, kw_only=True):
+class ConsoleAction(BasePayload, frozen=True, kw_only=True):
     """Someone did something from the operations console (``hlf_actors.console``): the audit log shows humans too.
     Not projected: the action's own events (``sync_requested``, ``requeued``, ``credential_check``…) do the work."""
 
@@ -266,7 +266,7 @@ class ConsoleAction(_Payload, frozen=True, kw_only=True):
     detail: str = ""  # how it went, in one line
 
 
-class UnknownPayload(_Payload, frozen=True, kw_only=True, gc=True):
+class UnknownPayload(BasePayload, frozen=True, kw_only=True, gc=True):
     """A kind (or version) this code does not know. Kept so the log can be shown, ignored by projections."""
 
     raw: dict[str, Any] = {}
@@ -297,7 +297,7 @@ Payload = (
     | UnknownPayload
 )
 
-_KINDS: dict[str, type[_Payload]] = {
+KINDS: dict[str, type[BasePayload]] = {
     "status_changed": StatusChanged,
     "sync_requested": SyncRequested,
     "attempt_succeeded": AttemptSucceeded,
@@ -320,12 +320,12 @@ _KINDS: dict[str, type[_Payload]] = {
     "device_dead": DeviceDead,
     "console_action": ConsoleAction,
 }
-_KIND_OF: dict[type[_Payload], str] = {v: k for k, v in _KINDS.items()}
+_KIND_OF: dict[type[BasePayload], str] = {v: k for k, v in KINDS.items()}
 
-CURRENT_VERSION: dict[str, int] = dict.fromkeys(_KINDS, 1)
+CURRENT_VERSION: dict[str, int] = dict.fromkeys(KINDS, 1)
 
-# (kind, old version) → function turning an old payload dict into the current one.
-_UPGRADES: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+# (kind, old version) → function turning an old payload dict into the current one (``event_codec`` applies them).
+UPGRADES: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -349,143 +349,6 @@ class NewEvent(msgspec.Struct, frozen=True):
     @property
     def kind(self) -> str:
         return _KIND_OF[type(self.payload)]
-
-
-@cache
-def _typed_decoder(payload_type: type[_Payload]) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(payload_type, strict=False)
-
-
-def decode_event(
-    seq: int,
-    mentor_id: UUID | None,
-    kind: str,
-    version: int,
-    data: Mapping[str, Any] | str | bytes,
-    recorded_at: datetime,
-    xid: int = 0,
-) -> Event:
-    """Turn an event_log row into an Event. Never raises for bad data: it becomes UnknownPayload."""
-    payload_type = _KINDS.get(kind)
-    if payload_type is not None and version == CURRENT_VERSION[kind] and isinstance(data, (str, bytes)):
-        # The common case - the current version, as JSON text - decoded straight into its struct, without the dict
-        # in between, a cost replay pays once per event. Anything odd takes the general path.
-        try:
-            typed: Payload = _typed_decoder(payload_type).decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            pass
-        else:
-            return Event(
-                seq=seq,
-                mentor_id=mentor_id,
-                kind=kind,
-                version=version,
-                recorded_at=recorded_at,
-                payload=typed,
-                xid=xid,
-            )
-    raw: dict[str, Any]
-    if isinstance(data, str | bytes):
-        try:
-            decoded = msgspec.json.decode(data)
-        except msgspec.DecodeError:
-            decoded = {"undecodable": str(data)[:200]}
-        raw = decoded if isinstance(decoded, dict) else {"value": decoded}
-    else:
-        raw = dict(data)
-    payload_type = _KINDS.get(kind)
-    payload: Payload
-    if payload_type is None or not 1 <= version <= CURRENT_VERSION[kind] or any(
-        (kind, old) not in _UPGRADES for old in range(version, CURRENT_VERSION[kind])
-    ):
-        payload = UnknownPayload(raw=raw)
-    else:
-        body = raw
-        for old in range(version, CURRENT_VERSION[kind]):
-            body = _UPGRADES[(kind, old)](body)
-        try:
-            payload = msgspec.convert(body, payload_type, strict=False)  # type: ignore[assignment]
-        except msgspec.ValidationError:
-            payload = UnknownPayload(raw=raw)
-    return Event(
-        seq=seq, mentor_id=mentor_id, kind=kind, version=version, recorded_at=recorded_at, payload=payload, xid=xid
-    )
-
-
-class _LogRow(msgspec.Struct, array_like=True, frozen=True):
-    kind: str
-    seq: int
-    version: int
-    recorded_at: datetime
-    xid: int
-    data: msgspec.Raw
-
-
-def _typed_row(kind: str, payload_type: type[_Payload]) -> Any:
-    """The row struct of a kind at its current version: tagged by its first element, so that a union of them decodes
-    a whole array of rows in one call. A row of another version does not match its ``Literal`` and so fails."""
-    version: Any = Literal[CURRENT_VERSION[kind]]
-    return msgspec.defstruct(
-        f"_{payload_type.__name__}Row",
-        [("seq", int), ("version", version), ("recorded_at", datetime), ("xid", int), ("payload", payload_type)],
-        array_like=True,
-        frozen=True,
-        gc=False,
-        tag=kind,
-        namespace={"kind": kind},
-    )
-
-
-_any_typed_row: Any = functools.reduce(operator.or_, (_typed_row(kind, type_) for kind, type_ in _KINDS.items()))
-_typed_rows: msgspec.json.Decoder[list[Any]] = msgspec.json.Decoder(list[_any_typed_row], strict=False)
-_log_rows = msgspec.json.Decoder(list[_LogRow])
-
-
-def decode_events(mentor_id: UUID | None, rows: str | bytes) -> list[Event]:
-    """Decode a JSON array of one mentor's event_log rows, each ``[kind, seq, version, recorded_at, xid, data]`` (how
-    replay reads the log), into Events exactly as ``decode_event`` decodes each row, in seq order whatever the order
-    of the array.
-
-    The common case, every row of a known kind at its current version, is decoded straight into typed payloads in
-    one call: the per-event decoder calls and intermediate objects were a large share of replay's client time. Anything
-    else (an old version, an unknown kind, data its struct refuses) sends the whole array down the general path.
-    """
-    events: list[Event] = []
-    append = events.append
-    ordered = True
-    previous = -1
-    try:
-        typed = _typed_rows.decode(rows)
-    except msgspec.ValidationError:
-        for r in _log_rows.decode(rows):
-            ordered = ordered and r.seq > previous
-            previous = r.seq
-            append(decode_event(r.seq, mentor_id, r.kind, r.version, bytes(r.data), r.recorded_at, r.xid))
-    else:
-        # One loop that also checks the order: as cheap as a list comprehension plus a separate check is not.
-        for r in typed:
-            seq = r.seq
-            if seq <= previous:
-                ordered = False
-            previous = seq
-            append(
-                Event(
-                    seq=seq,
-                    mentor_id=mentor_id,
-                    kind=r.kind,
-                    version=r.version,
-                    recorded_at=r.recorded_at,
-                    payload=r.payload,
-                    xid=r.xid,
-                )
-            )
-    if not ordered:
-        events.sort(key=_by_seq)
-    return events
-
-
-def _by_seq(event: Event) -> int:
-    return event.seq
 
 
 def encode_payload(payload: Payload) -> bytes:
@@ -512,7 +375,3 @@ def not_visible_in(xids: tuple[int, ...], snapshot: str) -> tuple[int, ...]:
     xmax = int(xmax_text)
     listed = running.split(",")
     return tuple(x for x in xids if x >= xmin and (x >= xmax or str(x) in listed))
-
-
-def kind_of(payload: Payload) -> str:
-    return _KIND_OF[type(payload)]

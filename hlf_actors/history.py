@@ -20,7 +20,8 @@ import psycopg
 from psycopg import sql
 
 from .duplicate_rules import DETECTED_KINDS, DuplicateState
-from .events import Event, decode_events
+from .event_codec import decode_events
+from .events import Event
 from .projections import PROJECTED_KINDS, MentorProjection, MentorState
 
 __all__ = ["History", "changed_since", "histories", "unprojected"]
@@ -30,15 +31,14 @@ _PREFETCH = 4  # fetches read ahead: on a busy machine the server and we are not
 _STREAM_KINDS: tuple[str, ...] = (*PROJECTED_KINDS, *DETECTED_KINDS)
 
 # One row per mentor: their events as one JSON array of [kind, seq, version, recorded_at, xid, data] in seq order
-# (``events.decode_events`` decodes it in one call), and their snapshot if they have one. Rows per mentor rather than
-# per event, because the client's cost is per row (the driver turning columns into objects). Each event's JSON is
+# (``event_codec.decode_events`` decodes it in one call), and their snapshot if they have one. Rows per mentor rather
+# than per event, because the client's cost is per row (the driver turning columns into objects). Each event's JSON is
 # built by concatenation (`kind` is [a-z_]+, a CHECK; the rest are numbers, JSON and to_json: cheaper than
-# json_build_array) below the sort, so that for the whole log the parallel workers scan, format and sort it
-# together. That takes a plain query, streamed (``Cursor.stream``), not a server-side cursor, whose plan is never
-# parallel (bench/NOTES.md: replay's read). The
-# aggregate takes the events in the order the sorted subquery hands them over (a subquery with ORDER BY is never
-# flattened) rather than with ORDER BY seq, which PostgreSQL 15 would sort again mentor by mentor; should a plan ever
-# differ, ``decode_events`` puts them back in seq order.
+# json_build_array) below the sort, so that for the whole log the parallel workers scan, format and sort it together.
+# That takes a plain query, streamed (``Cursor.stream``), not a server-side cursor, whose plan is never parallel
+# (bench/NOTES.md: replay's read). The aggregate takes the events in the order the sorted subquery hands them over (a
+# subquery with ORDER BY is never flattened) rather than with ORDER BY seq, which PostgreSQL 15 would sort again mentor
+# by mentor; should a plan ever differ, ``decode_events`` puts them back in seq order.
 _HISTORIES = sql.SQL(
     "SELECT mentor_id, e.events, s.projection::text, s.duplicates::text, s.cut_seq "
     "FROM (SELECT mentor_id, '[' || string_agg(event, ',') || ']' AS events "

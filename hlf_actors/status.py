@@ -15,7 +15,8 @@ import msgspec
 import psycopg
 
 from .errors import TENANT_CAUSES
-from .events import AttemptFailed, AttemptSucceeded, DeadLettered, Event, SyncSkipped, decode_event
+from .event_codec import decode_event
+from .events import AttemptFailed, AttemptSucceeded, DeadLettered, Event, SyncSkipped
 
 __all__ = [
     "DeadLetter",

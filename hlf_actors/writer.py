@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from . import db
-from .events import AttemptSucceeded, DeadLettered, Event, NewEvent, Requeued, decode_event, encode_payload
+from .event_codec import decode_event
+from .events import AttemptSucceeded, DeadLettered, Event, NewEvent, Requeued, encode_payload
 from .projections import PROJECTED_KINDS, DeadLetterRow, MentorProjection, SyncRow, fold, is_projected
 
 __all__ = ["DRAIN_LOCK", "Drained", "MentorFacts", "append", "drain_inbox", "sync_row_from_db"]

@@ -9,7 +9,7 @@ import anyio
 import psycopg
 import pytest
 
-from hlf_actors.events import decode_event
+from hlf_actors.event_codec import decode_event
 from hlf_actors.projections import PROJECTED_KINDS, fold
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state

@@ -27,7 +27,8 @@ from hlf_actors import archival, events, replay, writer
 from hlf_actors.cli import main
 from hlf_actors.duplicate_rules import DuplicateState, Finding
 from hlf_actors.duplicates import DuplicateScan, raise_findings
-from hlf_actors.events import AttemptSucceeded, NewEvent, decode_event
+from hlf_actors.event_codec import decode_event
+from hlf_actors.events import AttemptSucceeded, NewEvent
 from hlf_actors.progress import Progress
 from hlf_actors.render import render_replay
 from hlf_actors.service import Service
@@ -415,7 +416,7 @@ async def test_old_and_unknown_event_versions_replay_like_the_live_path(
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as aconn, aconn.transaction():
         await writer.drain_inbox(aconn)
     monkeypatch.setitem(events.CURRENT_VERSION, "sync_requested", 2)
-    monkeypatch.setitem(events._UPGRADES, ("sync_requested", 1), lambda d: {**d, "reason": f"v1:{d['reason']}"})
+    monkeypatch.setitem(events.UPGRADES, ("sync_requested", 1), lambda d: {**d, "reason": f"v1:{d['reason']}"})
     row = conn.execute(
         "SELECT seq, mentor_id, kind, version, data::text, recorded_at, xid::text::bigint FROM event_log "
         "WHERE kind = 'sync_requested' AND mentor_id = %s",

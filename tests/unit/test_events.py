@@ -10,6 +10,7 @@ from uuid import UUID
 import msgspec
 import pytest
 
+from hlf_actors.event_codec import decode_event, decode_events
 from hlf_actors.events import (
     CURRENT_VERSION,
     AlertFailed,
@@ -36,8 +37,6 @@ from hlf_actors.events import (
     SyncRequested,
     SyncSkipped,
     UnknownPayload,
-    decode_event,
-    decode_events,
     encode_payload,
     not_visible_in,
     visible_in,
