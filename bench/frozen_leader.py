@@ -22,7 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from hlf_actors import db
-from hlf_actors.config import parse_duration
+from hlf_actors.env_values import parse_duration
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.process import ServiceProcess, service_env

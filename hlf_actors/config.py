@@ -1,13 +1,13 @@
 """Configuration: read once from the environment (and an optional ``.env`` file), validated, frozen.
 
 Names and defaults are the outside contract in ``shared/INTERFACE.md``. A bad value raises ``ConfigError`` whose
-message is one line naming the variable and what is wrong with it; the CLI prints that line and exits 2.
+message is one line naming the variable and what is wrong with it (``env_values.py`` reads each value); the CLI
+prints that line and exits 2.
 Secrets are wrapped in ``Secret`` so that no repr, log line or exception can show them by accident.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -19,9 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from .env_values import EnvReader, is_loopback, parse_duration, read_dotenv
 from .errors import ConfigError
 
-__all__ = ["Config", "Secret", "load_config", "parse_duration"]
+__all__ = ["Config", "Secret", "load_config"]
 
 
 class Secret:
@@ -161,124 +162,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """'15m' → 900.0; '30s', '1h', '250ms', or a bare number of seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError("expected a duration such as 30s, 15m or 1h")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _read_dotenv(path: Path) -> dict[str, str]:
-    """A minimal .env reader: KEY=VALUE lines, # comments, optional quotes. The environment wins over it."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
-
-
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def text(self, name: str) -> str | None:
-        value = self._env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise ConfigError(f"{name}: must be {bound}, got {value}")
-        return value
-
-    def duration(self, name: str, default: float) -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = parse_duration(raw)
-        except ValueError as err:
-            raise ConfigError(f"{name}: {err}, got {raw!r}") from None
-        if value <= 0:
-            raise ConfigError(f"{name}: must be longer than zero, got {raw!r}")
-        return value
-
-    def url(self, name: str) -> str | None:
-        """An https URL; plain http only to a loopback host (tests, local fakes), where nothing crosses a network.
-        A typo'd ``http://`` elsewhere would send the client secret and bearer tokens in clear text."""
-        raw = self.text(name)
-        if raw is None:
-            return None
-        if not re.match(r"^https?://[^/\s]+", raw):
-            raise ConfigError(f"{name}: expected an https URL, got {raw!r}")
-        parts = urlsplit(raw)
-        if parts.scheme != "https" and not _is_loopback(parts.hostname or ""):
-            raise ConfigError(f"{name}: must be https:// (plain http is allowed only to a loopback host), got {raw!r}")
-        return raw.rstrip("/") if name == "HLF_DYNAMICS_URL" else raw
-
-    def share(self, name: str, default: float) -> float:
-        """A share such as ``10%`` or ``0.1``."""
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}: expected a share such as 10% or 0.1, got {raw!r}") from None
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{name}: must be between 0% and 100%, got {raw!r}")
-        return value
-
-    def identifier(self, name: str, default: str) -> str:
-        raw = self.text(name) or default
-        # These names end up in URLs and OData $select: keep them to what Dataverse allows.
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", raw):
-            raise ConfigError(f"{name}: expected a Dataverse logical name (letters, digits, _), got {raw!r}")
-        return raw
-
-
 def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = Path(".env")) -> Config:
     """Build the frozen Config from ``env`` (default ``os.environ``) over an optional ``.env`` file."""
     merged: dict[str, str] = {}
     if dotenv is not None:
-        merged.update(_read_dotenv(dotenv))
+        merged.update(read_dotenv(dotenv))
     merged.update(os.environ if env is None else env)
-    read = _Reader(merged)
+    read = EnvReader(merged)
 
     secret_value = read.text("HLF_DYNAMICS_CLIENT_SECRET")
     secret_file = read.text("HLF_DYNAMICS_CLIENT_SECRET_FILE")
@@ -343,7 +233,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
         raise ConfigError(f"HLF_ALERTS: expected on or off, got {alerts_raw!r}")
     webhook = read.text("HLF_OPS_WEBHOOK_URL")
     hook = urlsplit(webhook or "")
-    loopback = _is_loopback(hook.hostname or "")
+    loopback = is_loopback(hook.hostname or "")
     if webhook is not None and not (hook.netloc and (hook.scheme == "https" or (hook.scheme == "http" and loopback))):
         # The URL is a secret: name the variable, never the value.
         raise ConfigError("HLF_OPS_WEBHOOK_URL: must be an https:// URL (http only to a loopback host)")
@@ -424,22 +314,12 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     )
 
 
-def _read_secret_file(name: str, path: str) -> Secret:
-    try:
-        value = Path(path).read_text().strip()
-    except OSError as err:
-        raise ConfigError(f"{name}: cannot read {path!r} ({err.strerror})") from None
-    if not value:
-        raise ConfigError(f"{name}: {path!r} is empty")
-    return Secret(value)
-
-
-def _console_settings(read: _Reader) -> dict[str, Any]:
+def _console_settings(read: EnvReader) -> dict[str, Any]:
     """The console's sign-in: a shared password file, or Entra ID (all four OIDC variables), or neither (off)."""
     settings: dict[str, Any] = {"console_url": read.url("HLF_CONSOLE_URL")}
     password_file = read.text("HLF_CONSOLE_PASSWORD_FILE")
     if password_file is not None:
-        settings["console_password"] = _read_secret_file("HLF_CONSOLE_PASSWORD_FILE", password_file)
+        settings["console_password"] = Secret(read.secret_file("HLF_CONSOLE_PASSWORD_FILE", password_file))
     oidc = {
         name: read.text(name)
         for name in (
@@ -460,8 +340,8 @@ def _console_settings(read: _Reader) -> dict[str, Any]:
         settings.update(
             console_oidc_issuer=issuer.rstrip("/"),
             console_oidc_client_id=oidc["HLF_CONSOLE_OIDC_CLIENT_ID"],
-            console_oidc_client_secret=_read_secret_file(
-                "HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE", oidc["HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE"]
+            console_oidc_client_secret=Secret(
+                read.secret_file("HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE", oidc["HLF_CONSOLE_OIDC_CLIENT_SECRET_FILE"])
             ),
             console_allowed_group=oidc["HLF_CONSOLE_ALLOWED_GROUP"],
         )

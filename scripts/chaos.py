@@ -61,7 +61,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from hlf_actors import db
-from hlf_actors.config import parse_duration
+from hlf_actors.env_values import parse_duration
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply, chaos_mix, token_chaos_mix
 from hlf_actors.testing.process import LEADER_LINE, ServiceProcess, service_env

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hlf_actors.config import Secret, load_config, parse_duration
+from hlf_actors.config import Secret, load_config
+from hlf_actors.env_values import parse_duration
 from hlf_actors.errors import ConfigError
 
 SECRET = "hlf-TEST-SECRET-7f3a9c0e"
