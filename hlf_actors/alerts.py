@@ -36,8 +36,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import db, writer
 from .events import AlertFailed, AlertSent, DeviceDead, NewEvent, Operation
-from .fcm import AlertSender, Delivery, Notice
 from .ops_channels import ChannelResult, FcmTopicChannel, OpsChannel
+from .push import AlertSender, Delivery, Notice
 
 __all__ = ["Alerting", "sync_failure_notice"]
 

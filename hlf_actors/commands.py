@@ -186,9 +186,10 @@ def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
     from .alerts import Alerting
     from .clock import SystemClock
     from .expiry import NightReport, default_owner, run_night
-    from .fcm import AlertSender, Delivery, build_alert_sender
+    from .fcm import build_alert_sender
     from .logs import setup_logging
     from .ops_channels import open_ops_channels
+    from .push import AlertSender, Delivery
 
     with _connect(config) as conn:
         have = db.applied_migrations(conn)

@@ -58,7 +58,7 @@ from psycopg_pool import AsyncConnectionPool
 from .alerts import Alerting
 from .db import query as _query
 from .events import ReminderSent, encode_payload
-from .fcm import Delivery, Notice
+from .push import Delivery, Notice
 
 __all__ = [
     "JOB",

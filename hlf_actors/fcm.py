@@ -3,12 +3,12 @@
 Why it exists: when a mentor's sync fails, a certificate is about to expire or our own credentials stop
 working, a person has to hear about it. This module is the one seam between the service and Firebase Cloud
 Messaging: everything else talks to an ``AlertSender`` and gets one ``Delivery`` per target back, device
-tokens first (in the order given) and the topic last. Callers never catch firebase-admin's exceptions
-and never see a device token whole.
+tokens first (in the order given) and the topic last (``push.py`` defines both). Callers never catch
+firebase-admin's exceptions and never see a device token whole.
 
 Senders:
     FirebaseAlertSender       the real one: a named firebase_admin App built from a service-account JSON
-    UnconfiguredAlertSender   no HLF_FCM_CREDENTIALS: every delivery fails, said loudly once at start-up
+    UnconfiguredAlertSender   (push.py) no HLF_FCM_CREDENTIALS: every delivery fails, said loudly once at start-up
     (``testing.recording.RecordingAlertSender`` keeps what it was asked to send, for tests and the harness)
 
 What a Delivery means (``send`` never raises for a delivery failure):
@@ -80,13 +80,12 @@ import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import anyio
-import msgspec
-from loguru import logger
 
 from .errors import ConfigError
+from .push import AlertSender, Delivery, Notice, Target, UnconfiguredAlertSender, log_outcome, plan_targets
 
 
 class _OnFirstUse:
@@ -109,17 +108,10 @@ _google_auth_requests: Any = _OnFirstUse("google.auth.transport.requests")
 
 __all__ = [
     "PRIVATE_ATTRIBUTES",
-    "AlertSender",
-    "Delivery",
     "FirebaseAlertSender",
-    "Notice",
-    "SentAlert",
-    "UnconfiguredAlertSender",
     "build_alert_sender",
     "check_firebase_internals",
 ]
-
-NOT_CONFIGURED: Final = "FCM is not configured (HLF_FCM_CREDENTIALS)"
 
 # FCM accepts at most 500 messages per send_each call; firebase-admin's send_each starts one thread per message,
 # so a smaller batch keeps the thread count sane.
@@ -150,100 +142,8 @@ PRIVATE_ATTRIBUTES: Final = (
     "firebase_admin.messaging._MessagingService._fcm_url (instance attribute read by send_each)",
     "google.oauth2.service_account.Credentials._set_regional_access_boundary (optional)",
 )
-_TOPIC = re.compile(r"[a-zA-Z0-9\-_.~%]+")
 # Registration tokens, access tokens, JWTs and PEM lines are long runs of these characters.
 _OPAQUE = re.compile(r"[A-Za-z0-9+/=_\-]{40,}")
-
-
-class Delivery(msgspec.Struct, frozen=True):
-    """What happened to one target of one alert."""
-
-    target: str  # "token:<first 8 chars>…" or "topic:<name>"
-    ok: bool
-    message_id: str | None = None
-    error: str | None = None  # short, secret-free, e.g. "UNREGISTERED: Requested entity was not found."
-    unregistered: bool = False  # UNREGISTERED: app uninstalled or token expired
-    retryable: bool = False  # FCM unavailable / quota / internal: the caller may try again later
-    dead: bool = False  # the device token can never work (UNREGISTERED, SENDER_ID_MISMATCH, bad token)
-    code: str | None = None  # FCM's error code, e.g. "UNREGISTERED"
-
-
-class Notice(msgspec.Struct, frozen=True):
-    """What a phone shows: a notification title and body in plain words."""
-
-    title: str
-    body: str
-
-
-class AlertSender(Protocol):
-    async def send(
-        self,
-        data: Mapping[str, str],
-        *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
-        notice: Notice | None = None,
-    ) -> list[Delivery]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class SentAlert(msgspec.Struct, frozen=True):
-    """One call to ``RecordingAlertSender.send``."""
-
-    data: dict[str, str]
-    tokens: tuple[str, ...] = ()
-    topic: str | None = None
-    notice: Notice | None = None
-
-
-# -- shared by every sender ----------------------------------------------------------------------------------
-
-
-def _token_target(token: str) -> str:
-    # A short test token must not be shown whole either, so show at most half of it.
-    return f"token:{token[: min(8, len(token) // 2)]}…"
-
-
-def topic_name(topic: str) -> str:
-    return topic.removeprefix("/topics/")
-
-
-class Target(msgspec.Struct, frozen=True):
-    label: str
-    token: str | None = None
-    topic: str | None = None
-    problem: str | None = None  # set when the target cannot be sent to at all
-
-
-def plan_targets(
-    data: Mapping[str, str], tokens: Sequence[str], topic: str | None
-) -> tuple[dict[str, str], list[Target]]:
-    """Check the arguments the way FCM will, so that a bad target fails alone instead of the whole call.
-
-    Non-string data or tokens are a bug in the caller and raise TypeError; FCM would reject them anyway.
-    """
-    if isinstance(tokens, str):
-        raise TypeError("tokens must be a sequence of device tokens, not one string")
-    payload = dict(data)
-    for key, value in payload.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"FCM data values must all be strings; {key!r} is {type(value).__name__}")
-    targets: list[Target] = []
-    for token in tokens:
-        if not isinstance(token, str):
-            raise TypeError(f"device tokens must be strings, not {type(token).__name__}")
-        if token.strip():
-            targets.append(Target(_token_target(token), token=token))
-        else:
-            targets.append(Target("token:(empty)", problem="INVALID_ARGUMENT: empty device token"))
-    if topic:  # an empty topic means none, as for the callers that build it from a nullable column
-        name = topic_name(topic)
-        if _TOPIC.fullmatch(name):
-            targets.append(Target(f"topic:{name}", topic=name))
-        else:
-            targets.append(Target(f"topic:{name[:40]}", problem="INVALID_ARGUMENT: malformed topic name"))
-    return payload, targets
 
 
 def _scrub(text: str, secrets: Iterable[str]) -> str:
@@ -253,24 +153,6 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
             text = text.replace(secret, "[redacted]")
     text = _OPAQUE.sub("[redacted]", " ".join(text.split()))
     return text if len(text) <= 200 else text[:199] + "…"
-
-
-def log_outcome(payload: Mapping[str, str], deliveries: Sequence[Delivery]) -> None:
-    """One line per send; the caller records each delivery itself."""
-    if not deliveries:
-        return
-    failed = [f"{d.target} {(d.error or '').split(':')[0]}" for d in deliveries if not d.ok]
-    log = logger.bind(alert_type=payload.get("type"), targets=len(deliveries), failed=len(failed)).opt(capture=False)
-    if failed:
-        log.warning(
-            "FCM alert {kind}: {ok}/{n} delivered; failed: {failed}",
-            kind=payload.get("type", "?"),
-            ok=len(deliveries) - len(failed),
-            n=len(deliveries),
-            failed=", ".join(failed),
-        )
-    else:
-        log.info("FCM alert {kind}: {n}/{n} delivered", kind=payload.get("type", "?"), n=len(deliveries))
 
 
 # -- firebase-admin ------------------------------------------------------------------------------------------
@@ -496,33 +378,6 @@ def _error_code(err: BaseException) -> str:
             return name
     code = getattr(err, "code", None)
     return code if isinstance(code, str) and code else "UNKNOWN"
-
-
-# -- without FCM ---------------------------------------------------------------------------------------------
-
-
-class UnconfiguredAlertSender:
-    """Stands in when HLF_FCM_CREDENTIALS is unset: alerts fail visibly; the service still runs."""
-
-    def __init__(self) -> None:
-        logger.warning("{why}: alerts will be recorded as failed, not delivered", why=NOT_CONFIGURED)
-
-    def __repr__(self) -> str:
-        return "UnconfiguredAlertSender()"
-
-    async def send(
-        self,
-        data: Mapping[str, str],
-        *,
-        tokens: Sequence[str] = (),
-        topic: str | None = None,
-        notice: Notice | None = None,
-    ) -> list[Delivery]:
-        _, targets = plan_targets(data, tokens, topic)
-        return [Delivery(t.label, ok=False, error=t.problem or NOT_CONFIGURED) for t in targets]
-
-    async def aclose(self) -> None:
-        pass
 
 
 def build_alert_sender(credentials_path: str | None, fcm_url: str | None) -> AlertSender:

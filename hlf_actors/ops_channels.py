@@ -44,7 +44,7 @@ import httpx
 import msgspec
 
 from .config import Config, Secret
-from .fcm import AlertSender, Notice, UnconfiguredAlertSender
+from .push import AlertSender, Notice, UnconfiguredAlertSender
 
 __all__ = [
     "ChannelResult",

@@ -42,7 +42,6 @@ from .dispatcher import Dispatcher
 from .dynamics import ListingRow, Portal
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
-from .fcm import AlertSender
 from .incidents import Incident, Incidents
 from .leadership import Leadership
 from .listener import (
@@ -59,6 +58,7 @@ from .listener import (
 from .listing_probe import ListingProbe
 from .metrics import Health, Metrics
 from .ops_channels import OpsChannel, open_ops_channels
+from .push import AlertSender
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter

@@ -17,7 +17,7 @@ import psycopg
 
 from ..config import Config, load_config
 from ..dynamics import DynamicsClient
-from ..fcm import AlertSender
+from ..push import AlertSender
 from ..service import Service
 from .fake_portal import FakePortal
 from .recording import RecordingAlertSender

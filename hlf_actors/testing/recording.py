@@ -1,15 +1,27 @@
 """A recording FCM sender for tests and the in-process harness: keeps every alert and answers like FCM would.
 
-It lives in ``testing/`` because nothing in the running service uses it; ``fcm.py`` holds the real sender.
+It lives in ``testing/`` because nothing in the running service uses it; ``fcm.py`` holds the real sender,
+``push.py`` what every sender takes and returns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from ..fcm import Delivery, Notice, SentAlert, Target, log_outcome, plan_targets, topic_name
+import msgspec
 
-__all__ = ["RecordingAlertSender"]
+from ..push import Delivery, Notice, Target, log_outcome, plan_targets, topic_name
+
+__all__ = ["RecordingAlertSender", "SentAlert"]
+
+
+class SentAlert(msgspec.Struct, frozen=True):
+    """One call to ``RecordingAlertSender.send``."""
+
+    data: dict[str, str]
+    tokens: tuple[str, ...] = ()
+    topic: str | None = None
+    notice: Notice | None = None
 
 
 class RecordingAlertSender:

@@ -31,13 +31,9 @@ from hlf_actors.alerts import Alerting
 from hlf_actors.cli import main
 from hlf_actors.config import load_config
 from hlf_actors.expiry import run_night
-from hlf_actors.fcm import (
-    PRIVATE_ATTRIBUTES,
-    FirebaseAlertSender,
-    UnconfiguredAlertSender,
-    check_firebase_internals,
-)
+from hlf_actors.fcm import PRIVATE_ATTRIBUTES, FirebaseAlertSender, check_firebase_internals
 from hlf_actors.ops_channels import build_ops_channels, teams_payload
+from hlf_actors.push import UnconfiguredAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.fake_smtp import FakeSMTP

@@ -21,13 +21,8 @@ import pytest
 from loguru import logger
 
 from hlf_actors.errors import ConfigError
-from hlf_actors.fcm import (
-    NOT_CONFIGURED,
-    Delivery,
-    FirebaseAlertSender,
-    UnconfiguredAlertSender,
-    build_alert_sender,
-)
+from hlf_actors.fcm import FirebaseAlertSender, build_alert_sender
+from hlf_actors.push import NOT_CONFIGURED, Delivery, UnconfiguredAlertSender
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.recording import RecordingAlertSender
 

@@ -23,8 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 from hlf_actors.alerts import Alerting
 from hlf_actors.config import Config, load_config
 from hlf_actors.expiry import NightReport, run_night
-from hlf_actors.fcm import AlertSender, Delivery, FirebaseAlertSender
+from hlf_actors.fcm import FirebaseAlertSender
 from hlf_actors.nightly import nightly_forever
+from hlf_actors.push import AlertSender, Delivery
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal
 from hlf_actors.testing.harness import eventually, running_service
