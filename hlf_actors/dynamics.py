@@ -47,43 +47,37 @@ is the one httpx would build (made once per token, only the record id changes), 
 becomes an httpx.Response and goes through the same classification. Everything else goes through httpx.
 
 Error messages carry the status and at most 200 characters of the portal's own message; never a header, token or
-secret. After the token endpoint refused the secret, the secret file (HLF_DYNAMICS_CLIENT_SECRET_FILE) is read
-again before every token request, so rotating the secret is writing the new one to the file.
+secret. The token itself, and reading a rotated secret from its file, are ``entra_token.py``'s.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 from uuid import UUID
 
-import anyio
 import httpcore
 import httpx
 import msgspec
-from loguru import logger
 
-from .config import Config, Secret
+from .config import Config
+from .entra_token import TokenSource
 from .errors import (
     CredentialError,
     PermanentPortalError,
-    PortalError,
     TenantError,
     ThrottledError,
     TransientPortalError,
     UndecidedRefusal,
 )
 from .http_transport import fast_transport, pool_of
-from .limits import RequestBudget, parse_retry_after
-from .logs import hide_secret
+from .limits import TRANSIENT_STATUSES, RequestBudget, parse_retry_after
 
 __all__ = ["DynamicsClient", "ListingRow", "Portal"]
 
-_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _ODATA_HEADERS = {
     "OData-MaxVersion": "4.0",
     "OData-Version": "4.0",
@@ -92,8 +86,6 @@ _ODATA_HEADERS = {
 }
 # What a read response's stream is replaced with (DynamicsClient._send): already empty, shared by every response.
 _SPENT = httpx.ByteStream(b"")
-# Refresh a token this long before the portal would reject it, so no request races its expiry.
-_TOKEN_MARGIN_S = 120.0
 # What httpx turns into httpx.TimeoutException / httpx.TransportError (httpx._transports.default), for the PATCH
 # that goes to httpcore directly (DynamicsClient._patch); their class names are httpx's own.
 _CORE_TIMEOUT = httpcore.TimeoutException
@@ -130,13 +122,6 @@ class Portal(Protocol):
     async def tenant_check(self) -> None: ...
 
     def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]: ...
-
-
-class _Token(msgspec.Struct):
-    access_token: str
-    # Entra ID's v2 endpoint sends a number; its v1 endpoint and some proxies send the number as a string.
-    expires_in: float | str = 3600.0
-    token_type: str = "Bearer"
 
 
 class _WhoAmI(msgspec.Struct):
@@ -183,11 +168,6 @@ class DynamicsClient:
         self._entity_set = config.dynamics_entity_set
         self._base = f"{self._api}/{config.dynamics_entity_set}"
         self._whoami = f"{self._api}/WhoAmI"
-        self._token_url = config.dynamics_token_url
-        self._client_id = config.dynamics_client_id
-        self._secret: Secret = config.dynamics_client_secret
-        self._secret_file = Path(config.dynamics_client_secret_file) if config.dynamics_client_secret_file else None
-        self._scope = config.scope
         self._listed_field = config.dynamics_listed_field
         self._key_field = config.dynamics_key_field
         limits = httpx.Limits(
@@ -206,100 +186,25 @@ class DynamicsClient:
         # Credentials in the URL would make httpx add Basic auth: leave such a set-up to httpx.
         self._pool = pool_of(own) if not (urlsplit(self._base).username or urlsplit(self._base).password) else None
         self._patch_templates: tuple[str, dict[bool, httpx.Request]] | None = None
-        self._token: str | None = None
-        self._token_expires = 0.0
-        self._token_lock = anyio.Lock()
-        self._secret_refused = False
+        self._tokens = TokenSource(
+            self._http,
+            token_url=config.dynamics_token_url,
+            client_id=config.dynamics_client_id,
+            secret=config.dynamics_client_secret,
+            secret_file=Path(config.dynamics_client_secret_file) if config.dynamics_client_secret_file else None,
+            scope=config.scope,
+            describe=self._message,
+        )
+        self._bearer = self._tokens.bearer
         self._budget = RequestBudget(config.portal_rate_requests, config.portal_rate_window_s)
-        self.token_requests = 0
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    def rotate_secret(self, secret: Secret) -> None:
-        """Use a new client secret from now on (break-glass, rotation without restart)."""
-        self._secret = secret
-        self._token = None
-        hide_secret(secret.reveal())
 
     @property
     def throttled_for_s(self) -> float:
         """How long every request still waits out the portal's last Retry-After."""
         return self._budget.held_for_s
-
-    # -- token --------------------------------------------------------------------------------------------------
-
-    async def _bearer(self, *, stale: str | None = None, fresh: bool = False) -> str:
-        """The current token. ``stale`` is a token the portal just refused: a new one is fetched only if it is still
-        the current one, so a burst of 401s costs one token request, not one each."""
-        async with self._token_lock:
-            if (
-                fresh
-                or self._token is None
-                or time.monotonic() >= self._token_expires
-                or (stale is not None and self._token == stale)
-            ):
-                await self._fetch_token()
-            assert self._token is not None
-            return self._token
-
-    def _reread_secret(self) -> None:
-        """After a refusal: the operator may have written a new secret to the file since we last read it."""
-        if self._secret_file is None:
-            return
-        try:
-            value = self._secret_file.read_text().strip()
-        except OSError as err:
-            logger.warning("cannot read HLF_DYNAMICS_CLIENT_SECRET_FILE ({}): keeping the secret we have", err.strerror)
-            return
-        if value and value != self._secret.reveal():
-            hide_secret(value)
-            self._secret = Secret(value)
-            logger.info("HLF_DYNAMICS_CLIENT_SECRET_FILE holds a new secret: using it from now on")
-
-    async def _fetch_token(self) -> None:
-        if self._secret_refused:
-            self._reread_secret()
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._client_id,
-            "client_secret": self._secret.reveal(),
-            "scope": self._scope,
-        }
-        self.token_requests += 1
-        try:
-            response = await self._http.post(self._token_url, data=form, headers={"Accept": "application/json"})
-        except httpx.TimeoutException:
-            raise TransientPortalError("token endpoint timed out") from None
-        except httpx.TransportError as err:
-            raise TransientPortalError(f"token endpoint unreachable: {type(err).__name__}") from None
-        if response.status_code in _TRANSIENT_STATUSES:
-            raise TransientPortalError(
-                f"token endpoint answered {response.status_code}: {self._message(response)}",
-                http_status=response.status_code,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        if response.status_code != 200:
-            self._secret_refused = True
-            self._token = None
-            raise CredentialError(
-                f"token endpoint refused the credentials ({response.status_code}): {self._message(response)}",
-                http_status=response.status_code,
-            )
-        try:
-            token = msgspec.json.decode(response.content, type=_Token)
-            lifetime = max(1.0, float(token.expires_in))
-        except msgspec.ValidationError as err:  # names the field: "Object missing required field `access_token`"
-            raise TransientPortalError(f"token endpoint answered 200 with an unusable token: {err}") from None
-        except msgspec.DecodeError:
-            raise TransientPortalError("token endpoint answered 200 with a body that is not JSON") from None
-        except ValueError:
-            raise TransientPortalError(
-                f"token endpoint answered 200 with expires_in {str(token.expires_in)[:20]!r}: not a number of seconds"
-            ) from None
-        self._secret_refused = False
-        self._token = token.access_token
-        self._token_expires = time.monotonic() + max(lifetime / 2, lifetime - _TOKEN_MARGIN_S)
 
     async def check_token(self) -> None:
         """Fetch a brand-new token: the first step of a tenant check."""
@@ -333,7 +238,7 @@ class DynamicsClient:
     def _error(self, response: httpx.Response) -> tuple[str, str]:
         """Dataverse's error code and text, with our own secret blanked should the portal ever echo it back."""
         code, text = _portal_error(response)
-        secret = self._secret.reveal()
+        secret = self._tokens.secret.reveal()
         return code, (text.replace(secret, "********") if secret else text)
 
     def _message(self, response: httpx.Response) -> str:
@@ -361,7 +266,7 @@ class DynamicsClient:
             )
         code, text = self._error(response)
         message = f"{method} answered {status}: {text}"
-        if status in _TRANSIENT_STATUSES:
+        if status in TRANSIENT_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if status == 429:
                 self._budget.hold(retry_after if retry_after is not None else 1.0)
@@ -527,7 +432,3 @@ class DynamicsClient:
             rows, url = self._page(response.content)
             params = None
             yield rows
-
-
-def is_transient(err: PortalError) -> bool:
-    return isinstance(err, TransientPortalError)

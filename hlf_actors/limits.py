@@ -17,7 +17,11 @@ from datetime import UTC, datetime
 
 import anyio
 
-__all__ = ["RequestBudget", "parse_retry_after"]
+__all__ = ["TRANSIENT_STATUSES", "RequestBudget", "parse_retry_after"]
+
+# Answers that say "not now" rather than "no": the same request may succeed later (a timeout, throttling, and the
+# 5xx of an overloaded server or a gateway).
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 _RETRY_AFTER_CAP_S = 86_400.0
 
