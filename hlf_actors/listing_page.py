@@ -1,8 +1,9 @@
 """Reading the public listing: one page fetched politely, and what a page shows to a visitor.
 
-The probe (``listing_probe.py``) decides what a read proves; this module only fetches a page (a conditional GET,
-bounded in size) and turns it into what a visitor would see: JSON rows, or an HTML page's visible words, links and
-title. Nothing here knows about watches, verdicts or the database.
+The probe (``listing_probe.py``) decides what a read proves and ``listing_reader.py`` reads every page of the
+listing; this module only fetches a page (a conditional GET, bounded in size) and turns it into what a visitor would
+see: JSON rows, or an HTML page's visible words, links and title. Nothing here knows about watches, verdicts or the
+database.
 """
 
 from __future__ import annotations

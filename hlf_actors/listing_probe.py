@@ -15,7 +15,7 @@ shows what it is:
                    all lack the mentor too. It counts only if the same fetch shows it is the listing: a mentor we
                    know is listed is on it (whole-token match of the record id or the full name), or the configured
                    ``HLF_PUBLIC_LISTING_MARKER`` is. Pages are followed by ``rel="next"`` or
-                   ``HLF_PUBLIC_LISTING_PAGE_PARAM``, at most ``_MAX_PAGES``; a listing cut short proves no absence.
+                   ``HLF_PUBLIC_LISTING_PAGE_PARAM``, at most ``MAX_PAGES``; a listing cut short proves no absence.
     unrecognised   neither: no verdict. Counted (``hlf_public_listing_unrecognised_total``), logged once per
                    episode, and a watch still unconfirmed at the deadline goes stale with that reason.
 
@@ -29,13 +29,12 @@ The probe's verdicts:
 The site is asked politely: one listing read per ``HLF_PUBLIC_LISTING_MIN_INTERVAL`` for the whole probe, shared by
 every open watch, each page a conditional GET. A newer success for the same mentor replaces its watch. Nothing lives
 only here: a new leader re-opens, from the log, every recent success that has no verdict yet, so a restart neither
-loses a watch nor gives one two verdicts. Syncing never waits for the probe.
+loses a watch nor gives one two verdicts. Syncing never waits for the probe. Reading the listing (the modes above)
+is ``listing_reader.py``'s; this module keeps the watches and records the verdicts.
 """
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +42,6 @@ from typing import Any, Literal
 from uuid import UUID
 
 import anyio
-import httpx
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
@@ -52,25 +50,12 @@ from .alerts import Alerting
 from .config import Config
 from .errors import ListingUnavailable
 from .events import Event, NewEvent, Operation, PublicListingConfirmed, PublicListingStale
-from .listing_page import (
-    GUID,
-    HREF,
-    LINK_TAG,
-    REL_NEXT,
-    Listing,
-    Page,
-    error_json,
-    get_page,
-    is_json,
-    page_title,
-    visible_words,
-    words_of,
-)
+from .listing_page import Listing
+from .listing_reader import MAX_PAGES, ListingReader
 from .metrics import Metrics
 
 __all__ = ["ListingProbe"]
 
-_MAX_PAGES = 50  # pages of one listing read; a longer listing is read as cut short (no absence is concluded)
 _KNOWN_LISTED = 500  # mentors offered as the positive control; finding any one of them is enough
 
 # The newest success of each mentor within the window that has no verdict yet: what a new leader re-opens.
@@ -128,12 +113,7 @@ class ListingProbe:
         timeout_s: float = 30.0,
     ) -> None:
         assert config.public_listing_url
-        self._url = config.public_listing_url
         self._match = config.public_listing_match
-        self._key_field = config.dynamics_key_field.lower()
-        self._listed_field = config.dynamics_listed_field.lower()
-        self._marker = config.public_listing_marker
-        self._page_param = config.public_listing_page_param
         self._deadline_s = config.public_listing_deadline_s
         self._min_interval_s = config.public_listing_min_interval_s
         self._pool = pool
@@ -141,13 +121,9 @@ class ListingProbe:
         self._metrics = metrics
         self._watches: dict[UUID, _Watch] = {}
         self._new = anyio.Event()
-        # Redirects are followed (http → https, a moved page): where they end is judged like any page, and a sign-in
-        # page is then told apart by having no listed mentor on it.
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=True)
-        self._validators: dict[str, tuple[str | None, str | None, Page]] = {}
+        self._reader = ListingReader(config, timeout_s=timeout_s)
         self._last_read: float | None = None  # anyio clock
         self._trouble: str | None = None  # the current episode of unreadable or unrecognised reads
-        self.fetches = 0  # listing reads (each one or more page GETs)
 
     # -- the actors' side -------------------------------------------------------------------------------------
 
@@ -178,7 +154,7 @@ class ListingProbe:
                 await self._poll()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._http.aclose()
+                await self._reader.aclose()
 
     async def _resume(self) -> None:
         """Re-open from the log the watches a previous leader left without a verdict."""
@@ -212,127 +188,16 @@ class ListingProbe:
             w.key = (key or "").strip()
             w.changed_at = changed_at
 
+    def _watched(self) -> list[tuple[Operation, str]]:
+        """What the open watches look for: a page showing a mentor being restored is the listing too."""
+        return [(w.operation, w.key) for w in self._watches.values() if w.key]
+
     async def _known_listed(self) -> list[str]:
         async with self._pool.connection() as conn:
             cur = await conn.execute(_KNOWN_LISTED_SQL, (_KNOWN_LISTED,))
             rows = await cur.fetchall()
         column = 0 if self._match == "portal_record_id" else 1
         return [str(row[column]) for row in rows if row[column]]
-
-    # -- one read of the listing, and what it proves ------------------------------------------------------------
-
-    async def _read(self) -> Listing:
-        """All pages of the listing, judged: structured, HTML, or unrecognised. Raises ListingUnavailable."""
-        self.fetches += 1
-        status, page = await get_page(self._http, self._url, self._validators)
-        if status != 200:
-            return self._refused(status, page)
-        if is_json(page):
-            return await self._read_structured(page)
-        return await self._read_html(page)
-
-    def _refused(self, status: int, page: Page) -> Listing:
-        if status >= 500 or status == 429:
-            raise ListingUnavailable(f"GET answered {status}")
-        what = error_json(page.text) if is_json(page) else page_title(page.text)
-        return Listing(structured=False, problem=f"GET answered {status}" + (f" ({what})" if what else ""))
-
-    async def _read_structured(self, first: Page) -> Listing:
-        listing = Listing(structured=True)
-        page: Page | None = first
-        url = self._url
-        for _ in range(_MAX_PAGES):
-            assert page is not None
-            try:
-                body = json.loads(page.text)
-            except ValueError:
-                return Listing(structured=True, problem="the JSON listing does not parse")
-            rows = body.get("value") if isinstance(body, dict) else body
-            if not isinstance(rows, list):
-                return Listing(structured=True, problem="JSON without a `value` list of rows")
-            for row in rows:
-                fields = {str(k).lower(): v for k, v in row.items()} if isinstance(row, dict) else {}
-                if self._key_field not in fields:
-                    return Listing(
-                        structured=True,
-                        problem=f"a row without {self._key_field} (add it to $select and Webapi/<table>/fields)",
-                    )
-                # Rows of a query without the $filter still say whether they are listed.
-                if fields.get(self._listed_field, True) is not False:
-                    listing.ids.add(str(fields[self._key_field]).lower())
-            next_link = body.get("@odata.nextLink") if isinstance(body, dict) else None
-            if not isinstance(next_link, str) or not next_link:
-                return listing
-            url = str(httpx.URL(url).join(next_link))
-            status, page = await get_page(self._http, url, self._validators)
-            if status != 200:
-                raise ListingUnavailable(f"GET of the listing's next page answered {status}")
-            if not is_json(page):
-                return Listing(structured=True, problem="the next page of the JSON listing is not JSON")
-        listing.complete = False
-        return listing
-
-    async def _read_html(self, first: Page) -> Listing:
-        listing = Listing(structured=False)
-        known = await self._known_listed()
-        page, url, number = first, self._url, 1
-        seen_pages: set[str] = set()
-        while True:
-            if page.text in seen_pages:  # a site that clamps ?page= to its last page
-                break
-            seen_pages.add(page.text)
-            found_ids = set(GUID.findall(page.text.lower()))
-            words = visible_words(page.text)
-            if number > 1 and self._page_param and not self._has_rows(found_ids, words, known):
-                break
-            listing.raw.append(page.text)
-            listing.ids |= found_ids
-            listing.words += words.lstrip()
-            next_url = self._next_page(page.text, url, number)
-            if next_url is None:
-                break
-            if number >= _MAX_PAGES:
-                listing.complete = False
-                break
-            status, page = await get_page(self._http, next_url, self._validators)
-            if status == 404 and self._page_param:
-                break
-            if status != 200:
-                raise ListingUnavailable(f"GET of page {number + 1} of the listing answered {status}")
-            url, number = next_url, number + 1
-        control = self._marker is not None and any(self._marker in raw for raw in listing.raw)
-        if not control:
-            control = any(listing.shows(self._match, key) for key in known)
-        if not control:
-            control = any(
-                w.operation == "restore" and w.key and listing.shows(self._match, w.key) for w in self._watches.values()
-            )
-        if not control:
-            moved = f", redirected to {httpx.URL(first.redirected_to).path}" if first.redirected_to else ""
-            title = page_title(first.text)
-            listing.problem = (
-                "the page is not recognisably the listing: no mentor known to be listed and no"
-                f" HLF_PUBLIC_LISTING_MARKER on it (title {title!r}{moved}; rows loaded by the browser?)"
-            )
-        return listing
-
-    def _has_rows(self, ids: set[str], words: str, known: list[str]) -> bool:
-        """Page N of a ``?page=N`` list: does it hold any mentor we know of (past the end, it holds none)?"""
-        if self._match == "portal_record_id":
-            return bool(ids)
-        names = known + [w.key for w in self._watches.values() if w.key]
-        return any(words_of(name) in words for name in names)
-
-    def _next_page(self, text: str, url: str, number: int) -> str | None:
-        if self._page_param:
-            return str(httpx.URL(self._url).copy_set_param(self._page_param, str(number + 1)))
-        for tag in LINK_TAG.findall(text):
-            if REL_NEXT.search(tag):
-                href = HREF.search(tag)
-                if href:
-                    target = html.unescape(next(g for g in href.groups() if g is not None))
-                    return str(httpx.URL(url).join(target))
-        return None
 
     # -- verdicts ---------------------------------------------------------------------------------------------
 
@@ -343,7 +208,7 @@ class ListingProbe:
         self._last_read = anyio.current_time()
         listing: Listing | None
         try:
-            listing = await self._read()
+            listing = await self._reader.read(self._known_listed, self._watched)
             problem = listing.problem
         except ListingUnavailable as err:
             listing, problem = None, f"public site unreachable: {err}"
@@ -403,7 +268,7 @@ class ListingProbe:
             w.problem = None
             return None
         if w.operation == "remove" and (shown or not listing.complete):
-            w.problem = None if shown else f"the listing has more than {_MAX_PAGES} pages: an absence is unproven"
+            w.problem = None if shown else f"the listing has more than {MAX_PAGES} pages: an absence is unproven"
             return None
         return "structured" if listing.structured else "html+control"
 
@@ -447,5 +312,3 @@ class ListingProbe:
         else:
             logger.warning("listing probe: the public listing cannot be read ({}); retrying, syncing goes on", problem)
         self._trouble = problem
-
-
