@@ -39,12 +39,12 @@ from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
 from .dispatcher import Dispatcher
-from .dynamics import ListingRow, Portal
+from .dynamics import Portal
 from .errors import ConfigError, DatabaseUnusableError, MigrationError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .fcm import AlertSender
 from .incidents import Incident, Incidents
-from .leadership import Leadership
+from .leadership import LeaderOnly, Leadership
 from .listener import (
     CHANNEL,
     LISTEN,
@@ -64,26 +64,6 @@ from .recorder import Recorder
 from .retry import default_jitter
 
 __all__ = ["Service", "ServiceState"]
-
-
-class _LeaderOnly:
-    """The portal as the actors see it: every PATCH first checks, at that very moment, that this process still
-    leads and its lease is fresh. A process frozen with actors queued for the concurrency limit would otherwise send
-    their PATCHes the instant it wakes, before anything has told it that a standby took over."""
-
-    def __init__(self, portal: Portal, leadership: Leadership) -> None:
-        self._portal = portal
-        self._leadership = leadership
-
-    async def set_listed(self, record_id: UUID, listed: bool) -> int:
-        await self._leadership.wait()
-        return await self._portal.set_listed(record_id, listed)
-
-    async def tenant_check(self) -> None:  # reads only: no leadership needed
-        await self._portal.tenant_check()
-
-    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
-        return self._portal.listing(page_size)
 
 
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
@@ -396,7 +376,7 @@ class Service:
         return Runtime(
             config=cfg,
             pool=pool,
-            portal=_LeaderOnly(self._portal, self._leadership),
+            portal=LeaderOnly(self._portal, self._leadership),
             clock=self._clock,
             limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
             recorder=Recorder(pool),
