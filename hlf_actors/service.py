@@ -22,7 +22,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -57,13 +56,13 @@ from .listener import (
     queue_usage_change,
 )
 from .listing_probe import ListingProbe
-from .metrics import Health, Metrics
+from .metrics import Health, Metrics, ServiceState
 from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter
 
-__all__ = ["Service", "ServiceState"]
+__all__ = ["Service"]
 
 
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
@@ -77,22 +76,6 @@ _LEASE_SHARE = 0.5
 _LAG_LIMIT_S = 3.0
 _LAG_TICK_S = 0.5
 _DRAIN_BATCH = 1000
-
-
-@dataclass
-class ServiceState:
-    """What health checks, metrics and logs read about the running service."""
-
-    listening: bool = False
-    leader: bool = False
-    reconnects: int = 0
-    notifications: int = 0
-    malformed_notifications: int = 0
-    events_projected: int = 0
-    database_ok: bool = False
-    http_port: int | None = None
-    polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
-    notify_queue_usage: float = 0.0
 
 
 _MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf_schema_migrations') IS NOT NULL"
