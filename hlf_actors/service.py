@@ -56,6 +56,7 @@ from .listener import (
     queue_usage_change,
 )
 from .listing_probe import ListingProbe
+from .loop_lag import LAG_LIMIT_S, LoopLag
 from .metrics import Health, Metrics, ServiceState
 from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
@@ -71,10 +72,6 @@ _UNREACHABLE_REPORT_S = 60.0
 # the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
 _BEATS_PER_TIMEOUT = 5
 _LEASE_SHARE = 0.5
-# /healthz fails once the event loop is this late: a hung or starved loop serves nobody, and a supervisor should
-# restart it. Measured by a task that sleeps _LAG_TICK_S and notes how late it woke.
-_LAG_LIMIT_S = 3.0
-_LAG_TICK_S = 0.5
 _DRAIN_BATCH = 1000
 
 
@@ -129,8 +126,7 @@ class Service:
         self._term: int | None = None  # our term in hlf_leader while we lead
         # The application_name of this process's pool sessions: what a standby terminates to fence us.
         self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
-        self._loop_tick: float | None = None  # when the lag monitor last woke (anyio clock)
-        self._loop_lag_s = 0.0
+        self._loop_lag = LoopLag()
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
@@ -145,7 +141,7 @@ class Service:
 
     def health(self) -> Health:
         s = self.state
-        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= _LAG_LIMIT_S
+        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= LAG_LIMIT_S
         role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
         incident = self.runtime.incidents.incident if self.runtime is not None and s.leader else None
         return Health(
@@ -162,22 +158,8 @@ class Service:
         )
 
     def loop_lag_s(self) -> float:
-        """How late the event loop is: the lag the monitor last measured, or, if the monitor itself is overdue, how
-        overdue (a health request answered by a loop that just woke from a long stall sees that stall here)."""
-        if self._loop_tick is None:
-            return 0.0
-        overdue = anyio.current_time() - self._loop_tick - _LAG_TICK_S
-        return max(self._loop_lag_s, overdue)
-
-    async def _watch_loop_lag(self) -> None:
-        said = False
-        while True:
-            self._loop_tick = anyio.current_time()
-            await anyio.sleep(_LAG_TICK_S)
-            self._loop_lag_s = max(0.0, anyio.current_time() - self._loop_tick - _LAG_TICK_S)
-            if self._loop_lag_s > _LAG_LIMIT_S and not said:
-                logger.warning("event loop {:.1f}s late: /healthz fails until it keeps time again", self._loop_lag_s)
-            said = self._loop_lag_s > _LAG_LIMIT_S
+        """How late the event loop is (see ``loop_lag.py``)."""
+        return self._loop_lag.lag_s()
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -232,7 +214,7 @@ class Service:
                     self.state.http_port = await self._serve_http(tg, pool, alerting)
                 tg.start_soon(runtime.recorder.run, name="recorder")
                 tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
-                tg.start_soon(self._watch_loop_lag, name="loop lag")
+                tg.start_soon(self._loop_lag.watch, name="loop lag")
                 tg.start_soon(self._beat_forever, pool, dispatcher, name="leader heartbeat")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
