@@ -26,6 +26,7 @@ __all__ = [
     "LISTEN",
     "LISTEN_CHECK",
     "QUEUE_USAGE_WARNING",
+    "UNREACHABLE_REPORT_S",
     "WAKE_PAYLOADS",
     "StrayNotifies",
     "closing",
@@ -38,6 +39,8 @@ CHANNEL = "hlf_events"
 LISTEN = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL))
 WAKE_PAYLOADS = frozenset({"", "wake"})
 LISTEN_CHECK = "listen-check:"
+# While the database stays unreachable, say so once a minute (the listener's reconnects, start-up's wait).
+UNREACHABLE_REPORT_S = 60.0
 
 
 @asynccontextmanager

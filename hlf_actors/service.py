@@ -39,7 +39,7 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .dispatcher import Dispatcher
 from .dynamics import Portal
-from .errors import ConfigError, DatabaseUnusableError, MigrationError
+from .errors import ConfigError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .fcm import AlertSender
 from .incidents import Incident, Incidents
@@ -48,6 +48,7 @@ from .listener import (
     CHANNEL,
     LISTEN,
     LISTEN_CHECK,
+    UNREACHABLE_REPORT_S,
     WAKE_PAYLOADS,
     StrayNotifies,
     closing,
@@ -62,12 +63,12 @@ from .ops_channels import OpsChannel, open_ops_channels
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter
+from .start_up import behind_transaction_pooler, check_schema, wait_for_database
 
 __all__ = ["Service"]
 
 
 LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
-_UNREACHABLE_REPORT_S = 60.0
 # The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
 # the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
 _BEATS_PER_TIMEOUT = 5
@@ -75,14 +76,12 @@ _LEASE_SHARE = 0.5
 _DRAIN_BATCH = 1000
 
 
-_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf_schema_migrations') IS NOT NULL"
 _PING = "SELECT 1"
 _TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(%s)"
 _OPEN_LETTERS_AND_QUEUE_USAGE = (
     "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
     "pg_notification_queue_usage()"
 )
-_APPLIED_VERSIONS = "SELECT version FROM hlf_schema_migrations"
 
 
 class Service:
@@ -183,8 +182,8 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self._wait_for_database()
-        pooled = await self._behind_transaction_pooler()
+        await wait_for_database(self._url)
+        pooled = await behind_transaction_pooler(self._url, self._connect)
         async with db.pool(
             self._url,
             name="hlf-actors",
@@ -194,7 +193,7 @@ class Service:
             application_name=self._session_tag,
             app_schema=self.config.app_schema,
         ) as pool:
-            await self._check_schema(pool)
+            await check_schema(pool)
             self.state.database_ok = True
             async with self._open_ops_channels() as ops_channels, anyio.create_task_group() as tg:
                 alerting = Alerting(
@@ -273,54 +272,6 @@ class Service:
                 "host needs a port of its own (or HLF_HTTP_PORT=0)"
             ) from None
         return bound
-
-    async def _wait_for_database(self) -> None:
-        """Return once the database answers. A URL that can never work (malformed, authentication refused) is a
-        configuration error: raised at once, and `run` exits 3 with one line. A server that refuses connections or
-        does not answer may come back: keep trying with backoff, one log line a minute."""
-        delay, said_at = 0.5, -_UNREACHABLE_REPORT_S
-        started = anyio.current_time()
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
-            except psycopg.Error as err:
-                refused = db.refusal(err)
-                if refused is not None:
-                    raise DatabaseUnusableError(f"cannot use the database: {refused}") from None
-                now = anyio.current_time()
-                if now - said_at >= _UNREACHABLE_REPORT_S:
-                    said_at = now
-                    what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                    logger.warning("database unreachable for {:.0f}s, still trying ({})", now - started, what)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            async with closing(conn):
-                return
-
-    async def _behind_transaction_pooler(self) -> bool:
-        """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements
-        fail too. Asked once at start; the listener asks again on every connection it makes."""
-        try:
-            conn = await self._connect(self._url)
-            async with closing(conn):
-                await conn.execute(LISTEN)
-                return not await listen_works(conn, self._url)
-        except psycopg.Error:
-            return False  # no verdict; the pool's own start-up reports an unreachable database
-
-    async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
-        async with pool.connection() as conn:
-            cur = await conn.execute(_MIGRATIONS_TABLE_EXISTS)
-            row = await cur.fetchone()
-            have: set[int] = set()
-            if row and row[0]:
-                cur = await conn.execute(_APPLIED_VERSIONS)
-                have = {int(r[0]) for r in await cur.fetchall()}
-        missing = [m for m in db.migrations() if m.version not in have]
-        if missing:
-            names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
-            raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
 
     def _runtime(self, pool: AsyncConnectionPool[Any], tg: TaskGroup, alerting: Alerting) -> Runtime:
         def on_dead_letter(mentor_id: UUID, operation: Operation, dead_letter_id: int) -> None:
@@ -424,7 +375,7 @@ class Service:
                 if down_since is None:
                     down_since = said_at = now
                     logger.warning("listener connection lost ({}); reconnecting", what)
-                elif now - said_at >= _UNREACHABLE_REPORT_S:
+                elif now - said_at >= UNREACHABLE_REPORT_S:
                     # Tries back off to one per 5 s; the log says so once a minute, so a long outage stays short.
                     said_at = now
                     logger.warning("listener: still reconnecting after {:.0f}s ({})", now - down_since, what)
