@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -39,6 +38,7 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .dispatcher import Dispatcher
 from .dynamics import Portal
+from .election import Election
 from .errors import ConfigError
 from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
 from .fcm import AlertSender
@@ -68,16 +68,10 @@ from .start_up import behind_transaction_pooler, check_schema, wait_for_database
 __all__ = ["Service"]
 
 
-LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
-# The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
-# the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
-_BEATS_PER_TIMEOUT = 5
-_LEASE_SHARE = 0.5
 _DRAIN_BATCH = 1000
 
 
 _PING = "SELECT 1"
-_TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(%s)"
 _OPEN_LETTERS_AND_QUEUE_USAGE = (
     "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
     "pg_notification_queue_usage()"
@@ -112,7 +106,6 @@ class Service:
         self._clock = clock or SystemClock()
         self._jitter = jitter if config.backoff_jitter else None
         self._idle_s = idle_s
-        self._standby_poll_s = standby_poll_s
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
@@ -122,14 +115,12 @@ class Service:
         self._outbox_backoff_s = outbox_backoff_s
         self._strays = StrayNotifies(stray_report_s)
         self._leadership = Leadership()
-        self._term: int | None = None  # our term in hlf_leader while we lead
         # The application_name of this process's pool sessions: what a standby terminates to fence us.
         self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
         self._loop_lag = LoopLag()
         self._wake = anyio.Event()
         self._catch_up = True
         self._stop = anyio.Event()
-        self._was_leader = False
         self._alerts_in_flight = 0
         self._alerts_done: anyio.Event | None = None
         self.runtime: Runtime | None = None
@@ -137,6 +128,9 @@ class Service:
         self.probe: ListingProbe | None = None  # the public listing probe, when HLF_PUBLIC_LISTING_URL is set
         self.metrics = Metrics()
         self.metrics.before_render = self._refresh_gauges
+        self._election = Election(
+            config, self._leadership, self.state, session_tag=self._session_tag, standby_poll_s=standby_poll_s
+        )
 
     def health(self) -> Health:
         s = self.state
@@ -214,7 +208,7 @@ class Service:
                 tg.start_soon(runtime.recorder.run, name="recorder")
                 tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
                 tg.start_soon(self._loop_lag.watch, name="loop lag")
-                tg.start_soon(self._beat_forever, pool, dispatcher, name="leader heartbeat")
+                tg.start_soon(self._election.beat_forever, pool, dispatcher, name="leader heartbeat")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
                 tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
@@ -336,14 +330,14 @@ class Service:
                 async with closing(conn):
                     # its search_path, and a vanished leader's lock must not outlive it on the server
                     await db.configure_session(conn, self.config.app_schema)
-                    claimed_at = await self._become_leader(conn, dispatcher)
+                    claimed_at = await self._election.become_leader(conn, dispatcher)
                     await self.runtime.incidents.load()  # an incident open before we led holds from the first send
                     await conn.execute(LISTEN)
                     self.state.polling = not await listen_works(conn, self._url)
                     self.metrics.polling.set(1 if self.state.polling else 0)
                     self.state.listening = True
                     self.state.leader = True
-                    leadership.gain(lease_s=self._lease_s, sent_at=claimed_at)
+                    leadership.gain(lease_s=self._election.lease_s, sent_at=claimed_at)
                     self._catch_up = True
                     self._wake.set()
                     backoff = 0.1
@@ -363,7 +357,7 @@ class Service:
                         async for note in conn.notifies():
                             self._on_notify(note.payload)
             except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
-                self._term = None
+                self._election.lost()
                 self.state.listening = False
                 self.state.leader = False
                 self.state.database_ok = False
@@ -389,92 +383,6 @@ class Service:
             await anyio.sleep(self.config.poll_interval_s)
             await conn.execute(_PING)
             self._wake.set()
-
-    @property
-    def _lease_s(self) -> float:
-        return self.config.leader_timeout_s * _LEASE_SHARE
-
-    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> float:
-        """Wait until this connection holds the leadership lock, fencing a leader whose heartbeat stopped; record
-        us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
-        said = False
-        while True:
-            cur = await conn.execute(_TRY_LEADER_LOCK, (LEADER_LOCK,))
-            row = await cur.fetchone()
-            if row and row[0]:
-                self._was_leader = True
-                claimed_at = time.monotonic()
-                params = {"tag": self._session_tag, "host": socket.gethostname()[:200], "os_pid": os.getpid()}
-                cur = await conn.execute(db.query("claim_leadership"), params)
-                claimed = await cur.fetchone()
-                assert claimed is not None
-                self._term = int(claimed[0])
-                return claimed_at
-            if self._was_leader:
-                # Someone took over while we were disconnected (or frozen): our actors must not send any more.
-                logger.warning("leadership was taken over by another process; stopping this one's actors")
-                dispatcher.cancel_all()
-                self._was_leader = False
-                said = False
-            self.state.database_ok = True  # connected and answered: a standby, not a process still starting
-            if not said:
-                logger.info("standby: another hlf-actors process is the leader; waiting to take over")
-                said = True
-            if await self._fence_stale_leader(conn):
-                continue  # its lock is free now: take it at once
-            await anyio.sleep(self._standby_poll_s)
-
-    async def _fence_stale_leader(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Terminate the sessions of a leader whose heartbeat is older than HLF_LEADER_TIMEOUT (a frozen process
-        keeps its connection, and so the lock, healthy in PostgreSQL's eyes). True if one was fenced."""
-        params = {
-            "timeout_s": self.config.leader_timeout_s,
-            "lock_hi": LEADER_LOCK >> 32,
-            "lock_lo": LEADER_LOCK & 0xFFFF_FFFF,
-        }
-        cur = await conn.execute(db.query("fence_stale_leader"), params)
-        rows = await cur.fetchall()
-        if not rows:
-            return False
-        _, host, os_pid, _ = rows[0]
-        logger.warning(
-            "the leader (pid {} on {}) sent no heartbeat for over {:g}s: fenced it ({} session(s) terminated); "
-            "taking over",
-            os_pid,
-            host,
-            self.config.leader_timeout_s,
-            sum(1 for r in rows if r[3]),
-        )
-        return True
-
-    async def _beat_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        """While we lead, prove it every HLF_LEADER_TIMEOUT / 5 from this event loop; each beat the database accepts
-        extends the lease. A beat that finds our term gone means a standby fenced us: demote before anything else
-        is sent. A beat that fails (database trouble) just lets the lease run out; the listener sorts that out."""
-        interval = self.config.leader_timeout_s / _BEATS_PER_TIMEOUT
-        while True:
-            await anyio.sleep(interval)
-            term = self._term
-            if term is None:
-                continue
-            sent_at = time.monotonic()
-            try:
-                with anyio.fail_after(self._lease_s):
-                    async with pool.connection() as conn:
-                        cur = await conn.execute(db.query("leader_heartbeat"), (term,))
-                        accepted = await cur.fetchone() is not None
-            except (psycopg.Error, TimeoutError):
-                continue
-            if term != self._term:
-                continue  # leadership changed hands while the beat was out; the listener's turn
-            if accepted:
-                self._leadership.renew(lease_s=self._lease_s, sent_at=sent_at)
-                continue
-            logger.warning("another process took over the leadership (our heartbeat found a newer term): standby")
-            self._term = None
-            self._leadership.suspend()
-            self.state.leader = False
-            dispatcher.cancel_all()
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
