@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -30,8 +29,8 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, duplicates, nightly, projections, writer
-from .actor import Runtime, Work, work_from_drain, work_from_row
+from . import db, duplicates, nightly, writer
+from .actor import Runtime
 from .alerts import Alerting
 from .circuit import Circuit
 from .clock import Clock, SystemClock
@@ -40,7 +39,7 @@ from .dispatcher import Dispatcher
 from .dynamics import Portal
 from .election import Election
 from .errors import ConfigError
-from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
 from .fcm import AlertSender
 from .incidents import Incident, Incidents
 from .leadership import LeaderOnly, Leadership
@@ -54,12 +53,12 @@ from .listener import (
     closing,
     connect_listener,
     listen_works,
-    queue_usage_change,
 )
 from .listing_probe import ListingProbe
 from .loop_lag import LAG_LIMIT_S, LoopLag
 from .metrics import Health, Metrics, ServiceState
 from .ops_channels import OpsChannel, open_ops_channels
+from .projector import Projector
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter
@@ -68,14 +67,9 @@ from .start_up import behind_transaction_pooler, check_schema, wait_for_database
 __all__ = ["Service"]
 
 
-_DRAIN_BATCH = 1000
 
 
 _PING = "SELECT 1"
-_OPEN_LETTERS_AND_QUEUE_USAGE = (
-    "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
-    "pg_notification_queue_usage()"
-)
 
 
 class Service:
@@ -118,8 +112,6 @@ class Service:
         # The application_name of this process's pool sessions: what a standby terminates to fence us.
         self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
         self._loop_lag = LoopLag()
-        self._wake = anyio.Event()
-        self._catch_up = True
         self._stop = anyio.Event()
         self._alerts_in_flight = 0
         self._alerts_done: anyio.Event | None = None
@@ -131,6 +123,7 @@ class Service:
         self._election = Election(
             config, self._leadership, self.state, session_tag=self._session_tag, standby_poll_s=standby_poll_s
         )
+        self._projector = Projector(config, self._clock, self._leadership, self.state, self.metrics)
 
     def health(self) -> Health:
         s = self.state
@@ -210,7 +203,7 @@ class Service:
                 tg.start_soon(self._loop_lag.watch, name="loop lag")
                 tg.start_soon(self._election.beat_forever, pool, dispatcher, name="leader heartbeat")
                 tg.start_soon(self._listen_forever, dispatcher, name="listener")
-                tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
+                tg.start_soon(self._projector.drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(
                     alerting.drain_outbox_forever, runtime.leadership.wait, self._outbox_every_s, name="ops outbox"
@@ -338,8 +331,7 @@ class Service:
                     self.state.listening = True
                     self.state.leader = True
                     leadership.gain(lease_s=self._election.lease_s, sent_at=claimed_at)
-                    self._catch_up = True
-                    self._wake.set()
+                    self._projector.catch_up()
                     backoff = 0.1
                     if down_since is not None:
                         logger.info("database reachable again after {:.1f}s", anyio.current_time() - down_since)
@@ -382,7 +374,7 @@ class Service:
         while True:
             await anyio.sleep(self.config.poll_interval_s)
             await conn.execute(_PING)
-            self._wake.set()
+            self._projector.wake()
 
     def _on_notify(self, payload: str) -> None:
         self.state.notifications += 1
@@ -392,110 +384,7 @@ class Service:
             # reaches every listener: ours, not stray.)
             self.state.malformed_notifications += 1
             self._strays.seen(payload)
-        self._wake.set()
-
-    # -- projector ----------------------------------------------------------------------------------------------
-
-    async def _drain_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        assert self.runtime is not None
-        failures = 0
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            await self.runtime.leadership.wait()
-            try:
-                await self._drain(pool, dispatcher)
-                if self._catch_up:
-                    self._catch_up = False
-                    await self._dispatch_open(pool, dispatcher)
-                self.state.database_ok = True
-                failures = 0
-            except psycopg.Error as err:
-                failures += 1
-                self.state.database_ok = False
-                delay = min(5.0, 0.05 * 2**failures)
-                logger.warning(
-                    "projector could not reach the database ({}); retrying in {:.2f}s", str(err).strip()[:160], delay
-                )
-                self._catch_up = True
-                if isinstance(err, psycopg.OperationalError):
-                    # The pool would hand out the other connections the outage broke, one failed try each.
-                    with suppress(psycopg.Error):
-                        await pool.check()
-                await anyio.sleep(delay)
-                self._wake.set()
-
-    async def _drain(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        # Wake actors only once the inbox is empty: on a backlog, an actor that starts before its mentor's later
-        # events are projected would race the projector. In steady state the inbox empties in one batch anyway.
-        # Each wake-up carries the mentor's work, built from the fold and the facts the drain read with its events,
-        # so the actor goes straight to the portal instead of reading it again. The last batch wakes its actors
-        # before its COMMIT's round trip: their PATCH is computed from committed rows either way, and their outcome
-        # waits for the drain's row locks (were the COMMIT to fail, the events stay in the inbox and are folded again,
-        # with the outcome after them, exactly as replay would).
-        dispatcher.forget_retired()
-        today = self._clock.today(self.config.zone)
-        to_wake: dict[UUID, Work | None] = {}
-        while True:
-            # Pipeline mode: two round trips a batch (lock + take + load + facts; write + COMMIT).
-            async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                drained = await writer.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
-                read_at = time.perf_counter()
-                for mentor_id, projection in drained.projected.items():
-                    to_wake.pop(mentor_id, None)
-                    if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
-                        facts = drained.facts.get(mentor_id)
-                        to_wake[mentor_id] = work_from_drain(projection, facts, read_at) if facts else None
-                last = drained.taken < _DRAIN_BATCH
-                if last:
-                    for mentor_id, work in to_wake.items():
-                        dispatcher.wake(mentor_id, work)
-            self.state.events_projected += drained.taken
-            if last:
-                break
-
-    def _count_changes(self, events: Sequence[Event]) -> None:
-        self.metrics.changes_seen.inc(sum(1 for e in events if isinstance(e.payload, StatusChanged | SyncRequested)))
-
-    async def _dispatch_open(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        async with pool.connection() as conn:
-            cur = await conn.execute(db.query("open_mentors"))
-            rows = await cur.fetchall()
-            cur = await conn.execute(
-                _OPEN_LETTERS_AND_QUEUE_USAGE
-            )
-            checks = await cur.fetchone()
-        self.metrics.open_dead_letters.set(checks[0] if checks else 0)
-        usage = float(checks[1]) if checks else 0.0
-        self.metrics.notify_queue_usage.set(usage)
-        change = queue_usage_change(self.state.notify_queue_usage, usage)
-        self.state.notify_queue_usage = usage
-        if change == "high":
-            logger.warning(
-                "Postgres's NOTIFY queue is {:.0%} full: a listener somewhere is not reading (when it fills, every "
-                "NOTIFY, and so every mentor update, fails); find it in pg_stat_activity (LISTEN, idle in transaction)",
-                usage,
-            )
-        elif change == "normal":
-            logger.info("Postgres's NOTIFY queue is back to {:.0%}", usage)
-        # Read their work in batches and hand it over: after a restart a thousand actors each reading for themselves
-        # flooded the pool and the event loop, and the first PATCH left half a second late.
-        idle = [mentor_id for (mentor_id,) in rows if not dispatcher.has_actor(mentor_id)]
-        today = self._clock.today(self.config.zone)
-        woken = 0
-        for start in range(0, len(idle), _DRAIN_BATCH):
-            chunk = idle[start : start + _DRAIN_BATCH]
-            async with pool.connection() as conn:
-                cur = await conn.execute(db.query("mentor_work"), (today, chunk))
-                found = await cur.fetchall()
-            read_at = time.perf_counter()
-            works = dict(work_from_row(row, read_at) for row in found)
-            for mentor_id in chunk:  # oldest first, as open_mentors orders them
-                if mentor_id in works and not dispatcher.has_actor(mentor_id):
-                    dispatcher.wake(mentor_id, works[mentor_id])
-                    woken += 1
-        if woken:
-            logger.info("caught up: {} mentor(s) with unfinished syncs picked up", woken)
+        self._projector.wake()
 
     async def _resend_alerts_when_leader(self, alerting: Alerting) -> None:
         assert self.runtime is not None
@@ -512,8 +401,7 @@ class Service:
         while True:
             await anyio.sleep(self.config.sweep_interval_s)
             self._strays.flush()
-            self._catch_up = True
-            self._wake.set()
+            self._projector.catch_up()
 
     # -- shutdown -----------------------------------------------------------------------------------------------
 
