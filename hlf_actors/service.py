@@ -12,6 +12,11 @@ NOTIFY is lost while we are disconnected, so after every (re)connect the service
 mentor before trusting notifications again; a periodic sweep repeats that, so nothing depends on a notification
 arriving. Losing the listener connection also loses the leadership lock: actors hold their next attempt until
 leadership is back, and if another process took it meanwhile they are cancelled (their state is in the database).
+
+`Service` builds the parts, starts them in one task group and stops them; each part has a module of its own:
+``start_up.py`` (what is checked before any work), ``election.py`` (the leadership lock, fencing, the heartbeat),
+``listener.py`` (the listener connection's loop), ``projector.py`` (the drain and the catch-up), ``loop_lag.py``
+(how late the event loop is, for /healthz).
 """
 
 from __future__ import annotations
@@ -43,17 +48,7 @@ from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
 from .fcm import AlertSender
 from .incidents import Incident, Incidents
 from .leadership import LeaderOnly, Leadership
-from .listener import (
-    CHANNEL,
-    LISTEN,
-    LISTEN_CHECK,
-    UNREACHABLE_REPORT_S,
-    WAKE_PAYLOADS,
-    StrayNotifies,
-    closing,
-    connect_listener,
-    listen_works,
-)
+from .listener import Listener, StrayNotifies, connect_listener
 from .listing_probe import ListingProbe
 from .loop_lag import LAG_LIMIT_S, LoopLag
 from .metrics import Health, Metrics, ServiceState
@@ -65,11 +60,6 @@ from .retry import default_jitter
 from .start_up import behind_transaction_pooler, check_schema, wait_for_database
 
 __all__ = ["Service"]
-
-
-
-
-_PING = "SELECT 1"
 
 
 class Service:
@@ -124,6 +114,18 @@ class Service:
             config, self._leadership, self.state, session_tag=self._session_tag, standby_poll_s=standby_poll_s
         )
         self._projector = Projector(config, self._clock, self._leadership, self.state, self.metrics)
+        self._listener = Listener(
+            config,
+            self._url,
+            connect=self._connect,
+            election=self._election,
+            leadership=self._leadership,
+            strays=self._strays,
+            state=self.state,
+            metrics=self.metrics,
+            wake=self._projector.wake,
+            catch_up=self._projector.catch_up,
+        )
 
     def health(self) -> Health:
         s = self.state
@@ -202,7 +204,7 @@ class Service:
                 tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
                 tg.start_soon(self._loop_lag.watch, name="loop lag")
                 tg.start_soon(self._election.beat_forever, pool, dispatcher, name="leader heartbeat")
-                tg.start_soon(self._listen_forever, dispatcher, name="listener")
+                tg.start_soon(self._listener.listen_forever, dispatcher, runtime.incidents, name="listener")
                 tg.start_soon(self._projector.drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(
@@ -308,83 +310,6 @@ class Service:
             self._alerts_in_flight -= 1
             if not self._alerts_in_flight and self._alerts_done is not None:
                 self._alerts_done.set()
-
-    # -- listener and leadership --------------------------------------------------------------------------------
-
-    async def _listen_forever(self, dispatcher: Dispatcher) -> None:
-        assert self.runtime is not None
-        leadership = self.runtime.leadership
-        backoff = 0.1
-        down_since: float | None = None
-        said_at = 0.0
-        while True:
-            try:
-                conn = await self._connect(self._url)
-                async with closing(conn):
-                    # its search_path, and a vanished leader's lock must not outlive it on the server
-                    await db.configure_session(conn, self.config.app_schema)
-                    claimed_at = await self._election.become_leader(conn, dispatcher)
-                    await self.runtime.incidents.load()  # an incident open before we led holds from the first send
-                    await conn.execute(LISTEN)
-                    self.state.polling = not await listen_works(conn, self._url)
-                    self.metrics.polling.set(1 if self.state.polling else 0)
-                    self.state.listening = True
-                    self.state.leader = True
-                    leadership.gain(lease_s=self._election.lease_s, sent_at=claimed_at)
-                    self._projector.catch_up()
-                    backoff = 0.1
-                    if down_since is not None:
-                        logger.info("database reachable again after {:.1f}s", anyio.current_time() - down_since)
-                        down_since = None
-                    if self.state.polling:
-                        logger.warning(
-                            "LISTEN has no effect on this connection (PgBouncer in transaction pooling?): polling "
-                            "the inbox every {}s instead. Point HLF_DATABASE_URL at a direct or session-pooled "
-                            "connection: behind transaction pooling the leader lock is not exclusive either",
-                            self.config.poll_interval_s,
-                        )
-                        await self._poll_forever(conn)
-                    else:
-                        logger.info("leader: listening on {}", CHANNEL)
-                        async for note in conn.notifies():
-                            self._on_notify(note.payload)
-            except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
-                self._election.lost()
-                self.state.listening = False
-                self.state.leader = False
-                self.state.database_ok = False
-                self.state.reconnects += 1
-                self.metrics.reconnects.inc()
-                leadership.suspend()
-                what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                now = anyio.current_time()
-                if down_since is None:
-                    down_since = said_at = now
-                    logger.warning("listener connection lost ({}); reconnecting", what)
-                elif now - said_at >= UNREACHABLE_REPORT_S:
-                    # Tries back off to one per 5 s; the log says so once a minute, so a long outage stays short.
-                    said_at = now
-                    logger.warning("listener: still reconnecting after {:.0f}s ({})", now - down_since, what)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _poll_forever(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Where NOTIFY never arrives: wake the projector every HLF_POLL_INTERVAL. The query keeps the connection
-        honest: a dead one raises here and the listener reconnects."""
-        while True:
-            await anyio.sleep(self.config.poll_interval_s)
-            await conn.execute(_PING)
-            self._projector.wake()
-
-    def _on_notify(self, payload: str) -> None:
-        self.state.notifications += 1
-        if payload not in WAKE_PAYLOADS and not payload.startswith(LISTEN_CHECK):
-            # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
-            # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
-            # reaches every listener: ours, not stray.)
-            self.state.malformed_notifications += 1
-            self._strays.seen(payload)
-        self._projector.wake()
 
     async def _resend_alerts_when_leader(self, alerting: Alerting) -> None:
         assert self.runtime is not None
