@@ -2,7 +2,7 @@
 
 Operations staff would rather look at a page than read a table. Every page is rendered on the server and works
 without JavaScript (Jinja2 templates and one stylesheet shipped in the wheel; the host has no internet, so nothing
-comes from a CDN). The chart is inline SVG drawn here.
+comes from a CDN). The chart is inline SVG, placed by ``console_chart.py``.
 
     /                   overview: sync states, circuit, credentials, last reconcile and night, oldest open change,
                         the last 24 h (syncs and failures per hour, the public listing's exposure window)
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -61,6 +60,7 @@ from .console_auth import (
     is_loopback_url,
     who,
 )
+from .console_chart import chart
 from .credentials import check_credentials
 from .dynamics import Portal
 from .errors import SignInRefused
@@ -77,32 +77,6 @@ T = TypeVar("T")
 _Handler = Callable[[Request, str], Awaitable[Response]]  # a page or an action, given the signed-in user
 
 
-@dataclass(frozen=True)
-class ChartHour:
-    """One hour of the overview's chart, with its bars already placed (SVG user units)."""
-
-    label: str
-    x: float
-    synced: int
-    failed: int
-    synced_y: float
-    synced_h: float
-    failed_y: float
-    failed_h: float
-    exposure_s: float | None
-
-
-@dataclass(frozen=True)
-class Chart:
-    hours: list[ChartHour]
-    width: int
-    height: int
-    bar: float
-    peak: int
-    exposure_points: str  # an SVG polyline's points; empty when the probe confirmed nothing
-    exposure_peak_s: float
-
-
 _CHART_SQL = """
 SELECT to_timestamp(floor(extract(epoch FROM recorded_at) / 3600) * 3600) AS hour,  -- UTC hours, whatever TimeZone
        count(*) FILTER (WHERE kind = 'attempt_succeeded'),
@@ -112,49 +86,6 @@ FROM event_log
 WHERE recorded_at > %s
   AND kind IN ('attempt_succeeded', 'attempt_failed', 'dead_lettered', 'public_listing_confirmed')
 GROUP BY 1"""
-
-
-def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime, zone: tzinfo = UTC) -> Chart:
-    """Place 24 hourly bars (successes up, failures stacked on top) and the exposure line; hours are labelled in
-    ``zone`` (HLF_TIMEZONE). Pure."""
-    width, height, top = 720, 180, 10
-    bar = width / 24
-    end = now.replace(minute=0, second=0, microsecond=0)
-    by_hour = {r[0]: r for r in rows}
-    slots = [end - timedelta(hours=23 - i) for i in range(24)]
-    peak = max([1] + [(by_hour[h][1] + by_hour[h][2]) for h in slots if h in by_hour])
-    exposure_peak_ms = max([0] + [by_hour[h][3] or 0 for h in slots if h in by_hour])
-    scale = (height - top) / peak
-    hours: list[ChartHour] = []
-    points: list[str] = []
-    for i, h in enumerate(slots):
-        _, synced, failed, exposure = by_hour.get(h, (h, 0, 0, None))
-        synced_h, failed_h = synced * scale, failed * scale
-        x = i * bar
-        hours.append(
-            ChartHour(
-                label=f"{h.astimezone(zone):%H:%M}",
-                x=round(x + 2, 1),
-                synced=synced,
-                failed=failed,
-                synced_y=round(height - synced_h, 1),
-                synced_h=round(synced_h, 1),
-                failed_y=round(height - synced_h - failed_h, 1),
-                failed_h=round(failed_h, 1),
-                exposure_s=None if exposure is None else exposure / 1000,
-            )
-        )
-        if exposure is not None and exposure_peak_ms:
-            points.append(f"{x + bar / 2:.1f},{height - (height - top) * exposure / exposure_peak_ms:.1f}")
-    return Chart(
-        hours=hours,
-        width=width,
-        height=height,
-        bar=round(bar - 4, 1),
-        peak=peak,
-        exposure_points=" ".join(points),
-        exposure_peak_s=exposure_peak_ms / 1000,
-    )
 
 
 _NIGHT_SQL = """
