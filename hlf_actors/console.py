@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -61,6 +61,7 @@ from .console_auth import (
     who,
 )
 from .console_chart import chart
+from .console_format import ago, at
 from .credentials import check_credentials
 from .dynamics import Portal
 from .errors import SignInRefused
@@ -179,8 +180,8 @@ class Console:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
         )
-        env.filters["ago"] = _ago
-        env.filters["at"] = _at
+        env.filters["ago"] = ago
+        env.filters["at"] = at
         self._templates = Jinja2Templates(env=env)
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -548,26 +549,3 @@ class Console:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _at(value: datetime | date | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
-    return f"{value:%Y-%m-%d}"
-
-
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "never"
-    seconds = (datetime.now(UTC) - value).total_seconds()
-    if seconds < 120:
-        span = f"{seconds:.0f} s"
-    elif seconds < 7200:
-        span = f"{seconds / 60:.0f} min"
-    elif seconds < 172800:
-        span = f"{seconds / 3600:.1f} h"
-    else:
-        span = f"{seconds / 86400:.0f} days"
-    return f"{_at(value)} ({span} ago)"
