@@ -2,7 +2,7 @@
 
 Operations staff would rather look at a page than read a table. Every page is rendered on the server and works
 without JavaScript (Jinja2 templates and one stylesheet shipped in the wheel; the host has no internet, so nothing
-comes from a CDN). The chart is inline SVG drawn here.
+comes from a CDN). The chart is inline SVG, placed by ``console_chart.py``.
 
     /                   overview: sync states, circuit, credentials, last reconcile and night, oldest open change,
                         the last 24 h (syncs and failures per hour, the public listing's exposure window)
@@ -20,15 +20,14 @@ their sync requests and ``credential_check`` events for the leader to act on. Ea
 ``console_action`` event naming who did it (mentor-less, so the audit list reads an index, not the whole log).
 
 Reads use short-lived synchronous connections in a worker thread, so the pages reuse ``status.py`` as it is and a
-slow page never holds a connection the actors need.
+slow page never holds a connection the actors need; what each page reads is in ``console_queries.py``, how it shows
+a time in ``console_format.py``.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import UUID
@@ -47,7 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from . import db, render, status
+from . import console_queries, db, render, status
 from .alerts import Alerting
 from .clock import Clock
 from .config import Config
@@ -61,6 +60,7 @@ from .console_auth import (
     is_loopback_url,
     who,
 )
+from .console_format import ago, at
 from .credentials import check_credentials
 from .dynamics import Portal
 from .errors import SignInRefused
@@ -75,147 +75,6 @@ _STATES = ("pending", "retrying", "in_sync", "dead_lettered")
 _SESSION_HOURS = 8
 T = TypeVar("T")
 _Handler = Callable[[Request, str], Awaitable[Response]]  # a page or an action, given the signed-in user
-
-
-@dataclass(frozen=True)
-class ChartHour:
-    """One hour of the overview's chart, with its bars already placed (SVG user units)."""
-
-    label: str
-    x: float
-    synced: int
-    failed: int
-    synced_y: float
-    synced_h: float
-    failed_y: float
-    failed_h: float
-    exposure_s: float | None
-
-
-@dataclass(frozen=True)
-class Chart:
-    hours: list[ChartHour]
-    width: int
-    height: int
-    bar: float
-    peak: int
-    exposure_points: str  # an SVG polyline's points; empty when the probe confirmed nothing
-    exposure_peak_s: float
-
-
-_CHART_SQL = """
-SELECT to_timestamp(floor(extract(epoch FROM recorded_at) / 3600) * 3600) AS hour,  -- UTC hours, whatever TimeZone
-       count(*) FILTER (WHERE kind = 'attempt_succeeded'),
-       count(*) FILTER (WHERE kind IN ('attempt_failed', 'dead_lettered')),
-       max((data ->> 'exposure_ms')::bigint) FILTER (WHERE kind = 'public_listing_confirmed')
-FROM event_log
-WHERE recorded_at > %s
-  AND kind IN ('attempt_succeeded', 'attempt_failed', 'dead_lettered', 'public_listing_confirmed')
-GROUP BY 1"""
-
-
-def chart(rows: list[tuple[datetime, int, int, int | None]], now: datetime, zone: tzinfo = UTC) -> Chart:
-    """Place 24 hourly bars (successes up, failures stacked on top) and the exposure line; hours are labelled in
-    ``zone`` (HLF_TIMEZONE). Pure."""
-    width, height, top = 720, 180, 10
-    bar = width / 24
-    end = now.replace(minute=0, second=0, microsecond=0)
-    by_hour = {r[0]: r for r in rows}
-    slots = [end - timedelta(hours=23 - i) for i in range(24)]
-    peak = max([1] + [(by_hour[h][1] + by_hour[h][2]) for h in slots if h in by_hour])
-    exposure_peak_ms = max([0] + [by_hour[h][3] or 0 for h in slots if h in by_hour])
-    scale = (height - top) / peak
-    hours: list[ChartHour] = []
-    points: list[str] = []
-    for i, h in enumerate(slots):
-        _, synced, failed, exposure = by_hour.get(h, (h, 0, 0, None))
-        synced_h, failed_h = synced * scale, failed * scale
-        x = i * bar
-        hours.append(
-            ChartHour(
-                label=f"{h.astimezone(zone):%H:%M}",
-                x=round(x + 2, 1),
-                synced=synced,
-                failed=failed,
-                synced_y=round(height - synced_h, 1),
-                synced_h=round(synced_h, 1),
-                failed_y=round(height - synced_h - failed_h, 1),
-                failed_h=round(failed_h, 1),
-                exposure_s=None if exposure is None else exposure / 1000,
-            )
-        )
-        if exposure is not None and exposure_peak_ms:
-            points.append(f"{x + bar / 2:.1f},{height - (height - top) * exposure / exposure_peak_ms:.1f}")
-    return Chart(
-        hours=hours,
-        width=width,
-        height=height,
-        bar=round(bar - 4, 1),
-        peak=peak,
-        exposure_points=" ".join(points),
-        exposure_peak_s=exposure_peak_ms / 1000,
-    )
-
-
-_NIGHT_SQL = """
-SELECT run_key, owner, started_at, finished_at, outcome, attempts, detail
-FROM hlf_job_runs WHERE job = 'cert_expiry' ORDER BY run_key DESC LIMIT 1"""
-
-_MENTORS_SQL = """
-SELECT m.id, m.full_name, m.status, o.name, s.state, s.attempts, s.last_error, s.updated_at
-FROM mentors m
-JOIN organisations o ON o.id = m.organisation_id
-LEFT JOIN sync_status s ON s.mentor_id = m.id
-WHERE (%(q)s::text IS NULL OR m.full_name ILIKE %(like)s OR m.id::text = lower(%(q)s))
-  AND (%(state)s::text IS NULL OR s.state = %(state)s)
-ORDER BY m.full_name, m.id
-LIMIT 200"""
-
-_RECENT_ALERTS_SQL = """
-SELECT e.recorded_at, e.kind, e.data ->> 'alert', e.data ->> 'target', e.data ->> 'error',
-       coalesce((e.data ->> 'unregistered')::boolean, false), e.mentor_id, m.full_name, o.name
-FROM event_log e
-LEFT JOIN mentors m ON m.id = e.mentor_id
-LEFT JOIN organisations o ON o.id = m.organisation_id
-WHERE e.kind IN ('alert_sent', 'alert_failed')
-ORDER BY e.seq DESC
-LIMIT 100"""
-
-_ALERTS_PER_ORG_SQL = """
-SELECT coalesce(o.name, '(operations)'),
-       count(*) FILTER (WHERE e.kind = 'alert_sent'),
-       count(*) FILTER (WHERE e.kind = 'alert_failed'),
-       count(*) FILTER (WHERE (e.data ->> 'unregistered')::boolean)
-FROM event_log e
-LEFT JOIN mentors m ON m.id = e.mentor_id
-LEFT JOIN organisations o ON o.id = m.organisation_id
-WHERE e.kind IN ('alert_sent', 'alert_failed') AND e.recorded_at > now() - interval '7 days'
-GROUP BY 1 ORDER BY 1"""
-
-_REMINDERS_SQL = """
-SELECT r.sent_at, r.mentor_id, m.full_name, o.name, r.threshold_day, r.certification_expiry_date, r.pushed_at,
-       r.superseded
-FROM cert_expiry_reminders r
-JOIN mentors m ON m.id = r.mentor_id
-JOIN organisations o ON o.id = m.organisation_id
-ORDER BY r.sent_at DESC
-LIMIT 100"""
-
-_UPCOMING_SQL = """
-WITH latest AS (SELECT mentor_id, max(expires_on) AS expires_on FROM certifications GROUP BY mentor_id)
-SELECT o.name, m.id, m.full_name, l.expires_on, l.expires_on - %(today)s::date
-FROM latest l
-JOIN mentors m ON m.id = l.mentor_id
-JOIN organisations o ON o.id = m.organisation_id
-WHERE m.status = 'active' AND l.expires_on BETWEEN %(today)s::date AND %(today)s::date + 60
-ORDER BY o.name, l.expires_on, m.full_name
-LIMIT 500"""
-
-_AUDIT_SQL = """
-SELECT recorded_at, data FROM event_log
-WHERE mentor_id IS NULL AND kind = 'console_action' AND (%s::text IS NULL OR data ->> 'target' = %s)
-ORDER BY seq DESC LIMIT 50"""
-
 
 _REQUEUE = "SELECT hlf_requeue_dead_letter(%s)"
 _FORCE_SYNC = "SELECT hlf_force_sync(%s)"
@@ -248,8 +107,8 @@ class Console:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
         )
-        env.filters["ago"] = _ago
-        env.filters["at"] = _at
+        env.filters["ago"] = ago
+        env.filters["at"] = at
         self._templates = Jinja2Templates(env=env)
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -430,19 +289,7 @@ class Console:
 
     async def _overview(self, request: Request, _user: str) -> Response:
         cfg = self._config
-
-        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-            now = datetime.now(UTC)
-            rows = conn.execute(_CHART_SQL, (now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23),))
-            return {
-                "summary": status.summary(
-                    conn, probe_on=cfg.public_listing_url is not None, deadline_s=cfg.public_listing_deadline_s
-                ),
-                "chart": chart(rows.fetchall(), now, cfg.zone),
-                "night": conn.execute(_NIGHT_SQL).fetchone(),
-            }
-
-        data = await self._read(read)
+        data = await self._read(lambda conn: console_queries.overview(conn, cfg))
         incident = data["summary"].incident
         text = None
         if incident is not None:
@@ -458,10 +305,7 @@ class Console:
         state = request.query_params.get("state") or None
         if state not in (None, *_STATES):
             state = None
-        like = "%" + _escape_like(q) + "%" if q else None
-        rows = await self._read(
-            lambda conn: conn.execute(_MENTORS_SQL, {"q": q, "like": like, "state": state}).fetchall()
-        )
+        rows = await self._read(lambda conn: console_queries.mentors(conn, q, state))
         return self._render(request, "mentors.html", rows=rows, q=q or "", state=state or "")
 
     async def _mentor(self, request: Request, _user: str) -> Response:
@@ -470,11 +314,7 @@ class Console:
         except ValueError:
             return self._refuse(request, "That is not a mentor id.", 404)
 
-        def read(conn: psycopg.Connection[Any]) -> tuple[Any, list[Any]]:
-            target = f"mentor:{mentor_id}"
-            return status.mentor_story(conn, mentor_id), conn.execute(_AUDIT_SQL, (target, target)).fetchall()
-
-        story, audit = await self._read(read)
+        story, audit = await self._read(lambda conn: console_queries.mentor(conn, mentor_id))
         if story is None:
             return self._refuse(request, f"No mentor {mentor_id} and no events about them.", 404)
         return self._render(request, "mentor.html", story=story, text=render.render_story(story), audit=audit)
@@ -484,31 +324,15 @@ class Console:
         return self._render(request, "dead_letters.html", letters=letters)
 
     async def _alerts(self, request: Request, _user: str) -> Response:
-        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-            return {
-                "recent": conn.execute(_RECENT_ALERTS_SQL).fetchall(),
-                "per_org": conn.execute(_ALERTS_PER_ORG_SQL).fetchall(),
-            }
-
-        return self._render(request, "alerts.html", **await self._read(read))
+        return self._render(request, "alerts.html", **await self._read(console_queries.alerts))
 
     async def _expiry(self, request: Request, _user: str) -> Response:
         today = self._clock.today(self._config.zone)
-
-        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-            upcoming: dict[str, list[Any]] = {}
-            for row in conn.execute(_UPCOMING_SQL, {"today": today}).fetchall():
-                upcoming.setdefault(row[0], []).append(row)
-            return {
-                "night": conn.execute(_NIGHT_SQL).fetchone(),
-                "reminders": conn.execute(_REMINDERS_SQL).fetchall(),
-                "upcoming": upcoming,
-            }
-
-        return self._render(request, "expiry.html", today=today, **await self._read(read))
+        data = await self._read(lambda conn: console_queries.expiry(conn, today))
+        return self._render(request, "expiry.html", today=today, **data)
 
     async def _actions(self, request: Request, _user: str) -> Response:
-        audit = await self._read(lambda conn: conn.execute(_AUDIT_SQL, (None, None)).fetchall())
+        audit = await self._read(console_queries.audit)
         return self._render(request, "actions.html", audit=audit)
 
     # -- actions ------------------------------------------------------------------------------------------------
@@ -613,30 +437,3 @@ class Console:
             lambda conn: self._audit(conn, ConsoleAction(actor=user, action="check_credentials", detail=detail))
         )
         return self._done(request, detail[0].upper() + detail[1:] + ".", "/actions")
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _at(value: datetime | date | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
-    return f"{value:%Y-%m-%d}"
-
-
-def _ago(value: datetime | None) -> str:
-    if value is None:
-        return "never"
-    seconds = (datetime.now(UTC) - value).total_seconds()
-    if seconds < 120:
-        span = f"{seconds:.0f} s"
-    elif seconds < 7200:
-        span = f"{seconds / 60:.0f} min"
-    elif seconds < 172800:
-        span = f"{seconds / 3600:.1f} h"
-    else:
-        span = f"{seconds / 86400:.0f} days"
-    return f"{_at(value)} ({span} ago)"

@@ -1,17 +1,21 @@
 """Leadership as the actors see it: whether this process may send now.
 
-The listener gains and suspends it (``service.py``); the actors wait on it before every attempt, so a process that
-lost its listener connection, or was frozen past its lease, never sends beside the standby that took over.
+The listener gains and suspends it (``listener.py``), the heartbeat renews it (``election.py``); the actors wait on it
+before every attempt, so a process that lost its listener connection, or was frozen past its lease, never sends
+beside the standby that took over. ``LeaderOnly`` is the portal as the actors see it, waiting on it at every PATCH.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from uuid import UUID
 
 import anyio
 
-__all__ = ["Leadership"]
+from .dynamics import ListingRow, Portal
+
+__all__ = ["LeaderOnly", "Leadership"]
 
 
 class Leadership:
@@ -64,3 +68,23 @@ class Leadership:
             if self._renewed.is_set():
                 self._renewed = anyio.Event()
             await self._renewed.wait()  # lapsed: wait for the next accepted heartbeat, then look again
+
+
+class LeaderOnly:
+    """The portal as the actors see it: every PATCH first checks, at that very moment, that this process still
+    leads and its lease is fresh. A process frozen with actors queued for the concurrency limit would otherwise send
+    their PATCHes the instant it wakes, before anything has told it that a standby took over."""
+
+    def __init__(self, portal: Portal, leadership: Leadership) -> None:
+        self._portal = portal
+        self._leadership = leadership
+
+    async def set_listed(self, record_id: UUID, listed: bool) -> int:
+        await self._leadership.wait()
+        return await self._portal.set_listed(record_id, listed)
+
+    async def tenant_check(self) -> None:  # reads only: no leadership needed
+        await self._portal.tenant_check()
+
+    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
+        return self._portal.listing(page_size)

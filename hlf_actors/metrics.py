@@ -10,11 +10,12 @@ JSON either way so an operator can read it with curl.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Health", "Metrics"]
+__all__ = ["Health", "Metrics", "ServiceState"]
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -99,3 +100,19 @@ class Health(msgspec.Struct, frozen=True):
     incident_since: str | None = None
     incident_fix: str | None = None
     alerts: str = "on"  # "off" when HLF_ALERTS=off: nobody is told about failures
+
+
+@dataclass
+class ServiceState:
+    """What health checks, metrics and logs read about the running service."""
+
+    listening: bool = False
+    leader: bool = False
+    reconnects: int = 0
+    notifications: int = 0
+    malformed_notifications: int = 0
+    events_projected: int = 0
+    database_ok: bool = False
+    http_port: int | None = None
+    polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
+    notify_queue_usage: float = 0.0

@@ -12,17 +12,19 @@ NOTIFY is lost while we are disconnected, so after every (re)connect the service
 mentor before trusting notifications again; a periodic sweep repeats that, so nothing depends on a notification
 arriving. Losing the listener connection also loses the leadership lock: actors hold their next attempt until
 leadership is back, and if another process took it meanwhile they are cancelled (their state is in the database).
+
+`Service` builds the parts, starts them in one task group and stops them; each part has a module of its own:
+``start_up.py`` (what is checked before any work), ``election.py`` (the leadership lock, fencing, the heartbeat),
+``listener.py`` (the listener connection's loop), ``projector.py`` (the drain and the catch-up), ``loop_lag.py``
+(how late the event loop is, for /healthz).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -32,97 +34,32 @@ from anyio.abc import TaskGroup
 from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
-from . import db, duplicates, nightly, projections, writer
-from .actor import Runtime, Work, work_from_drain, work_from_row
+from . import db, duplicates, nightly, writer
+from .actor import Runtime
 from .alerts import Alerting
 from .circuit import Circuit
 from .clock import Clock, SystemClock
 from .config import Config
 from .dispatcher import Dispatcher
-from .dynamics import ListingRow, Portal
-from .errors import ConfigError, DatabaseUnusableError, MigrationError
-from .events import CircuitClosed, CircuitOpened, Event, NewEvent, Operation, StatusChanged, SyncRequested
+from .dynamics import Portal
+from .election import Election
+from .errors import ConfigError
+from .events import CircuitClosed, CircuitOpened, NewEvent, Operation
 from .incidents import Incident, Incidents
-from .leadership import Leadership
-from .listener import (
-    CHANNEL,
-    LISTEN,
-    LISTEN_CHECK,
-    WAKE_PAYLOADS,
-    StrayNotifies,
-    closing,
-    connect_listener,
-    listen_works,
-    queue_usage_change,
-)
+from .leadership import LeaderOnly, Leadership
+from .listener import Listener, StrayNotifies, connect_listener
 from .listing_probe import ListingProbe
-from .metrics import Health, Metrics
+from .loop_lag import LAG_LIMIT_S, LoopLag
+from .metrics import Health, Metrics, ServiceState
 from .ops_channels import OpsChannel, open_ops_channels
+from .projector import Projector
 from .push import AlertSender
 from .reconcile import reconcile_forever
 from .recorder import Recorder
 from .retry import default_jitter
+from .start_up import behind_transaction_pooler, check_schema, wait_for_database
 
-__all__ = ["Service", "ServiceState"]
-
-
-class _LeaderOnly:
-    """The portal as the actors see it: every PATCH first checks, at that very moment, that this process still
-    leads and its lease is fresh. A process frozen with actors queued for the concurrency limit would otherwise send
-    their PATCHes the instant it wakes, before anything has told it that a standby took over."""
-
-    def __init__(self, portal: Portal, leadership: Leadership) -> None:
-        self._portal = portal
-        self._leadership = leadership
-
-    async def set_listed(self, record_id: UUID, listed: bool) -> int:
-        await self._leadership.wait()
-        return await self._portal.set_listed(record_id, listed)
-
-    async def tenant_check(self) -> None:  # reads only: no leadership needed
-        await self._portal.tenant_check()
-
-    def listing(self, page_size: int = 5000) -> AsyncIterator[list[ListingRow]]:
-        return self._portal.listing(page_size)
-
-
-LEADER_LOCK = 0x484C_465F_4C45_4144  # "HLF_LEAD"
-_UNREACHABLE_REPORT_S = 60.0
-# The leader's heartbeat: five beats per HLF_LEADER_TIMEOUT, and a lease of half of it. The standby fences only after
-# the whole timeout, so a leader always stops sending (its lease lapsed) before a standby can start.
-_BEATS_PER_TIMEOUT = 5
-_LEASE_SHARE = 0.5
-# /healthz fails once the event loop is this late: a hung or starved loop serves nobody, and a supervisor should
-# restart it. Measured by a task that sleeps _LAG_TICK_S and notes how late it woke.
-_LAG_LIMIT_S = 3.0
-_LAG_TICK_S = 0.5
-_DRAIN_BATCH = 1000
-
-
-@dataclass
-class ServiceState:
-    """What health checks, metrics and logs read about the running service."""
-
-    listening: bool = False
-    leader: bool = False
-    reconnects: int = 0
-    notifications: int = 0
-    malformed_notifications: int = 0
-    events_projected: int = 0
-    database_ok: bool = False
-    http_port: int | None = None
-    polling: bool = False  # LISTEN does not work on this connection (PgBouncer in transaction pooling): poll
-    notify_queue_usage: float = 0.0
-
-
-_MIGRATIONS_TABLE_EXISTS = "SELECT to_regclass('hlf_schema_migrations') IS NOT NULL"
-_PING = "SELECT 1"
-_TRY_LEADER_LOCK = "SELECT pg_try_advisory_lock(%s)"
-_OPEN_LETTERS_AND_QUEUE_USAGE = (
-    "SELECT (SELECT count(*) FROM dead_letters WHERE requeued_at IS NULL AND resolved_at IS NULL), "
-    "pg_notification_queue_usage()"
-)
-_APPLIED_VERSIONS = "SELECT version FROM hlf_schema_migrations"
+__all__ = ["Service"]
 
 
 class Service:
@@ -153,7 +90,6 @@ class Service:
         self._clock = clock or SystemClock()
         self._jitter = jitter if config.backoff_jitter else None
         self._idle_s = idle_s
-        self._standby_poll_s = standby_poll_s
         self._grace_s = shutdown_grace_s
         self._max_actors = max_actors
         self._alert_retry_delays_s = alert_retry_delays_s
@@ -163,15 +99,10 @@ class Service:
         self._outbox_backoff_s = outbox_backoff_s
         self._strays = StrayNotifies(stray_report_s)
         self._leadership = Leadership()
-        self._term: int | None = None  # our term in hlf_leader while we lead
         # The application_name of this process's pool sessions: what a standby terminates to fence us.
         self._session_tag = f"hlf-actors run {uuid4().hex[:8]} pid {os.getpid()}"
-        self._loop_tick: float | None = None  # when the lag monitor last woke (anyio clock)
-        self._loop_lag_s = 0.0
-        self._wake = anyio.Event()
-        self._catch_up = True
+        self._loop_lag = LoopLag()
         self._stop = anyio.Event()
-        self._was_leader = False
         self._alerts_in_flight = 0
         self._alerts_done: anyio.Event | None = None
         self.runtime: Runtime | None = None
@@ -179,10 +110,26 @@ class Service:
         self.probe: ListingProbe | None = None  # the public listing probe, when HLF_PUBLIC_LISTING_URL is set
         self.metrics = Metrics()
         self.metrics.before_render = self._refresh_gauges
+        self._election = Election(
+            config, self._leadership, self.state, session_tag=self._session_tag, standby_poll_s=standby_poll_s
+        )
+        self._projector = Projector(config, self._clock, self._leadership, self.state, self.metrics)
+        self._listener = Listener(
+            config,
+            self._url,
+            connect=self._connect,
+            election=self._election,
+            leadership=self._leadership,
+            strays=self._strays,
+            state=self.state,
+            metrics=self.metrics,
+            wake=self._projector.wake,
+            catch_up=self._projector.catch_up,
+        )
 
     def health(self) -> Health:
         s = self.state
-        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= _LAG_LIMIT_S
+        ok = s.leader and s.listening and s.database_ok and self.loop_lag_s() <= LAG_LIMIT_S
         role = "leader" if s.leader else ("standby" if s.database_ok else "starting")
         incident = self.runtime.incidents.incident if self.runtime is not None and s.leader else None
         return Health(
@@ -199,22 +146,8 @@ class Service:
         )
 
     def loop_lag_s(self) -> float:
-        """How late the event loop is: the lag the monitor last measured, or, if the monitor itself is overdue, how
-        overdue (a health request answered by a loop that just woke from a long stall sees that stall here)."""
-        if self._loop_tick is None:
-            return 0.0
-        overdue = anyio.current_time() - self._loop_tick - _LAG_TICK_S
-        return max(self._loop_lag_s, overdue)
-
-    async def _watch_loop_lag(self) -> None:
-        said = False
-        while True:
-            self._loop_tick = anyio.current_time()
-            await anyio.sleep(_LAG_TICK_S)
-            self._loop_lag_s = max(0.0, anyio.current_time() - self._loop_tick - _LAG_TICK_S)
-            if self._loop_lag_s > _LAG_LIMIT_S and not said:
-                logger.warning("event loop {:.1f}s late: /healthz fails until it keeps time again", self._loop_lag_s)
-            said = self._loop_lag_s > _LAG_LIMIT_S
+        """How late the event loop is (see ``loop_lag.py``)."""
+        return self._loop_lag.lag_s()
 
     def _refresh_gauges(self) -> None:
         m = self.metrics
@@ -238,8 +171,8 @@ class Service:
         self._stop.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await self._wait_for_database()
-        pooled = await self._behind_transaction_pooler()
+        await wait_for_database(self._url)
+        pooled = await behind_transaction_pooler(self._url, self._connect)
         async with db.pool(
             self._url,
             name="hlf-actors",
@@ -249,7 +182,7 @@ class Service:
             application_name=self._session_tag,
             app_schema=self.config.app_schema,
         ) as pool:
-            await self._check_schema(pool)
+            await check_schema(pool)
             self.state.database_ok = True
             async with self._open_ops_channels() as ops_channels, anyio.create_task_group() as tg:
                 alerting = Alerting(
@@ -269,10 +202,10 @@ class Service:
                     self.state.http_port = await self._serve_http(tg, pool, alerting)
                 tg.start_soon(runtime.recorder.run, name="recorder")
                 tg.start_soon(runtime.incidents.heal_forever, runtime.leadership.wait, name="incident healer")
-                tg.start_soon(self._watch_loop_lag, name="loop lag")
-                tg.start_soon(self._beat_forever, pool, dispatcher, name="leader heartbeat")
-                tg.start_soon(self._listen_forever, dispatcher, name="listener")
-                tg.start_soon(self._drain_forever, pool, dispatcher, name="projector")
+                tg.start_soon(self._loop_lag.watch, name="loop lag")
+                tg.start_soon(self._election.beat_forever, pool, dispatcher, name="leader heartbeat")
+                tg.start_soon(self._listener.listen_forever, dispatcher, runtime.incidents, name="listener")
+                tg.start_soon(self._projector.drain_forever, pool, dispatcher, name="projector")
                 tg.start_soon(self._resend_alerts_when_leader, alerting, name="alert catch-up")
                 tg.start_soon(
                     alerting.drain_outbox_forever, runtime.leadership.wait, self._outbox_every_s, name="ops outbox"
@@ -329,54 +262,6 @@ class Service:
             ) from None
         return bound
 
-    async def _wait_for_database(self) -> None:
-        """Return once the database answers. A URL that can never work (malformed, authentication refused) is a
-        configuration error: raised at once, and `run` exits 3 with one line. A server that refuses connections or
-        does not answer may come back: keep trying with backoff, one log line a minute."""
-        delay, said_at = 0.5, -_UNREACHABLE_REPORT_S
-        started = anyio.current_time()
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True, **db.CONNECT_KWARGS)
-            except psycopg.Error as err:
-                refused = db.refusal(err)
-                if refused is not None:
-                    raise DatabaseUnusableError(f"cannot use the database: {refused}") from None
-                now = anyio.current_time()
-                if now - said_at >= _UNREACHABLE_REPORT_S:
-                    said_at = now
-                    what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                    logger.warning("database unreachable for {:.0f}s, still trying ({})", now - started, what)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            async with closing(conn):
-                return
-
-    async def _behind_transaction_pooler(self) -> bool:
-        """Whether LISTEN fails here as it does behind PgBouncer in transaction pooling, where prepared statements
-        fail too. Asked once at start; the listener asks again on every connection it makes."""
-        try:
-            conn = await self._connect(self._url)
-            async with closing(conn):
-                await conn.execute(LISTEN)
-                return not await listen_works(conn, self._url)
-        except psycopg.Error:
-            return False  # no verdict; the pool's own start-up reports an unreachable database
-
-    async def _check_schema(self, pool: AsyncConnectionPool[Any]) -> None:
-        async with pool.connection() as conn:
-            cur = await conn.execute(_MIGRATIONS_TABLE_EXISTS)
-            row = await cur.fetchone()
-            have: set[int] = set()
-            if row and row[0]:
-                cur = await conn.execute(_APPLIED_VERSIONS)
-                have = {int(r[0]) for r in await cur.fetchall()}
-        missing = [m for m in db.migrations() if m.version not in have]
-        if missing:
-            names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
-            raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
-
     def _runtime(self, pool: AsyncConnectionPool[Any], tg: TaskGroup, alerting: Alerting) -> Runtime:
         def on_dead_letter(mentor_id: UUID, operation: Operation, dead_letter_id: int) -> None:
             tg.start_soon(
@@ -396,7 +281,7 @@ class Service:
         return Runtime(
             config=cfg,
             pool=pool,
-            portal=_LeaderOnly(self._portal, self._leadership),
+            portal=LeaderOnly(self._portal, self._leadership),
             clock=self._clock,
             limiter=anyio.CapacityLimiter(cfg.portal_concurrency),
             recorder=Recorder(pool),
@@ -426,273 +311,6 @@ class Service:
             if not self._alerts_in_flight and self._alerts_done is not None:
                 self._alerts_done.set()
 
-    # -- listener and leadership --------------------------------------------------------------------------------
-
-    async def _listen_forever(self, dispatcher: Dispatcher) -> None:
-        assert self.runtime is not None
-        leadership = self.runtime.leadership
-        backoff = 0.1
-        down_since: float | None = None
-        said_at = 0.0
-        while True:
-            try:
-                conn = await self._connect(self._url)
-                async with closing(conn):
-                    # its search_path, and a vanished leader's lock must not outlive it on the server
-                    await db.configure_session(conn, self.config.app_schema)
-                    claimed_at = await self._become_leader(conn, dispatcher)
-                    await self.runtime.incidents.load()  # an incident open before we led holds from the first send
-                    await conn.execute(LISTEN)
-                    self.state.polling = not await listen_works(conn, self._url)
-                    self.metrics.polling.set(1 if self.state.polling else 0)
-                    self.state.listening = True
-                    self.state.leader = True
-                    leadership.gain(lease_s=self._lease_s, sent_at=claimed_at)
-                    self._catch_up = True
-                    self._wake.set()
-                    backoff = 0.1
-                    if down_since is not None:
-                        logger.info("database reachable again after {:.1f}s", anyio.current_time() - down_since)
-                        down_since = None
-                    if self.state.polling:
-                        logger.warning(
-                            "LISTEN has no effect on this connection (PgBouncer in transaction pooling?): polling "
-                            "the inbox every {}s instead. Point HLF_DATABASE_URL at a direct or session-pooled "
-                            "connection: behind transaction pooling the leader lock is not exclusive either",
-                            self.config.poll_interval_s,
-                        )
-                        await self._poll_forever(conn)
-                    else:
-                        logger.info("leader: listening on {}", CHANNEL)
-                        async for note in conn.notifies():
-                            self._on_notify(note.payload)
-            except Exception as err:  # the listener must outlive anything: reconnect, re-subscribe, catch up
-                self._term = None
-                self.state.listening = False
-                self.state.leader = False
-                self.state.database_ok = False
-                self.state.reconnects += 1
-                self.metrics.reconnects.inc()
-                leadership.suspend()
-                what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                now = anyio.current_time()
-                if down_since is None:
-                    down_since = said_at = now
-                    logger.warning("listener connection lost ({}); reconnecting", what)
-                elif now - said_at >= _UNREACHABLE_REPORT_S:
-                    # Tries back off to one per 5 s; the log says so once a minute, so a long outage stays short.
-                    said_at = now
-                    logger.warning("listener: still reconnecting after {:.0f}s ({})", now - down_since, what)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _poll_forever(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Where NOTIFY never arrives: wake the projector every HLF_POLL_INTERVAL. The query keeps the connection
-        honest: a dead one raises here and the listener reconnects."""
-        while True:
-            await anyio.sleep(self.config.poll_interval_s)
-            await conn.execute(_PING)
-            self._wake.set()
-
-    @property
-    def _lease_s(self) -> float:
-        return self.config.leader_timeout_s * _LEASE_SHARE
-
-    async def _become_leader(self, conn: psycopg.AsyncConnection[Any], dispatcher: Dispatcher) -> float:
-        """Wait until this connection holds the leadership lock, fencing a leader whose heartbeat stopped; record
-        us in hlf_leader. Returns when (this process's monotonic clock) the claim was sent: the lease starts there."""
-        said = False
-        while True:
-            cur = await conn.execute(_TRY_LEADER_LOCK, (LEADER_LOCK,))
-            row = await cur.fetchone()
-            if row and row[0]:
-                self._was_leader = True
-                claimed_at = time.monotonic()
-                params = {"tag": self._session_tag, "host": socket.gethostname()[:200], "os_pid": os.getpid()}
-                cur = await conn.execute(db.query("claim_leadership"), params)
-                claimed = await cur.fetchone()
-                assert claimed is not None
-                self._term = int(claimed[0])
-                return claimed_at
-            if self._was_leader:
-                # Someone took over while we were disconnected (or frozen): our actors must not send any more.
-                logger.warning("leadership was taken over by another process; stopping this one's actors")
-                dispatcher.cancel_all()
-                self._was_leader = False
-                said = False
-            self.state.database_ok = True  # connected and answered: a standby, not a process still starting
-            if not said:
-                logger.info("standby: another hlf-actors process is the leader; waiting to take over")
-                said = True
-            if await self._fence_stale_leader(conn):
-                continue  # its lock is free now: take it at once
-            await anyio.sleep(self._standby_poll_s)
-
-    async def _fence_stale_leader(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """Terminate the sessions of a leader whose heartbeat is older than HLF_LEADER_TIMEOUT (a frozen process
-        keeps its connection, and so the lock, healthy in PostgreSQL's eyes). True if one was fenced."""
-        params = {
-            "timeout_s": self.config.leader_timeout_s,
-            "lock_hi": LEADER_LOCK >> 32,
-            "lock_lo": LEADER_LOCK & 0xFFFF_FFFF,
-        }
-        cur = await conn.execute(db.query("fence_stale_leader"), params)
-        rows = await cur.fetchall()
-        if not rows:
-            return False
-        _, host, os_pid, _ = rows[0]
-        logger.warning(
-            "the leader (pid {} on {}) sent no heartbeat for over {:g}s: fenced it ({} session(s) terminated); "
-            "taking over",
-            os_pid,
-            host,
-            self.config.leader_timeout_s,
-            sum(1 for r in rows if r[3]),
-        )
-        return True
-
-    async def _beat_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        """While we lead, prove it every HLF_LEADER_TIMEOUT / 5 from this event loop; each beat the database accepts
-        extends the lease. A beat that finds our term gone means a standby fenced us: demote before anything else
-        is sent. A beat that fails (database trouble) just lets the lease run out; the listener sorts that out."""
-        interval = self.config.leader_timeout_s / _BEATS_PER_TIMEOUT
-        while True:
-            await anyio.sleep(interval)
-            term = self._term
-            if term is None:
-                continue
-            sent_at = time.monotonic()
-            try:
-                with anyio.fail_after(self._lease_s):
-                    async with pool.connection() as conn:
-                        cur = await conn.execute(db.query("leader_heartbeat"), (term,))
-                        accepted = await cur.fetchone() is not None
-            except (psycopg.Error, TimeoutError):
-                continue
-            if term != self._term:
-                continue  # leadership changed hands while the beat was out; the listener's turn
-            if accepted:
-                self._leadership.renew(lease_s=self._lease_s, sent_at=sent_at)
-                continue
-            logger.warning("another process took over the leadership (our heartbeat found a newer term): standby")
-            self._term = None
-            self._leadership.suspend()
-            self.state.leader = False
-            dispatcher.cancel_all()
-
-    def _on_notify(self, payload: str) -> None:
-        self.state.notifications += 1
-        if payload not in WAKE_PAYLOADS and not payload.startswith(LISTEN_CHECK):
-            # Nobody but our triggers should speak on this channel; a stray payload is noise, but waking up
-            # costs one cheap inbox read, and waking up is always safe. (Every worker's listen-check round trip
-            # reaches every listener: ours, not stray.)
-            self.state.malformed_notifications += 1
-            self._strays.seen(payload)
-        self._wake.set()
-
-    # -- projector ----------------------------------------------------------------------------------------------
-
-    async def _drain_forever(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        assert self.runtime is not None
-        failures = 0
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            await self.runtime.leadership.wait()
-            try:
-                await self._drain(pool, dispatcher)
-                if self._catch_up:
-                    self._catch_up = False
-                    await self._dispatch_open(pool, dispatcher)
-                self.state.database_ok = True
-                failures = 0
-            except psycopg.Error as err:
-                failures += 1
-                self.state.database_ok = False
-                delay = min(5.0, 0.05 * 2**failures)
-                logger.warning(
-                    "projector could not reach the database ({}); retrying in {:.2f}s", str(err).strip()[:160], delay
-                )
-                self._catch_up = True
-                if isinstance(err, psycopg.OperationalError):
-                    # The pool would hand out the other connections the outage broke, one failed try each.
-                    with suppress(psycopg.Error):
-                        await pool.check()
-                await anyio.sleep(delay)
-                self._wake.set()
-
-    async def _drain(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        # Wake actors only once the inbox is empty: on a backlog, an actor that starts before its mentor's later
-        # events are projected would race the projector. In steady state the inbox empties in one batch anyway.
-        # Each wake-up carries the mentor's work, built from the fold and the facts the drain read with its events,
-        # so the actor goes straight to the portal instead of reading it again. The last batch wakes its actors
-        # before its COMMIT's round trip: their PATCH is computed from committed rows either way, and their outcome
-        # waits for the drain's row locks (were the COMMIT to fail, the events stay in the inbox and are folded again,
-        # with the outcome after them, exactly as replay would).
-        dispatcher.forget_retired()
-        today = self._clock.today(self.config.zone)
-        to_wake: dict[UUID, Work | None] = {}
-        while True:
-            # Pipeline mode: two round trips a batch (lock + take + load + facts; write + COMMIT).
-            async with pool.connection() as conn, conn.pipeline(), conn.transaction():
-                drained = await writer.drain_inbox(conn, _DRAIN_BATCH, on_events=self._count_changes, today=today)
-                read_at = time.perf_counter()
-                for mentor_id, projection in drained.projected.items():
-                    to_wake.pop(mentor_id, None)
-                    if projection.sync is not None and projection.sync.state in projections.OPEN_STATES:
-                        facts = drained.facts.get(mentor_id)
-                        to_wake[mentor_id] = work_from_drain(projection, facts, read_at) if facts else None
-                last = drained.taken < _DRAIN_BATCH
-                if last:
-                    for mentor_id, work in to_wake.items():
-                        dispatcher.wake(mentor_id, work)
-            self.state.events_projected += drained.taken
-            if last:
-                break
-
-    def _count_changes(self, events: Sequence[Event]) -> None:
-        self.metrics.changes_seen.inc(sum(1 for e in events if isinstance(e.payload, StatusChanged | SyncRequested)))
-
-    async def _dispatch_open(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
-        async with pool.connection() as conn:
-            cur = await conn.execute(db.query("open_mentors"))
-            rows = await cur.fetchall()
-            cur = await conn.execute(
-                _OPEN_LETTERS_AND_QUEUE_USAGE
-            )
-            checks = await cur.fetchone()
-        self.metrics.open_dead_letters.set(checks[0] if checks else 0)
-        usage = float(checks[1]) if checks else 0.0
-        self.metrics.notify_queue_usage.set(usage)
-        change = queue_usage_change(self.state.notify_queue_usage, usage)
-        self.state.notify_queue_usage = usage
-        if change == "high":
-            logger.warning(
-                "Postgres's NOTIFY queue is {:.0%} full: a listener somewhere is not reading (when it fills, every "
-                "NOTIFY, and so every mentor update, fails); find it in pg_stat_activity (LISTEN, idle in transaction)",
-                usage,
-            )
-        elif change == "normal":
-            logger.info("Postgres's NOTIFY queue is back to {:.0%}", usage)
-        # Read their work in batches and hand it over: after a restart a thousand actors each reading for themselves
-        # flooded the pool and the event loop, and the first PATCH left half a second late.
-        idle = [mentor_id for (mentor_id,) in rows if not dispatcher.has_actor(mentor_id)]
-        today = self._clock.today(self.config.zone)
-        woken = 0
-        for start in range(0, len(idle), _DRAIN_BATCH):
-            chunk = idle[start : start + _DRAIN_BATCH]
-            async with pool.connection() as conn:
-                cur = await conn.execute(db.query("mentor_work"), (today, chunk))
-                found = await cur.fetchall()
-            read_at = time.perf_counter()
-            works = dict(work_from_row(row, read_at) for row in found)
-            for mentor_id in chunk:  # oldest first, as open_mentors orders them
-                if mentor_id in works and not dispatcher.has_actor(mentor_id):
-                    dispatcher.wake(mentor_id, works[mentor_id])
-                    woken += 1
-        if woken:
-            logger.info("caught up: {} mentor(s) with unfinished syncs picked up", woken)
-
     async def _resend_alerts_when_leader(self, alerting: Alerting) -> None:
         assert self.runtime is not None
         await self.runtime.leadership.wait()
@@ -708,8 +326,7 @@ class Service:
         while True:
             await anyio.sleep(self.config.sweep_interval_s)
             self._strays.flush()
-            self._catch_up = True
-            self._wake.set()
+            self._projector.catch_up()
 
     # -- shutdown -----------------------------------------------------------------------------------------------
 

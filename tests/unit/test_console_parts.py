@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from hlf_actors.config import Secret, load_config
-from hlf_actors.console import chart
 from hlf_actors.console_auth import LoginLimiter, PasswordCheck, csrf_token, csrf_valid, is_loopback_url
+from hlf_actors.console_chart import chart
 from hlf_actors.errors import ConfigError
 
 NOW = datetime(2026, 3, 1, 12, 40, tzinfo=UTC)
