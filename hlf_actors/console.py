@@ -16,7 +16,8 @@ It runs on the leader and on a standby alike (a standby says so on every page), 
 the database: force sync and re-queue call the SQL functions the CLI calls (``hlf_force_sync``,
 ``hlf_requeue_dead_letter``), whose events and NOTIFY the leader picks up like any other change; "reconcile now" and
 "check credentials now" run here, as `hlf-actors reconcile` and `check-credentials` run on any machine, and write
-their sync requests and ``credential_check`` events for the leader to act on. Each action also appends a
+their sync requests and ``credential_check`` events for the leader to act on (on the leader, during a tenant-wide
+incident, "check credentials now" pokes the leader's own check instead). Each action also appends a
 ``console_action`` event naming who did it (mentor-less, so the audit list reads an index, not the whole log).
 
 Reads use short-lived synchronous connections in a worker thread, so the pages reuse ``status.py`` as it is and a
@@ -65,6 +66,7 @@ from .credentials import check_credentials
 from .dynamics import Portal
 from .errors import SignInRefused
 from .events import ConsoleAction, NewEvent, encode_payload
+from .incidents import Incidents
 from .metrics import Health
 from .reconcile import alert_aborted, reconcile
 
@@ -92,6 +94,7 @@ class Console:
         alerting: Alerting,
         health: Callable[[], Health],
         clock: Clock,
+        leader_incidents: Callable[[], Incidents | None] = lambda: None,
     ) -> None:
         assert config.console_enabled, "the console needs a way to sign in"
         self._config = config
@@ -101,6 +104,7 @@ class Console:
         self._alerting = alerting
         self._health = health
         self._clock = clock
+        self._leader_incidents = leader_incidents
         self._password = PasswordCheck(config.console_password) if config.console_password else None
         self._oidc = OidcSignIn(config) if config.console_oidc_issuer else None
         self._limiter = LoginLimiter()
@@ -427,10 +431,16 @@ class Console:
         return self._done(request, detail[0].upper() + detail[1:] + ".", "/actions")
 
     async def _check_credentials(self, request: Request, user: str) -> Response:
-        portal = self._portal
+        gate = self._leader_incidents()
         try:
-            report = await check_credentials(portal, self._pool, self._alerting, trigger="console")
-            detail = report.describe()
+            if gate is not None and gate.incident is not None:
+                # The leader holds every send: its own check must decide, and one held PATCH confirm, before the
+                # all-clear. A pass recorded from here would send the all-clear while the leader still holds.
+                _, held = await gate.check("console")
+                detail = f"{held} — the leader checks the tenant again now, and sends every held mentor once it passes"
+            else:
+                report = await check_credentials(self._portal, self._pool, self._alerting, trigger="console")
+                detail = report.describe()
         except Exception as err:  # the database or the portal went away mid-check
             detail = f"credential check failed: {type(err).__name__}: {str(err)[:200]}"
         await self._read(

@@ -184,17 +184,18 @@ class Incidents:
 
     # -- healing --------------------------------------------------------------------------------------------------
 
-    async def _check(self, trigger: str) -> tuple[bool | None, str | None, str | None]:
-        """One tenant check. A failure or no verdict is recorded (opening the incident, or changing its cause); a
-        pass is recorded by the close, after the probe confirms it, so the all-clear never goes out for a fix that a
-        PATCH then disproves."""
+    async def _check(self, trigger: str, *, record_pass: bool = False) -> tuple[bool | None, str | None, str | None]:
+        """One tenant check. A failure or no verdict is recorded (opening the incident, or changing its cause). While
+        an incident is open a pass is recorded by the close, after the probe confirms it, so the all-clear never goes
+        out for a fix that a PATCH then disproves; with none open, ``record_pass`` records it at once."""
         assert self._portal is not None
         async with self._check_lock:
             started = time.monotonic()
             ok, error, cause, duration_ms = await probe(self._portal)
             if ok:
                 self._last_pass = started
-                return ok, error, cause
+                if not record_pass:
+                    return ok, error, cause
             await record_verdict(
                 self._pool,
                 self._alerting,
@@ -215,14 +216,7 @@ class Incidents:
         if self._portal is None:
             return True, None
         if self.incident is None:
-            ok, error, cause, duration_ms = await probe(self._portal)
-            await record_verdict(
-                self._pool, self._alerting, ok=ok, error=error, cause=cause, trigger=trigger, duration_ms=duration_ms
-            )
-            if ok is False and cause is not None and error is not None:
-                self._open(Incident(cause=cause, error=error, since=datetime.now().astimezone()))
-            elif ok:
-                self._last_pass = time.monotonic()
+            ok, error, _ = await self._check(trigger, record_pass=True)
             return ok, error
         self._poked.set()
         return False, self.incident.describe()

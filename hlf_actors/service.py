@@ -250,8 +250,15 @@ class Service:
         if self.config.console_enabled:
             from .console import Console  # templates and sign-in load only when the console is on
 
+            runtime = self.runtime
             console = Console(
-                self.config, pool=pool, portal=self._portal, alerting=alerting, health=self.health, clock=self._clock
+                self.config,
+                pool=pool,
+                portal=self._portal,
+                alerting=alerting,
+                health=self.health,
+                clock=self._clock,
+                leader_incidents=lambda: runtime.incidents if runtime is not None and self.state.leader else None,
             ).app()
         try:
             bound: int = await tg.start(serve_http, host, port, build_app(self.health, self.metrics, console))
