@@ -36,15 +36,12 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
@@ -52,11 +49,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from .http_server import FakeHandler, FakeHTTPServer, LocalServer
+
 __all__ = ["FakeFCM", "ReceivedMessage"]
 
 _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 _TARGETS = ("token", "topic", "condition", "fid")
+_JSON = {"Content-Type": "application/json; charset=UTF-8"}
 # The canonical status name and a message like Google's for each status ``outage`` may be asked to answer.
 _STATUS_NAMES = {
     400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -96,59 +96,25 @@ def _google_error(status: int, message: str | None = None, fcm_code: str | None 
     return {"error": error}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeFCM
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: test output is for assertions, not access logs."""
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.fake._untrack(self.connection)
+class _Handler(FakeHandler["FakeFCM"]):
+    track_connections = True
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, payload = self.server.fake._handle_post(self.path, dict(self.headers.items()), body)
-        raw = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        status, payload = self.server.fake._handle_post(self.path, dict(self.headers.items()), self._body())
+        self._reply(status, json.dumps(payload).encode(), _JSON)
 
     def do_GET(self) -> None:
-        raw = json.dumps(_google_error(404)).encode()
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        self._reply(404, json.dumps(_google_error(404)).encode(), _JSON)
 
 
-class FakeFCM:
+class FakeFCM(LocalServer):
     """The FCM v1 send endpoint and a Google OAuth token endpoint, on one local port."""
 
+    _name = "fake-fcm"
+
     def __init__(self, *, project_id: str = "hlf-test", host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host=host, port=port)
         self.project_id = project_id
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
         # Shared state, under self._lock.
         self._public_keys: dict[str, rsa.RSAPublicKey] = {}
         self._access_tokens: set[str] = set()
@@ -162,46 +128,8 @@ class FakeFCM:
         self._send_attempts = 0
         self._next_id = 1
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        server = _Server((self._host, self._port), _Handler)
-        server.fake = self
-        self._server = server
-        self._port = int(server.server_address[1])  # a start() after stop() comes back on the same port
-        # A short poll interval makes stop() prompt; serve_forever checks for shutdown only between polls.
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-fcm", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop listening and cut every open connection, so kept-alive clients see the outage too."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _bind(self) -> FakeHTTPServer[FakeFCM]:
+        return FakeHTTPServer((self._host, self._port), _Handler, self)
 
     @property
     def url(self) -> str:
@@ -313,14 +241,6 @@ class FakeFCM:
             time.sleep(0.005)
 
     # -- request handling (handler threads) ----------------------------------------------------------
-
-    def _track(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-
-    def _untrack(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
 
     def _handle_post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
         if path == "/token":

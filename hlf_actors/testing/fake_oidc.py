@@ -33,20 +33,18 @@ import base64
 import hashlib
 import json
 import secrets
-import socketserver
-import threading
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+
+from .http_server import FakeHandler, FakeHTTPServer, LocalServer
 
 __all__ = ["FakeOidc"]
 
@@ -63,10 +61,13 @@ class _Grant:
     issued: float
 
 
-class FakeOidc:
+class FakeOidc(LocalServer):
     """Entra ID's v2.0 endpoints for one tenant and one registered app (client id, secret, redirect URIs)."""
 
+    _name = "fake-oidc"
+
     def __init__(self, *, client_id: str = "hlf-console", client_secret: str | None = None) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret or secrets.token_urlsafe(24)
         self.user: dict[str, Any] = {
@@ -82,39 +83,14 @@ class FakeOidc:
         self.tamper: str | None = None
         self._key = RSAKey.generate_key(2048, parameters={"kid": "fake-entra-key-1", "use": "sig"})
         self._grants: dict[str, _Grant] = {}
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------------------------
-
-    def start(self) -> FakeOidc:
-        server = _Server(("127.0.0.1", 0), self)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-oidc")
-        thread.daemon = True
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeOidc:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _bind(self) -> FakeHTTPServer[FakeOidc]:
+        return FakeHTTPServer((self._host, self._port), _Handler, self)
 
     @property
     def base(self) -> str:
         assert self._server is not None, "start() the fake first"
-        return f"http://127.0.0.1:{self._server.server_port}"
+        return f"http://127.0.0.1:{self._port}"
 
     @property
     def issuer(self) -> str:
@@ -280,41 +256,14 @@ def _error(status: int, error: str, code: str, text: str) -> tuple[int, dict[str
     return status, _JSON, json.dumps(body).encode()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], fake: FakeOidc) -> None:
-        self.fake = fake
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # no FQDN lookup: it can stall on DNS
-        self.server_name, self.server_port = "127.0.0.1", int(self.socket.getsockname()[1])
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: the fake records requests itself."""
-
+class _Handler(FakeHandler[FakeOidc]):
     def _answer(self, method: str) -> None:
         parts = urlsplit(self.path)
-        form: dict[str, str] = {}
-        if method == "POST":
-            length = int(self.headers.get("Content-Length") or 0)
-            form = dict(parse_qsl(self.rfile.read(length).decode()))
-        fake = cast(_Server, self.server).fake
-        status, headers, body = fake._route(
+        form = dict(parse_qsl(self._body().decode())) if method == "POST" else {}
+        status, headers, body = self.server.fake._route(
             method, parts.path, dict(parse_qsl(parts.query)), form, self.headers.get("Authorization")
         )
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._reply(status, body, headers)
 
     def do_GET(self) -> None:
         self._answer("GET")

@@ -69,20 +69,18 @@ import random
 import re
 import secrets
 import socket
-import socketserver
 import struct
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from uuid import UUID, uuid4
+
+from .http_server import FakeHandler, FakeHTTPServer, LocalServer
 
 __all__ = ["FakePortal", "RecordedRequest", "Reply", "chaos_mix", "token_chaos_mix"]
 
@@ -251,9 +249,11 @@ class _Row:
     version: int
 
 
-class FakePortal:
+class FakePortal(LocalServer):
     """The fake portal. Every shared structure is guarded by ``_lock``; methods named ``_locked_*`` or called
     from ``_respond`` expect it held."""
+
+    _name = "fake-portal"
 
     def __init__(
         self,
@@ -268,16 +268,14 @@ class FakePortal:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(host=host, port=port)
         self.client_id = client_id
         self.entity_set = entity_set
         self.listed_field = listed_field
         self.key_field = key_field
         self.tenant = tenant
         self.token_lifetime_s = token_lifetime_s
-        self.host = host
         self.page_size_default: int = 5000
-        self._port = port
-        self._lock = threading.Lock()
         self._secret = client_secret
         self._records: dict[str, _Row] = {}
         self._version = 0
@@ -294,9 +292,6 @@ class FakePortal:
         self._window: deque[float] = deque()
         self._in_flight = 0
         self._throttled = 0
-        self._connections: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._app_user_removed = False
         self._readable: set[str] | None = None  # restrict_reads_to()
         self._missing_privileges: set[str] = set()  # "read", "write"
@@ -311,41 +306,20 @@ class FakePortal:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self) -> FakePortal:
+    def _bind(self) -> _Server:
+        return _Server((self._host, self._port), _Handler, self)
+
+    def start(self) -> Self:
         if self._server is not None:
             raise RuntimeError("the fake portal is already running")
-        server = _Server((self.host, self._port), self)
-        self._port = server.server_port
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name=f"fake-portal:{self._port}"
-        )
-        thread.daemon = True
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
+        return super().start()
 
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        self._server = self._thread = None
-        server.shutdown()
-        server.server_close()
-        # Clients keep idle keep-alive connections open; sever them so they see the portal go away.
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        thread.join(timeout=5)
-
-    def __enter__(self) -> FakePortal:
+    def __enter__(self) -> Self:
         return self if self._server is not None else self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    @property
+    def host(self) -> str:
+        return self._host
 
     @property
     def url(self) -> str:
@@ -905,14 +879,6 @@ class FakePortal:
     def _entity_name(self) -> str:
         return self.entity_set.removesuffix("s")
 
-    def _track(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def _untrack(self, connection: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(connection)
-
 
 def _key(record_id: str | UUID) -> str:
     return str(record_id if isinstance(record_id, UUID) else UUID(str(record_id)))
@@ -981,20 +947,8 @@ def _skiptoken_position(skiptoken: str | None) -> tuple[int, str] | None:
     return int(match["page"]), match["last"].lower()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # stop() must not wait for keep-alive connections that clients never close
+class _Server(FakeHTTPServer["FakePortal"]):
     request_queue_size = 128  # benchmarks open many connections at once
-
-    def __init__(self, address: tuple[str, int], portal: FakePortal) -> None:
-        self.portal = portal
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, which can stall on DNS; only the port matters here.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.socket.getsockname()[:2]
-        self.server_name, self.server_port = str(host), int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients vanishing mid-answer (their timeout, a reset, stop()) are routine; anything else is a bug.
@@ -1002,24 +956,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(FakeHandler["FakePortal"]):
     disable_nagle_algorithm = True  # headers and body are two writes; Nagle would hold the body back 40 ms
+    track_connections = True
     _at = 0.0
-
-    @property
-    def _portal(self) -> FakePortal:
-        return cast(_Server, self.server).portal
-
-    def setup(self) -> None:
-        super().setup()
-        self._portal._track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self._portal._untrack(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silent: benchmarks send thousands of requests, and the recorded log says more."""
@@ -1029,7 +969,7 @@ class _Handler(BaseHTTPRequestHandler):
         return super().parse_request()
 
     def do_GET(self) -> None:
-        answer = self._portal._respond(self._read())
+        answer = self.server.fake._respond(self._read())
         try:
             self._deliver(answer)
         finally:

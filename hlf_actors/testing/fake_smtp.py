@@ -11,11 +11,10 @@ accepted are kept, parsed, for assertions.
 from __future__ import annotations
 
 import socketserver
-import threading
 from email import message_from_bytes
 from email.message import Message
-from types import TracebackType
-from typing import Self
+
+from .http_server import LocalServer
 
 __all__ = ["FakeSMTP"]
 
@@ -73,40 +72,18 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._reply("502 Command not implemented")
 
 
-class FakeSMTP:
+class FakeSMTP(LocalServer):
+    _name = "fake-smtp"
+
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(host=host, port=port)
         self._messages: list[tuple[str, list[str], Message]] = []
         self._failing: int | None = None
 
-    def start(self) -> Self:
+    def _bind(self) -> _Server:
         server = _Server((self._host, self._port), _Handler)
         server.fake = self
-        self._server = server
-        self._port = int(server.server_address[1])
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-smtp", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        return server
 
     def env(self, to: str = "ops@hlf.example", sender: str = "hlf-actors@hlf.example") -> dict[str, str]:
         return {

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from .http_server import FakeHandler, FakeHTTPServer, LocalServer
 
 __all__ = ["FakeWebhook"]
 
@@ -42,75 +41,26 @@ _ADAPTIVE_CARD = "application/vnd.microsoft.card.adaptive"
 _MAX_BYTES = 28 * 1024
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeWebhook
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: test output is for assertions, not access logs."""
-
+class _Handler(FakeHandler["FakeWebhook"]):
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        status, raw, headers = self.server.fake._handle(self.path, self.headers.get("Content-Type", ""), body)
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
+        status, raw, headers = self.server.fake._handle(self.path, self.headers.get("Content-Type", ""), self._body())
+        self._reply(status, raw, headers)
 
 
-class FakeWebhook:
+class FakeWebhook(LocalServer):
+    _name = "fake-webhook"
+
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, legacy: bool = False) -> None:
-        self._host = host
-        self._port = port
+        super().__init__(host=host, port=port)
         self._legacy = legacy
         # Shaped like a Workflows URL: the signature in the path is the secret.
         self.path = f"/workflows/{secrets.token_hex(16)}/triggers/manual/paths/invoke?sig={secrets.token_urlsafe(32)}"
-        self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._received: list[dict[str, Any]] = []
         self._attempts = 0
         self._failing: int | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        server = _Server((self._host, self._port), _Handler)
-        server.fake = self
-        self._server = server
-        self._port = int(server.server_address[1])
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fake-webhook", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+    def _bind(self) -> FakeHTTPServer[FakeWebhook]:
+        return FakeHTTPServer((self._host, self._port), _Handler, self)
 
     @property
     def url(self) -> str:

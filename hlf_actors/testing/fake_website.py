@@ -60,12 +60,11 @@ import json
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs, quote, urlsplit
 
 from .fake_portal import FakePortal
+from .http_server import FakeHandler, FakeHTTPServer, LocalServer
 
 __all__ = ["FakeWebsite", "View"]
 
@@ -73,7 +72,9 @@ View = Literal["api", "liquid", "list", "paged", "signin"]
 _LIST_ID = "5b1f0c0e-3c2a-4f4e-9d57-0a6f2b7c9e11"  # the list (adx_entitylist) record behind /mentors
 
 
-class FakeWebsite:
+class FakeWebsite(LocalServer):
+    _name = "fake-website"
+
     def __init__(
         self,
         portal: FakePortal,
@@ -85,6 +86,7 @@ class FakeWebsite:
         key_field: str = "hlf_mentorlistingid",
         listed_field: str = "hlf_publiclisting",
     ) -> None:
+        super().__init__()
         self._portal = portal
         self.cache_delay_s = cache_delay_s
         self._tick_s = tick_s
@@ -98,19 +100,16 @@ class FakeWebsite:
         self.requests = 0
         self.not_modified = 0
         self.paths: list[str] = []  # path and query of every request, in order
-        self._lock = threading.Lock()
         self._copies: deque[tuple[float, dict[str, bool]]] = deque()
-        self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._threads = [
-            threading.Thread(target=self._server.serve_forever, daemon=True),
-            threading.Thread(target=self._copy_forever, daemon=True),
-        ]
+        self._stopping = threading.Event()
+        self._copier = threading.Thread(target=self._copy_forever, daemon=True)
+
+    def _bind(self) -> FakeHTTPServer[FakeWebsite]:
+        return FakeHTTPServer((self._host, self._port), _Handler, self)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self._port}"
 
     def url(self, view: View = "api") -> str:
         """The URL of one view of the listing (``api``: the recommended portals Web API query)."""
@@ -128,18 +127,16 @@ class FakeWebsite:
     def env(self, view: View = "api") -> dict[str, str]:
         return {"HLF_PUBLIC_LISTING_URL": self.url(view)}
 
-    def __enter__(self) -> FakeWebsite:
+    def start(self) -> Self:
+        """Serve, with the cache holding a first copy already; once only (the copying thread does not restart)."""
         self._copy()
-        for thread in self._threads:
-            thread.start()
+        super().start()
+        self._copier.start()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
+    def stop(self) -> None:
+        self._stopping.set()
+        super().stop()
 
     # -- the server-side cache ----------------------------------------------------------------------------------
 
@@ -169,7 +166,7 @@ class FakeWebsite:
                 self._copies.popleft()
 
     def _copy_forever(self) -> None:
-        while not self._stop.wait(self._tick_s):
+        while not self._stopping.wait(self._tick_s):
             self._copy()
 
     # -- the views ------------------------------------------------------------------------------------------------
@@ -209,104 +206,84 @@ class FakeWebsite:
             '<script src="/_portal/js/entity-grid.js"></script></body></html>'
         )
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        site = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+class _Handler(FakeHandler[FakeWebsite]):
+    def do_POST(self) -> None:
+        site = self.server.fake
+        site.requests += 1
+        self._body()
+        if urlsplit(self.path).path.startswith("/_services/entity-grid-data.json/"):
+            records = [{"Id": r, "Name": site.names.get(r, "")} for r in site.listed()]
+            self._send(200, json.dumps({"Records": records, "ItemCount": len(records)}).encode(), "json")
+        else:
+            self._send(404, b"", "html")
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+    def do_GET(self) -> None:
+        site = self.server.fake
+        site.requests += 1
+        site.paths.append(self.path)
+        split = urlsplit(self.path)
+        query = parse_qs(split.query)
+        if site.waf:
+            self._send(403, _WAF_PAGE.encode(), "html")
+            return
+        if site.down:
+            self._send(503, b"the site is down", "html")
+            return
+        if site.garbage:
+            self._send(200, b"\x00\xff not a listing \xfe", "html")
+            return
+        path = split.path
+        if path == f"/_api/{site.entity_set}" or path == "/mentors.json":
+            if path.startswith("/_api") and site.web_api_forbidden:
+                error = {
+                    "error": {
+                        "code": "90040101",
+                        "message": f"Attribute {site.key_field} in table {site.entity_set[:-1]}"
+                        " is not enabled for Web Api.",
+                    }
+                }
+                self._send(403, json.dumps(error).encode(), "json")
+                return
+            skip = int((query.get("$skiptoken") or ["0"])[0])
+            base_query = "&".join(p for p in split.query.split("&") if not p.startswith("$skiptoken"))
+            next_path = f"{path}?{base_query}&" if base_query else f"{path}?"
+            body = site._rows_page(site.listed(), skip, next_path)
+            if path == "/mentors.json":
+                body.pop("@odata.context")
+            self._conditional(json.dumps(body).encode(), "json")
+        elif path == "/mentors":
+            self._conditional(site._list_page().encode(), "html")
+        elif path == "/mentors-paged":
+            number = max(1, int((query.get("page") or ["1"])[0]))
+            rows = site.listed()
+            start = (number - 1) * site.page_size
+            more = start + site.page_size < len(rows)
+            next_href = f"/mentors-paged?page={number + 1}" if more else None
+            page = site._paged_html(rows[start : start + site.page_size], number, next_href)
+            self._conditional(page.encode(), "html")
+        elif path == "/members":
+            self._reply(302, b"", {"Location": "/SignIn?returnUrl=" + quote(path, safe="")})
+        elif path == "/SignIn":
+            self._conditional(_SIGN_IN_PAGE.encode(), "html")
+        else:
+            self._send(404, b"<!doctype html><title>Page not found</title>", "html")
 
-            def do_POST(self) -> None:
-                site.requests += 1
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                if urlsplit(self.path).path.startswith("/_services/entity-grid-data.json/"):
-                    records = [{"Id": r, "Name": site.names.get(r, "")} for r in site.listed()]
-                    self._send(200, json.dumps({"Records": records, "ItemCount": len(records)}).encode(), "json")
-                else:
-                    self._send(404, b"", "html")
+    def _conditional(self, body: bytes, kind: str) -> None:
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        if self.headers.get("If-None-Match") == etag:
+            self.server.fake.not_modified += 1
+            self._reply(304, b"", {"ETag": etag})
+            return
+        self._send(200, body, kind, etag=etag)
 
-            def do_GET(self) -> None:
-                site.requests += 1
-                site.paths.append(self.path)
-                split = urlsplit(self.path)
-                query = parse_qs(split.query)
-                if site.waf:
-                    self._send(403, _WAF_PAGE.encode(), "html")
-                    return
-                if site.down:
-                    self._send(503, b"the site is down", "html")
-                    return
-                if site.garbage:
-                    self._send(200, b"\x00\xff not a listing \xfe", "html")
-                    return
-                path = split.path
-                if path == f"/_api/{site.entity_set}" or path == "/mentors.json":
-                    if path.startswith("/_api") and site.web_api_forbidden:
-                        error = {
-                            "error": {
-                                "code": "90040101",
-                                "message": f"Attribute {site.key_field} in table {site.entity_set[:-1]}"
-                                " is not enabled for Web Api.",
-                            }
-                        }
-                        self._send(403, json.dumps(error).encode(), "json")
-                        return
-                    skip = int((query.get("$skiptoken") or ["0"])[0])
-                    base_query = "&".join(p for p in split.query.split("&") if not p.startswith("$skiptoken"))
-                    next_path = f"{path}?{base_query}&" if base_query else f"{path}?"
-                    body = site._rows_page(site.listed(), skip, next_path)
-                    if path == "/mentors.json":
-                        body.pop("@odata.context")
-                    self._conditional(json.dumps(body).encode(), "json")
-                elif path == "/mentors":
-                    self._conditional(site._list_page().encode(), "html")
-                elif path == "/mentors-paged":
-                    number = max(1, int((query.get("page") or ["1"])[0]))
-                    rows = site.listed()
-                    start = (number - 1) * site.page_size
-                    more = start + site.page_size < len(rows)
-                    next_href = f"/mentors-paged?page={number + 1}" if more else None
-                    page = site._paged_html(rows[start : start + site.page_size], number, next_href)
-                    self._conditional(page.encode(), "html")
-                elif path == "/members":
-                    self.send_response(302)
-                    self.send_header("Location", "/SignIn?returnUrl=" + quote(path, safe=""))
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                elif path == "/SignIn":
-                    self._conditional(_SIGN_IN_PAGE.encode(), "html")
-                else:
-                    self._send(404, b"<!doctype html><title>Page not found</title>", "html")
+    def _send(self, status: int, body: bytes, kind: str, *, etag: str | None = None) -> None:
+        headers = _JSON if kind == "json" else _HTML
+        self._reply(status, body, {**headers, "ETag": etag} if etag else headers)
 
-            def _conditional(self, body: bytes, kind: str) -> None:
-                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                if self.headers.get("If-None-Match") == etag:
-                    site.not_modified += 1
-                    self.send_response(304)
-                    self.send_header("ETag", etag)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self._send(200, body, kind, etag=etag)
 
-            def _send(self, status: int, body: bytes, kind: str, *, etag: str | None = None) -> None:
-                self.send_response(status)
-                if kind == "json":
-                    self.send_header("Content-Type", "application/json; odata.metadata=minimal")
-                    self.send_header("OData-Version", "4.0")
-                else:
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                if etag:
-                    self.send_header("ETag", etag)
-                self.end_headers()
-                self.wfile.write(body)
-
-        return Handler
-
+_JSON = {"Content-Type": "application/json; odata.metadata=minimal", "OData-Version": "4.0"}
+_HTML = {"Content-Type": "text/html; charset=utf-8"}
 
 _SIGN_IN_PAGE = (
     "<!doctype html><html><head><title>Sign in</title></head><body><h1>Sign in</h1>"

@@ -21,11 +21,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .http_server import Running
 
 __all__ = ["PgBouncer", "PgBouncerError"]
 
@@ -48,7 +49,7 @@ def _quote(value: str) -> str:
 _PING = "SELECT 1"
 
 
-class PgBouncer:
+class PgBouncer(Running):
     def __init__(self, db_url: str, workdir: Path, *, pool_mode: str = "transaction") -> None:
         self._target = conninfo_to_dict(db_url)
         self._workdir = workdir
@@ -61,7 +62,7 @@ class PgBouncer:
         target.pop("password", None)  # PgBouncer logs in to the server; clients need none (auth_type = any)
         self.url = make_conninfo("", **target)
 
-    def start(self) -> PgBouncer:
+    def start(self) -> Self:
         binary = shutil.which("pgbouncer") or next(
             (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if Path(p).is_file()), None
         )
@@ -119,7 +120,7 @@ class PgBouncer:
             except psycopg.OperationalError as err:
                 last = err
                 time.sleep(0.05)
-        self.close()
+        self.stop()
         raise PgBouncerError(
             f"pgbouncer did not accept a connection within {timeout:.0f}s ({last}):\n{self.log_text()}"
         )
@@ -130,7 +131,7 @@ class PgBouncer:
         except FileNotFoundError:
             return ""
 
-    def close(self) -> None:
+    def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -140,14 +141,6 @@ class PgBouncer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-    def __enter__(self) -> PgBouncer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _user_exists(name: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import msgspec
+from msgspec.structs import replace
 
 from ..push import Delivery, Notice, Target, log_outcome, plan_targets, topic_name
 
@@ -22,6 +23,25 @@ class SentAlert(msgspec.Struct, frozen=True):
     tokens: tuple[str, ...] = ()
     topic: str | None = None
     notice: Notice | None = None
+
+
+# The scripted failures, as the real sender reports FCM's answers (the target is filled in per delivery).
+_UNAVAILABLE = Delivery("", ok=False, error="UNAVAILABLE: The service is currently unavailable.", retryable=True)
+_UNREGISTERED = Delivery(
+    "",
+    ok=False,
+    error="UNREGISTERED: Requested entity was not found.",
+    unregistered=True,
+    dead=True,
+    code="UNREGISTERED",
+)
+_INVALID_TOKEN = Delivery(
+    "",
+    ok=False,
+    error="INVALID_ARGUMENT: The registration token is not a valid FCM registration token",
+    dead=True,
+    code="INVALID_ARGUMENT",
+)
 
 
 class RecordingAlertSender:
@@ -76,29 +96,11 @@ class RecordingAlertSender:
         if target.problem:
             return Delivery(target.label, ok=False, error=target.problem)
         if self._outage:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="UNAVAILABLE: The service is currently unavailable.",
-                retryable=True,
-            )
+            return replace(_UNAVAILABLE, target=target.label)
         if target.token in self._unregistered:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="UNREGISTERED: Requested entity was not found.",
-                unregistered=True,
-                dead=True,
-                code="UNREGISTERED",
-            )
+            return replace(_UNREGISTERED, target=target.label)
         if target.token in self._invalid:
-            return Delivery(
-                target.label,
-                ok=False,
-                error="INVALID_ARGUMENT: The registration token is not a valid FCM registration token",
-                dead=True,
-                code="INVALID_ARGUMENT",
-            )
+            return replace(_INVALID_TOKEN, target=target.label)
         message_id = f"projects/recording/messages/{self._next_id}"
         self._next_id += 1
         return Delivery(target.label, ok=True, message_id=message_id)

@@ -182,6 +182,13 @@ class World:
 
         self.wait(lambda: all(settled(m) for m in mentors), f"{len(mentors)} mentor(s) to settle after seq {after}")
 
+    def settle_and_mark(self, *mentors: Mentor) -> int:
+        """Settle ``mentors``, forget the portal's requests so far and return the log's last seq: what the test does
+        next is read after it (``settle(..., after=mark)``, ``story(..., after=mark)``)."""
+        self.settle(*mentors)
+        self.portal.clear_requests()
+        return self.last_seq()
+
     def sync_row(self, mentor: Mentor) -> tuple[Any, ...] | None:
         row = self.conn.execute(
             "SELECT operation, state, attempts, last_error FROM sync_status WHERE mentor_id = %s", (mentor.id,)

@@ -14,10 +14,8 @@ from .support import DEVICES, TOPIC, World
 def test_transient_errors_are_retried_with_growing_delays_then_succeed_without_alert(world: World) -> None:
     mentor = world.add_mentor()
     service = world.start()
-    world.settle(mentor)
-    world.portal.clear_requests()
+    mark = world.settle_and_mark(mentor)
     world.scenarios.fail_twice_then_succeed(mentor.record)
-    mark = world.last_seq()
 
     world.set_status("paused", mentor)
     world.settle(mentor, after=mark)
@@ -49,10 +47,8 @@ def test_transient_errors_are_retried_with_growing_delays_then_succeed_without_a
 def test_429_with_retry_after_is_waited_out_without_spending_an_attempt(world: World) -> None:
     mentor = world.add_mentor()
     world.start()
-    world.settle(mentor)
-    world.portal.clear_requests()
+    mark = world.settle_and_mark(mentor)
     world.scenarios.throttled(mentor.record, retry_after_s=1)
-    mark = world.last_seq()
 
     world.set_status("paused", mentor)
     world.settle(mentor, after=mark)
@@ -75,10 +71,8 @@ def test_429_with_retry_after_is_waited_out_without_spending_an_attempt(world: W
 def test_always_503_dead_letters_after_max_attempts_and_alerts_the_organisation_once(world: World) -> None:
     mentor = world.add_mentor()
     service = world.start(HLF_MAX_ATTEMPTS="4")  # not the default 5: the setting is honoured
-    world.settle(mentor)
-    world.portal.clear_requests()
+    mark = world.settle_and_mark(mentor)
     world.scenarios.always_503(mentor.record)
-    mark = world.last_seq()
 
     world.set_status("paused", mentor)
     world.settle(mentor, after=mark)
@@ -126,11 +120,9 @@ def test_one_mentors_permanent_403_never_holds_up_another(world: World) -> None:
     refused = world.add_mentor(name="Refused")
     fine = world.add_mentor(name="Fine")
     world.start()
-    world.settle(refused, fine)
-    world.portal.clear_requests()
+    mark = world.settle_and_mark(refused, fine)
     world.scenarios.permanent_403(refused.record, delay_s=1.5)  # slow as well as final: the other must not wait
     world.scenarios.always_success(fine.record)
-    mark = world.last_seq()
 
     world.set_status("paused", refused, fine)  # one transaction: both pending at once
     world.settle(fine, after=mark)

@@ -80,9 +80,7 @@ def test_paused_mentor_is_removed_from_the_portal(world: World) -> None:
 def test_mentor_set_to_expired_cert_directly_is_removed(world: World) -> None:
     mentor = world.add_mentor()
     world.start()
-    world.settle(mentor)
-    world.portal.clear_requests()
-    mark = world.last_seq()
+    mark = world.settle_and_mark(mentor)
 
     world.set_status("expired_cert", mentor)
     world.settle(mentor, after=mark)
@@ -111,9 +109,7 @@ def test_mentor_expired_through_hlf_expire_certifications_is_removed(world: Worl
     lapsing = world.add_mentor(cert_valid_days=40, name="Lapsing")
     valid = world.add_mentor(cert_valid_days=365, name="Still valid")
     world.start()
-    world.settle(lapsing, valid)
-    world.portal.clear_requests()
-    mark = world.last_seq()
+    mark = world.settle_and_mark(lapsing, valid)
 
     # Fifty days from now the first certification has lapsed, the second has not.
     world.conn.execute("SELECT hlf_expire_certifications(%s)", (date.today() + timedelta(days=50),))

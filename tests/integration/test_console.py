@@ -47,10 +47,21 @@ def oidc() -> Iterator[FakeOidc]:
         yield fake
 
 
-def oidc_env(oidc: FakeOidc, tmp_path: Path, port: int) -> dict[str, str]:
+def entra_console(oidc: FakeOidc, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A console on a free port with sign-in through ``oidc``: its base URL and the service's environment."""
     secret = tmp_path / "console-client-secret"
     secret.write_text(oidc.client_secret + "\n")
-    return {"HLF_HTTP_PORT": str(port), **oidc.env(str(secret), GROUP)}
+    port = free_port()
+    return f"http://127.0.0.1:{port}", {"HLF_HTTP_PORT": str(port), **oidc.env(str(secret), GROUP)}
+
+
+def password_console(tmp_path: Path, password_file_text: str, **env: str) -> tuple[str, dict[str, str]]:
+    """A console on a free port behind the shared password (the file holds ``password_file_text``): its base URL and
+    the service's environment, plus ``env``."""
+    secret = tmp_path / "console-password"
+    secret.write_text(password_file_text)
+    port = free_port()
+    return f"http://127.0.0.1:{port}", {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret), **env}
 
 
 def csrf_of(page: str) -> str:
@@ -64,12 +75,17 @@ async def sign_in_with_entra(http: httpx.AsyncClient, base: str) -> httpx.Respon
     return await http.get(f"{base}/login/entra", follow_redirects=True)
 
 
+async def sign_in_with_password(http: httpx.AsyncClient, base: str, password: str) -> httpx.Response:
+    """The sign-in form, as a browser fills it: fetch it for its CSRF token, then post the password."""
+    token = csrf_of((await http.get(f"{base}/login")).text)
+    return await http.post(f"{base}/login", data={"password": password, "csrf": token})
+
+
 async def test_unauthenticated_gets_go_to_sign_in_and_posts_are_refused(
     db_url: str, portal: FakePortal, oidc: FakeOidc, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    base, env = entra_console(oidc, tmp_path)
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         for path in (
             "/",
             "/mentors",
@@ -98,10 +114,9 @@ async def test_entra_sign_in_admits_the_group_and_every_post_needs_the_csrf_toke
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, oidc: FakeOidc, tmp_path: Path, org: UUID
 ) -> None:
     mentor, record = add_mentor(conn, org, portal=portal, name="Kari Nordmann")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base, env = entra_console(oidc, tmp_path)
     oidc.user["groups"] = ["some-other-group", GROUP]
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         await eventually(lambda: sync_state(conn, mentor) == "in_sync")
         overview = await sign_in_with_entra(http, base)
         assert overview.status_code == 200 and str(overview.url) == f"{base}/", overview.text[:300]
@@ -140,10 +155,9 @@ async def test_entra_sign_in_admits_the_group_and_every_post_needs_the_csrf_toke
 async def test_a_signed_in_user_outside_the_allowed_group_is_refused(
     db_url: str, portal: FakePortal, oidc: FakeOidc, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base, env = entra_console(oidc, tmp_path)
     oidc.user.update(preferred_username="visitor@hlf.example", groups=["everyone"], roles=["Reader"])
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         answer = await sign_in_with_entra(http, base)
         assert answer.status_code == 403
         assert "visitor@hlf.example may not use this console" in answer.text
@@ -152,10 +166,9 @@ async def test_a_signed_in_user_outside_the_allowed_group_is_refused(
 
 
 async def test_an_app_role_admits_too(db_url: str, portal: FakePortal, oidc: FakeOidc, tmp_path: Path) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base, env = entra_console(oidc, tmp_path)
     oidc.user.update(groups=[], roles=[GROUP])
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         answer = await sign_in_with_entra(http, base)
         assert answer.status_code == 200 and "<h1>Overview</h1>" in answer.text
 
@@ -163,10 +176,9 @@ async def test_an_app_role_admits_too(db_url: str, portal: FakePortal, oidc: Fak
 async def test_a_replayed_or_forged_callback_is_refused(
     db_url: str, portal: FakePortal, oidc: FakeOidc, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base, env = entra_console(oidc, tmp_path)
     oidc.user["groups"] = [GROUP]
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         # A callback whose state this browser never sent (CSRF on the sign-in itself).
         forged = await http.get(f"{base}/auth/callback?code=abc&state=not-ours")
         assert forged.status_code == 403
@@ -185,11 +197,10 @@ async def test_a_replayed_or_forged_callback_is_refused(
 async def test_an_id_token_that_does_not_check_out_is_refused(
     db_url: str, portal: FakePortal, oidc: FakeOidc, tmp_path: Path, tamper: str
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    base, env = entra_console(oidc, tmp_path)
     oidc.user["groups"] = [GROUP]
     oidc.tamper = tamper
-    async with running_service(db_url, portal, env=oidc_env(oidc, tmp_path, port)), httpx.AsyncClient() as http:
+    async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         answer = await sign_in_with_entra(http, base)
         assert answer.status_code == 403, tamper
         assert (await http.get(f"{base}/")).status_code == 303
@@ -201,11 +212,7 @@ async def test_password_sign_in_is_rate_limited(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
 ) -> None:
     password = "correct horse battery staple"
-    secret = tmp_path / "console-password"
-    secret.write_text(password + "\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+    base, env = password_console(tmp_path, password + "\n")
     async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         login = await http.get(f"{base}/login")
         assert 'name="password"' in login.text and "/login/entra" not in login.text
@@ -224,8 +231,7 @@ async def test_password_sign_in_is_rate_limited(
     base = f"http://127.0.0.1:{port}"
     env["HLF_HTTP_PORT"] = str(port)
     async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
-        token = csrf_of((await http.get(f"{base}/login")).text)
-        signed_in = await http.post(f"{base}/login", data={"password": password, "csrf": token})
+        signed_in = await sign_in_with_password(http, base, password)
         assert signed_in.status_code == 303 and signed_in.headers["location"] == "/"
         overview = await http.get(f"{base}/")
         assert overview.status_code == 200 and "<h1>Overview</h1>" in overview.text
@@ -237,19 +243,14 @@ async def test_password_sign_in_is_rate_limited(
 async def test_requeue_all_from_the_console(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
 ) -> None:
-    secret = tmp_path / "console-password"
-    secret.write_text("pw-for-the-test")
     org = add_organisation(conn)
     stuck = [add_mentor(conn, org, portal=portal, name=f"Stuck {i}") for i in range(2)]
     for _, record in stuck:
         portal.always(Reply(status=403), record_id=record)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret), "HLF_MAX_ATTEMPTS": "1"}
+    base, env = password_console(tmp_path, "pw-for-the-test", HLF_MAX_ATTEMPTS="1")
     async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         await eventually(lambda: all(sync_state(conn, m) == "dead_lettered" for m, _ in stuck))
-        token = csrf_of((await http.get(f"{base}/login")).text)
-        await http.post(f"{base}/login", data={"password": "pw-for-the-test", "csrf": token})
+        await sign_in_with_password(http, base, "pw-for-the-test")
         page = await http.get(f"{base}/dead-letters")
         assert "Stuck 0" in page.text and "Stuck 1" in page.text and "403" in page.text
         for _, record in stuck:
@@ -274,14 +275,10 @@ async def test_the_console_is_off_without_sign_in(db_url: str, portal: FakePorta
 async def test_a_standby_console_says_so_and_its_actions_reach_the_portal_through_the_leader(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
 ) -> None:
-    secret = tmp_path / "console-password"
-    secret.write_text("standby-pw")
     org = add_organisation(conn)
     mentor, record = add_mentor(conn, org, portal=portal, name="Solveig Standby")
     orphan_fixed, orphan_record = add_mentor(conn, org, portal=portal, name="Drifted Dag")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    standby_env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+    base, standby_env = password_console(tmp_path, "standby-pw")
     async with running_service(db_url, portal):
         await eventually(lambda: sync_state(conn, mentor) == "in_sync" and sync_state(conn, orphan_fixed) == "in_sync")
         config = harness.test_config(db_url, portal, **standby_env)
@@ -291,8 +288,7 @@ async def test_a_standby_console_says_so_and_its_actions_reach_the_portal_throug
             async with anyio.create_task_group() as tg, httpx.AsyncClient() as http:
                 await tg.start(standby.run)
                 await eventually(lambda: standby.health().role == "standby", what="the second process to stand by")
-                token = csrf_of((await http.get(f"{base}/login")).text)
-                await http.post(f"{base}/login", data={"password": "standby-pw", "csrf": token})
+                await sign_in_with_password(http, base, "standby-pw")
                 overview = await http.get(f"{base}/")
                 assert 'id="role">standby<' in overview.text and 'id="standby"' in overview.text
 
@@ -332,18 +328,13 @@ async def test_a_standby_console_says_so_and_its_actions_reach_the_portal_throug
 async def test_mentor_search_by_name_or_id_and_state_and_an_https_console_url_makes_cookies_secure(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path
 ) -> None:
-    secret = tmp_path / "console-password"
-    secret.write_text("pw")
     org = add_organisation(conn)
     anna, _ = add_mentor(conn, org, portal=portal, name="Anna 100% Berg")
     bjorn, _ = add_mentor(conn, org, portal=portal, name="Bjørn Lie")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+    base, env = password_console(tmp_path, "pw")
     async with running_service(db_url, portal, env=env), httpx.AsyncClient() as http:
         await eventually(lambda: sync_state(conn, anna) == "in_sync" and sync_state(conn, bjorn) == "in_sync")
-        token = csrf_of((await http.get(f"{base}/login")).text)
-        await http.post(f"{base}/login", data={"password": "pw", "csrf": token})
+        await sign_in_with_password(http, base, "pw")
 
         async def names(**params: str) -> list[str]:
             page = await http.get(f"{base}/mentors", params=params)
@@ -370,17 +361,12 @@ async def test_mentor_search_by_name_or_id_and_state_and_an_https_console_url_ma
 async def test_pages_say_the_database_is_away_instead_of_failing(
     db_url: str, portal: FakePortal, tmp_path: Path
 ) -> None:
-    secret = tmp_path / "console-password"
-    secret.write_text("pw")
     params = conninfo_to_dict(db_url)
     with TcpProxy(str(params["host"]), int(params.get("port") or 5432)) as proxy:
         params.update(host="127.0.0.1", port=str(proxy.port))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {"HLF_HTTP_PORT": str(port), "HLF_CONSOLE_PASSWORD_FILE": str(secret)}
+        base, env = password_console(tmp_path, "pw")
         async with running_service(make_conninfo(**params), portal, env=env), httpx.AsyncClient() as http:
-            token = csrf_of((await http.get(f"{base}/login")).text)
-            await http.post(f"{base}/login", data={"password": "pw", "csrf": token})
+            await sign_in_with_password(http, base, "pw")
             assert (await http.get(f"{base}/")).status_code == 200
             proxy.refuse(True)
             away = await http.get(f"{base}/dead-letters")

@@ -7,7 +7,8 @@ The real service in-process, the fake Dataverse answering as the real one does w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -18,6 +19,7 @@ import pytest
 
 from hlf_actors import status
 from hlf_actors.fcm import FirebaseAlertSender
+from hlf_actors.service import Service
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, RecordedRequest, Reply
 from hlf_actors.testing.harness import eventually, running_service
@@ -40,6 +42,22 @@ def seed(conn: psycopg.Connection[Any], portal: FakePortal, count: int) -> list[
         assert record is not None
         mentors.append((mentor, record))
     return mentors
+
+
+@asynccontextmanager
+async def after_first_syncs(
+    db_url: str,
+    conn: psycopg.Connection[Any],
+    portal: FakePortal,
+    mentors: list[tuple[UUID, UUID]],
+    *,
+    timeout: float = 10.0,
+    **service: Any,
+) -> AsyncIterator[Service]:
+    """The service running (``service``: running_service's keywords), once every seeded mentor had its first sync."""
+    async with running_service(db_url, portal, **service) as running:
+        await eventually(lambda: all_in_sync(conn, mentors), timeout=timeout, what="the first syncs")
+        yield running
 
 
 def states(conn: psycopg.Connection[Any], mentors: list[tuple[UUID, UUID]]) -> dict[str, int]:
@@ -177,8 +195,7 @@ async def test_a_tenant_misconfiguration_is_one_incident_that_heals_once_fixed(
     cause: str,
 ) -> None:
     mentors = seed(conn, portal, 10)
-    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS) as service:
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, sender=sender, env=FAST_CHECKS) as service:
         breakage(portal, True)
         pause_all(conn, mentors)
         await eventually(lambda: ops_alerts(fcm), what="the ops alert")
@@ -210,8 +227,7 @@ async def test_one_deleted_record_is_that_mentors_problem_alone(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender
 ) -> None:
     mentors = seed(conn, portal, 5)
-    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, sender=sender, env=FAST_CHECKS):
         gone_mentor, gone_record = mentors[0]
         portal.remove_record(gone_record)
         pause_all(conn, mentors)
@@ -231,8 +247,7 @@ async def test_an_undecided_refusal_for_one_record_runs_the_tenant_check_once_an
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender
 ) -> None:
     mentors = seed(conn, portal, 3)
-    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, sender=sender, env=FAST_CHECKS):
         portal.always(Reply(403), mentors[0][1])  # a 403 whose words name no cause
         checks_before = len(portal.requests("GET"))
         pause_all(conn, mentors)
@@ -247,8 +262,7 @@ async def test_undecided_refusals_that_the_tenant_check_explains_open_one_incide
     """A proxy in front of Dataverse answers every PATCH with a bare 403, and the role lost Read as well: the check
     names the cause the answers did not."""
     mentors = seed(conn, portal, 10)
-    async with running_service(db_url, portal, sender=sender, env=FAST_CHECKS):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, sender=sender, env=FAST_CHECKS):
         portal.always(Reply(403))
         portal.revoke_privilege("read")
         pause_all(conn, mentors)
@@ -269,8 +283,7 @@ async def test_a_429_holds_every_sender_until_retry_after_and_spends_no_attempt(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
 ) -> None:
     mentors = seed(conn, portal, 20)
-    async with running_service(db_url, portal, env={"HLF_PORTAL_CONCURRENCY": "20"}):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, env={"HLF_PORTAL_CONCURRENCY": "20"}):
         portal.clear_requests()
         portal.throttle_for(3.0, grow_s=0.02)  # a request sent during the wait would lengthen it
         pause_all(conn, mentors)
@@ -289,8 +302,7 @@ async def test_fifty_concurrent_401s_cause_one_token_request(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal
 ) -> None:
     mentors = seed(conn, portal, 50)
-    async with running_service(db_url, portal, env={"HLF_PORTAL_CONCURRENCY": "50"}):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, env={"HLF_PORTAL_CONCURRENCY": "50"}):
         before = len(portal.token_requests())
         portal.revoke_tokens()  # every token in use is refused from now on; the secret still works
         pause_all(conn, mentors)
@@ -306,8 +318,7 @@ async def test_an_outage_holds_the_queued_backlog_and_it_drains_after_healing(
     """2,000 changes during a 30 s outage: only the requests in flight and a few probes go out while it lasts."""
     mentors = seed(conn, portal, 2000)
     env = {"HLF_PORTAL_RATE_LIMIT": "6000/5m", "HLF_BACKOFF_BASE_MS": "2000", "HLF_BACKOFF_MAX_MS": "300000"}
-    async with running_service(db_url, portal, env=env):
-        await eventually(lambda: all_in_sync(conn, mentors), timeout=60, what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, timeout=60, env=env):
         portal.clear_requests()
         portal.always(Reply(503))
         pause_all(conn, mentors)
@@ -331,8 +342,7 @@ async def test_a_listing_read_that_lacks_most_records_is_refused(
     mentors = seed(conn, portal, 40)
     owned = {str(record) for _, record in mentors[:2]}  # 5 %: a role with user-level Read sees its own rows only
     env = {**FAST_CHECKS, "HLF_RECONCILE_EVERY": "300ms"}
-    async with running_service(db_url, portal, sender=sender, env=env):
-        await eventually(lambda: all_in_sync(conn, mentors), what="the first syncs")
+    async with after_first_syncs(db_url, conn, portal, mentors, sender=sender, env=env):
         portal.restrict_reads_to(owned)
         for _, record in mentors[2:]:  # the portal drifts, but the read cannot show it
             portal.add_record(record, listed=False)

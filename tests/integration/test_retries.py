@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -38,15 +39,23 @@ def paused_mentor(conn: psycopg.Connection[Any], portal: FakePortal, **org: Any)
     return org_id, mentor, record
 
 
+async def activate_once_synced(
+    conn: psycopg.Connection[Any], portal: FakePortal, mentor: UUID, script: Callable[[], object]
+) -> None:
+    """Wait for the paused mentor's first sync, forget the requests so far, ``script`` the portal, then activate the
+    mentor: the PATCHes that follow meet the script."""
+    await eventually(lambda: sync_state(conn, mentor) == "in_sync")
+    portal.clear_requests()
+    script()
+    set_status(conn, mentor, "active")
+
+
 async def test_always_503_dead_letters_after_max_attempts_and_alerts_once(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender, env={"HLF_MAX_ATTEMPTS": "4"}):
-        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
-        portal.clear_requests()
-        portal.always(Reply(status=503), record_id=record)
-        set_status(conn, mentor, "active")
+        await activate_once_synced(conn, portal, mentor, lambda: portal.always(Reply(status=503), record_id=record))
         await eventually(lambda: sync_state(conn, mentor) == "dead_lettered", what="the dead letter")
         await eventually(lambda: len(fcm.messages()) == 1, what="the push alert")
         await anyio.sleep(0.2)  # nothing more may arrive
@@ -78,10 +87,9 @@ async def test_fail_twice_then_succeed_retries_without_alert(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
-        portal.clear_requests()
-        portal.fail_then_succeed(record, failures=2, status=503)
-        set_status(conn, mentor, "active")
+        await activate_once_synced(
+            conn, portal, mentor, lambda: portal.fail_then_succeed(record, failures=2, status=503)
+        )
         await eventually(lambda: portal.listed(record) is True and sync_state(conn, mentor) == "in_sync")
         await anyio.sleep(0.2)
     assert [p.status for p in portal.patches(record)] == [503, 503, 204]
@@ -95,10 +103,7 @@ async def test_403_is_dead_lettered_at_once(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
-        portal.clear_requests()
-        portal.always(Reply(status=403), record_id=record)
-        set_status(conn, mentor, "active")
+        await activate_once_synced(conn, portal, mentor, lambda: portal.always(Reply(status=403), record_id=record))
         await eventually(lambda: sync_state(conn, mentor) == "dead_lettered")
         await eventually(lambda: len(fcm.messages()) == 1)
     assert len(portal.patches(record)) == 1
@@ -112,12 +117,10 @@ async def test_a_portal_error_with_a_nul_byte_is_recorded_not_resent_forever(
     # jsonb refuses \u0000: before errors were cleaned, this failure could not be written and the actor re-sent
     # the PATCH every few seconds, never dead-lettering it.
     _, mentor, record = paused_mentor(conn, portal)
+    body = b'{"error": {"code": "0x0", "message": "bad\\u0000record"}}'
+    refusal = Reply(status=400, body=body, headers={"Content-Type": "application/json"})
     async with running_service(db_url, portal, sender=sender):
-        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
-        portal.clear_requests()
-        body = b'{"error": {"code": "0x0", "message": "bad\\u0000record"}}'
-        portal.always(Reply(status=400, body=body, headers={"Content-Type": "application/json"}), record_id=record)
-        set_status(conn, mentor, "active")
+        await activate_once_synced(conn, portal, mentor, lambda: portal.always(refusal, record_id=record))
         await eventually(lambda: sync_state(conn, mentor) == "dead_lettered")
         await anyio.sleep(0.3)
     assert len(portal.patches(record)) == 1
@@ -130,10 +133,7 @@ async def test_429_retry_after_is_honoured_without_spending_an_attempt(
 ) -> None:
     _, mentor, record = paused_mentor(conn, portal)
     async with running_service(db_url, portal, env={"HLF_MAX_ATTEMPTS": "1"}):
-        await eventually(lambda: sync_state(conn, mentor) == "in_sync")
-        portal.clear_requests()
-        portal.throttle(record, retry_after_s=1, times=2)
-        set_status(conn, mentor, "active")
+        await activate_once_synced(conn, portal, mentor, lambda: portal.throttle(record, retry_after_s=1, times=2))
         await eventually(lambda: portal.listed(record) is True, timeout=10, what="the PATCH after throttling")
         await eventually(lambda: sync_state(conn, mentor) == "in_sync")
     patches = portal.patches(record)

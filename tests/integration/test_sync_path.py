@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
@@ -32,12 +34,22 @@ async def settled(conn: psycopg.Connection[Any], mentor_id: UUID) -> None:
     )
 
 
+@asynccontextmanager
+async def running_settled(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, *mentors: UUID
+) -> AsyncIterator[None]:
+    """The service running, once each of ``mentors`` has settled (their first syncs are in)."""
+    async with running_service(db_url, portal):
+        for mentor in mentors:
+            await settled(conn, mentor)
+        yield
+
+
 async def test_pause_removes_the_mentor_from_the_portal(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
     mentor, record = add_mentor(conn, org, portal=portal)
-    async with running_service(db_url, portal):
-        await settled(conn, mentor)  # the insert itself is synced: listed
+    async with running_settled(db_url, conn, portal, mentor):  # the insert itself is synced: listed
         portal.clear_requests()
         set_status(conn, mentor, "paused")
         await eventually(lambda: portal.listed(record) is False, what="the removal PATCH")
@@ -60,8 +72,7 @@ async def test_expired_certificate_status_removes(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
     mentor, record = add_mentor(conn, org, portal=portal)
-    async with running_service(db_url, portal):
-        await settled(conn, mentor)
+    async with running_settled(db_url, conn, portal, mentor):
         set_status(conn, mentor, "expired_cert")
         await eventually(lambda: portal.listed(record) is False, what="the removal")
     assert bodies(portal, record)[-1] == {"hlf_publiclisting": False}
@@ -84,8 +95,7 @@ async def test_reinstated_without_valid_certificate_stays_removed(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
     mentor, record = add_mentor(conn, org, portal=portal, status="paused", cert_valid_days=-1)
-    async with running_service(db_url, portal):
-        await settled(conn, mentor)
+    async with running_settled(db_url, conn, portal, mentor):
         set_status(conn, mentor, "active")
         await eventually(lambda: len(portal.patches(record)) == 2, what="the second PATCH")
         await settled(conn, mentor)
@@ -128,8 +138,7 @@ async def test_pause_then_reinstate_within_a_moment_sends_only_the_final_state(
     db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, org: UUID
 ) -> None:
     mentor, record = add_mentor(conn, org, portal=portal)
-    async with running_service(db_url, portal):
-        await settled(conn, mentor)
+    async with running_settled(db_url, conn, portal, mentor):
         portal.clear_requests()
         with conn.transaction():
             set_status(conn, mentor, "paused")
@@ -144,9 +153,7 @@ async def test_two_mentors_in_parallel_do_not_wait_for_each_other(
 ) -> None:
     slow, slow_record = add_mentor(conn, org, portal=portal)
     fast, fast_record = add_mentor(conn, org, portal=portal)
-    async with running_service(db_url, portal):
-        await settled(conn, slow)
-        await settled(conn, fast)
+    async with running_settled(db_url, conn, portal, slow, fast):
         from hlf_actors.testing.fake_portal import Reply
 
         portal.script(slow_record, Reply(status=204, delay_s=1.5))

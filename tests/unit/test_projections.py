@@ -135,21 +135,19 @@ def test_success_answering_an_older_change_stays_pending() -> None:
 
 def test_a_snapshot_decides_which_changes_an_outcome_answers() -> None:
     first, second = ev(1, changed(), xid=100), ev(2, changed(), xid=101)
+
+    def answered(for_seq: int, snapshot: str) -> MentorProjection:
+        """Both changes, then a success for ``for_seq`` read under ``snapshot``."""
+        success = AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=for_seq, snapshot=snapshot)
+        return project(first, second, ev(3, success))
+
     # xid 100 committed before the read (below xmax, not running); 101 was still running.
-    answered_first = project(
-        first,
-        second,
-        ev(3, AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=2, snapshot="100:102:101")),
-    )
+    answered_first = answered(for_seq=2, snapshot="100:102:101")
     assert answered_first.sync is not None
     assert answered_first.sync.state == "pending"
     assert answered_first.sync.uncovered_xids == (101,)
     # Both visible: in sync, whatever for_seq says.
-    answered_both = project(
-        first,
-        second,
-        ev(3, AttemptSucceeded(operation="restore", attempt=1, http_status=204, for_seq=0, snapshot="102:102:")),
-    )
+    answered_both = answered(for_seq=0, snapshot="102:102:")
     assert answered_both.sync is not None
     assert answered_both.sync.state == "in_sync"
 
