@@ -6,6 +6,11 @@ idea of HTTP; this is a real ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive), so 
 tests (the service in a subprocess, this fake in the test process), the demo and the benchmarks all drive
 the real client over real sockets, and every request is recorded for the test to inspect.
 
+Why one file of about a thousand lines, over the house's 450: it is one vendor service, and its parts share one
+lock-guarded state (records, tokens, scripted queues, the service-protection window) that every answer reads and
+changes. Split by endpoint, each part would reach into the others' state; the table below is the map instead, and the
+threaded server plumbing lives in ``http_server.py``.
+
 The wire surface follows INTERFACE.md ("Dynamics wire format") and real Dataverse::
 
     POST  /{tenant}/oauth2/v2.0/token       client-credentials grant -> opaque bearer token

@@ -373,3 +373,38 @@ async def test_pages_say_the_database_is_away_instead_of_failing(
             assert away.status_code == 503 and "The database cannot be reached right now" in away.text
             proxy.refuse(False)
             assert (await http.get(f"{base}/dead-letters")).status_code == 200
+
+
+async def test_check_credentials_now_during_an_incident_asks_the_leaders_own_check(
+    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, tmp_path: Path, org: UUID
+) -> None:
+    """On the leader, during a tenant-wide incident, the button runs the leader's check at once: the incident heals
+    (one held PATCH confirms it) long before the next scheduled check, and no all-clear comes from the console."""
+    mentor, record = add_mentor(conn, org, portal=portal, name="Held Helga")
+    slow_checks = {"HLF_INCIDENT_CHECK_EVERY": "10m", "HLF_INCIDENT_CHECK_MAX": "10m"}
+    base, env = password_console(tmp_path, "leader-pw\n", **slow_checks)
+    async with running_service(db_url, portal, env=env) as service, httpx.AsyncClient() as http:
+        await eventually(lambda: sync_state(conn, mentor) == "in_sync", what="the first sync")
+        portal.remove_app_user()
+        conn.execute("UPDATE mentors SET status = 'paused' WHERE id = %s", (mentor,))
+        await eventually(lambda: service.health().incident == "app_user_missing", what="the incident to open")
+        first_check = "SELECT count(*) FROM event_log WHERE kind = 'credential_check' AND data ->> 'trigger' = %s"
+        # The check the incident starts with, at once; the next one is 10 minutes away.
+        await eventually(lambda: conn.execute(first_check, ("incident check",)).fetchone() == (1,))
+        portal.remove_app_user(False)  # an administrator put the application user back
+        await sign_in_with_password(http, base, "leader-pw")
+        actions = await http.get(f"{base}/actions")
+        checked = await http.post(
+            f"{base}/actions/check-credentials", data={"csrf": csrf_of(actions.text)}, follow_redirects=True
+        )
+        assert "tenant-wide incident (app_user_missing)" in checked.text, checked.text[-2000:]
+        assert "the leader checks the tenant again now" in checked.text
+        await eventually(lambda: portal.listed(record) is False, what="the held PATCH, well before the 10 min check")
+        await eventually(lambda: service.health().incident is None, what="the incident to close")
+    verdicts = conn.execute(
+        "SELECT data ->> 'transition', data ->> 'trigger' FROM event_log WHERE kind = 'credential_check' "
+        "AND data ->> 'transition' IS NOT NULL ORDER BY seq"
+    ).fetchall()
+    assert verdicts == [("failed", "sync answer"), ("restored", "a held sync succeeded")]
+    audit = conn.execute("SELECT data ->> 'action' FROM event_log WHERE kind = 'console_action'").fetchall()
+    assert audit == [("check_credentials",)]
