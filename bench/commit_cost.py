@@ -85,8 +85,9 @@ class Schema:
     def use(self, variant: str) -> None:
         with self._conn.transaction():
             for name, table in self._names:
-                self._conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-                    sql.Identifier(name), sql.Identifier(table)))
+                self._conn.execute(
+                    sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), sql.Identifier(table))
+                )
             function = self._function
             if variant in ("no_notify", "event_only"):
                 function = function.replace(NOTIFY_LINE, "")
@@ -178,10 +179,12 @@ def main() -> None:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(ALL_VARIANTS)}")
     base, url = _urls()
     with psycopg.connect(base, autocommit=True) as admin:
-        settings: dict[str, str] = dict(admin.execute(
-            "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', 'fsync', 'synchronous_commit', "
-            "'wal_sync_method', 'commit_delay', 'max_connections')"
-        ).fetchall())
+        settings: dict[str, str] = dict(
+            admin.execute(
+                "SELECT name, setting FROM pg_settings WHERE name IN ('server_version', 'fsync', 'synchronous_commit', "
+                "'wal_sync_method', 'commit_delay', 'max_connections')"
+            ).fetchall()
+        )
         used = admin.execute("SELECT count(*) FROM pg_stat_activity").fetchone()
         free = int(settings["max_connections"]) - (int(used[0]) if used else 0)
         if max(writer_counts) + 5 > free:
@@ -210,8 +213,11 @@ def main() -> None:
                         conn.execute("TRUNCATE hlf_inbox")  # the service would have drained it
                         rate = measure(url, mentors, writers, args.seconds)
                         results.setdefault((variant, writers), []).append(rate)
-                        print(f"repeat {repeat + 1}: {variant:<10} {writers:>3} writer(s): {rate:8.0f} commits/s",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"repeat {repeat + 1}: {variant:<10} {writers:>3} writer(s): {rate:8.0f} commits/s",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             schema.use("installed")
             stop.set()
             listener.join(5)
@@ -220,12 +226,16 @@ def main() -> None:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DBNAME)))
 
     median = {key: statistics.median(values) for key, values in results.items()}
-    print(f"## Commit cost of the hlf triggers (PostgreSQL {settings['server_version']}, fsync={settings['fsync']}, "
-          f"synchronous_commit={settings['synchronous_commit']}, wal_sync_method={settings['wal_sync_method']}, "
-          f"commit_delay={settings['commit_delay']}; {os.cpu_count()} cores)\n")
-    print(f"{args.mentors} mentors; one UPDATE of status per transaction; median of {args.repeats} run(s) of "
-          f"{args.seconds:g} s each, alternating order; one listener consuming NOTIFYs "
-          f"({notified[0]} received).\n")
+    print(
+        f"## Commit cost of the hlf triggers (PostgreSQL {settings['server_version']}, fsync={settings['fsync']}, "
+        f"synchronous_commit={settings['synchronous_commit']}, wal_sync_method={settings['wal_sync_method']}, "
+        f"commit_delay={settings['commit_delay']}; {os.cpu_count()} cores)\n"
+    )
+    print(
+        f"{args.mentors} mentors; one UPDATE of status per transaction; median of {args.repeats} run(s) of "
+        f"{args.seconds:g} s each, alternating order; one listener consuming NOTIFYs "
+        f"({notified[0]} received).\n"
+    )
     baseline = "dropped" if "dropped" in variants else None
     header = "| writers | " + " | ".join(f"{v} (commits/s)" for v in variants)
     rule = "|---:|" + "---:|" * len(variants)
@@ -242,10 +252,15 @@ def main() -> None:
                 ratio = median[(v, writers)] / median[(baseline, writers)]
                 cells.append(f"{ratio:.2f} ({(1 - ratio) * 100:+.0f}% cost)")
         print(f"| {writers} | " + " | ".join(cells) + " |")
-    spread = max((max(v) - min(v)) / statistics.median(v) for v in results.values() if len(v) > 1) if \
-        args.repeats > 1 else 0.0
-    print(f"\nLargest spread between repeats of one cell: {spread * 100:.0f}% of its median. "
-          "The issue allows the trigger at most 15% (installed / dropped >= 0.85).")
+    spread = (
+        max((max(v) - min(v)) / statistics.median(v) for v in results.values() if len(v) > 1)
+        if args.repeats > 1
+        else 0.0
+    )
+    print(
+        f"\nLargest spread between repeats of one cell: {spread * 100:.0f}% of its median. "
+        "The issue allows the trigger at most 15% (installed / dropped >= 0.85)."
+    )
 
 
 if __name__ == "__main__":

@@ -181,10 +181,14 @@ def main() -> None:
     print(f"| paced {args.rate:.0f}/s, {paced['changes']} changes: commit→PATCH p50 | {paced['p50_ms']:.2f} ms |")
     print(f"| p90 / p99 / max | {paced['p90_ms']:.2f} / {paced['p99_ms']:.2f} / {paced['max_ms']:.2f} ms |")
     print(f"| PATCHes for {paced['changes']} changes (must be equal) | {paced['patches']} |")
-    print(f"| backlog drain of {len(mentors)} (service started after the commits) | "
-          f"{len(mentors) / drain_s:.0f} changes/s ({drain_s:.2f} s), {drained} PATCHes |")
-    print(f"| stream of {len(mentors)} from one writer | {len(mentors) / stream_total:.0f} changes/s "
-          f"({stream_total:.2f} s; the writer alone took {writer_s:.2f} s), {streamed} PATCHes |")
+    print(
+        f"| backlog drain of {len(mentors)} (service started after the commits) | "
+        f"{len(mentors) / drain_s:.0f} changes/s ({drain_s:.2f} s), {drained} PATCHes |"
+    )
+    print(
+        f"| stream of {len(mentors)} from one writer | {len(mentors) / stream_total:.0f} changes/s "
+        f"({stream_total:.2f} s; the writer alone took {writer_s:.2f} s), {streamed} PATCHes |"
+    )
     print(f"| service CPU per sync during the stream | {stream_cpu_ms:.2f} ms |")
 
 

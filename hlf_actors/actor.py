@@ -79,9 +79,7 @@ __all__ = [
 ]
 
 
-def work_from_drain(
-    projection: projections.MentorProjection, facts: writer.MentorFacts, read_at: float
-) -> Work | None:
+def work_from_drain(projection: projections.MentorProjection, facts: writer.MentorFacts, read_at: float) -> Work | None:
     """The Work ``mentor_work`` would read, from what a drain folded and read (the same columns, the same rules)."""
     sync = projection.sync
     if sync is None:
@@ -333,9 +331,7 @@ class Actor:
             rt.metrics.attempts.labels("throttled").inc()
             decision = decide(_answering(work, operation), attempt, err, self._ladder())
             await self._record(*decision.events)
-            self._log.info(
-                "{} throttled by the portal; waiting {} ms (no attempt spent)", operation, decision.delay_ms
-            )
+            self._log.info("{} throttled by the portal; waiting {} ms (no attempt spent)", operation, decision.delay_ms)
             return
         except TenantError as err:
             rt.metrics.attempts.labels("held").inc()
@@ -403,9 +399,7 @@ class Actor:
             self._log.error("{} dead-lettered after {} attempt(s): {}", operation, attempt, str(err))
             self._rt.on_dead_letter(self.mentor_id, operation, appended[-1].seq)
         elif not outage:
-            self._log.warning(
-                "{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, decision.delay_ms
-            )
+            self._log.warning("{} attempt {} failed ({}); retry in {} ms", operation, attempt, err, decision.delay_ms)
 
     async def _no_record(self, operation: Operation, attempt: int, work: Work) -> None:
         if operation == "remove":
@@ -425,5 +419,3 @@ class Actor:
             attempt,
             PermanentPortalError("mentor has no portal_record_id: link their portal record to list them"),
         )
-
-

@@ -136,5 +136,3 @@ def archive(
                 writer.execute(_DELETE_ARCHIVED[1], {"low": low, "high": high})
             low = high
     return ArchiveReport(cut_seq=cut, archived=int(counted[0]), snapshots=snapshots, seconds=time.monotonic() - started)
-
-

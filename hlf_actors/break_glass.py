@@ -129,9 +129,7 @@ class _Progress:
 
 
 class _Run:
-    def __init__(
-        self, config: Config, pool: AsyncConnectionPool[Any], portal: Portal | None, today: date
-    ) -> None:
+    def __init__(self, config: Config, pool: AsyncConnectionPool[Any], portal: Portal | None, today: date) -> None:
         self._config = config
         self._pool = pool
         self._portal = portal

@@ -43,7 +43,6 @@ def _connect(config: Config) -> psycopg.Connection[Any]:
         raise CommandFailed(f"cannot reach the database: {first}", 3) from None
 
 
-
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
     with _connect(config) as conn:
         applied = db.migrate(conn, app_schema=config.app_schema)

@@ -180,5 +180,3 @@ async def check_credentials(
     if ok and transition is None and trigger != "scheduled":
         logger.info("Dynamics tenant check OK ({}) in {:.0f} ms", trigger, duration_ms)
     return CredentialReport(ok=ok, error=error, duration_ms=duration_ms, cause=cause, transition=transition)
-
-

@@ -268,14 +268,10 @@ def migrate(conn: psycopg.Connection[Any], *, app_schema: str = "public") -> lis
         conn.execute(_SET_APP_SCHEMA, (app_schema,))
         conn.execute(_SET_APP_CALLABLE, (",".join(APP_CALLABLE),))
         conn.execute(_CREATE_HLF_SCHEMA)
-        legacy = conn.execute(
-            _OLD_LAYOUT_MIGRATIONS_EXIST, (app_schema,)
-        ).fetchone()
+        legacy = conn.execute(_OLD_LAYOUT_MIGRATIONS_EXIST, (app_schema,)).fetchone()
         if legacy and legacy[0]:
             _run_step(conn, "relocate")
-        conn.execute(
-            _CREATE_MIGRATIONS_TABLE
-        )
+        conn.execute(_CREATE_MIGRATIONS_TABLE)
         done = applied_migrations(conn)
         for migration in migrations():
             if migration.version in done:

@@ -106,9 +106,7 @@ class _Pool(httpcore.AsyncConnectionPool):
                 closing.append(connection)
         for pool_request in [request for request in self._requests if request.is_queued()]:
             origin = pool_request.request.url.origin
-            available = next(
-                (c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None
-            )
+            available = next((c for c in self._connections if c.can_handle_request(origin) and c.is_available()), None)
             if available is not None:
                 pool_request.assign_to_connection(available)
             elif len(self._connections) < self._max_connections:

@@ -134,7 +134,7 @@ QUEUE_USAGE_WARNING = 0.5
 
 
 def queue_usage_change(before: float, now: float) -> str | None:
-    """"high" when pg_notification_queue_usage() crosses QUEUE_USAGE_WARNING upwards, "normal" when it falls back
+    """ "high" when pg_notification_queue_usage() crosses QUEUE_USAGE_WARNING upwards, "normal" when it falls back
     below it: one log line per crossing, not one per sweep."""
     if now > QUEUE_USAGE_WARNING >= before:
         return "high"

@@ -30,6 +30,7 @@ def hide_secret(value: str) -> None:
     if value and len(value) >= 4 and value not in _HIDDEN:
         _HIDDEN.append(value)
 
+
 # Libraries that log through the standard library (psycopg's pool: "error connecting", "discarding closed
 # connection"): one line per message template per this many seconds, so a database outage stays readable.
 _LIBRARY_REPEAT_S = 10.0

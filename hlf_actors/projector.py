@@ -126,9 +126,7 @@ class Projector:
         async with pool.connection() as conn:
             cur = await conn.execute(db.query("open_mentors"))
             rows = await cur.fetchall()
-            cur = await conn.execute(
-                _OPEN_LETTERS_AND_QUEUE_USAGE
-            )
+            cur = await conn.execute(_OPEN_LETTERS_AND_QUEUE_USAGE)
             checks = await cur.fetchone()
         self._metrics.open_dead_letters.set(checks[0] if checks else 0)
         usage = float(checks[1]) if checks else 0.0

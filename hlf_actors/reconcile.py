@@ -335,5 +335,3 @@ def wait_for_requests(
         if not still or time.monotonic() >= deadline:
             return RequestsOutcome(fixed=fixed, failed=failed, open=still, unprojected=sum(1 for r in rows if r[2]))
         time.sleep(poll_s)
-
-

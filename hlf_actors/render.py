@@ -154,7 +154,6 @@ def render_story_json(story: Story) -> str:
     return msgspec.json.encode(story).decode()
 
 
-
 def render_replay(report: ReplayReport) -> str:
     lines = [
         f"{'verified' if not report.applied else 'replayed'} {report.events:,} events of {report.mentors:,} "
@@ -189,7 +188,6 @@ def render_replay(report: ReplayReport) -> str:
     return "\n".join(lines)
 
 
-
 def render_archive(report: ArchiveReport) -> str:
     if report.cut_seq is None:
         return "archive: no event old enough"
@@ -197,7 +195,6 @@ def render_archive(report: ArchiveReport) -> str:
         f"archived {report.archived:,} events up to seq {report.cut_seq} into event_log_archive, "
         f"{report.snapshots:,} mentor snapshot(s) stored at the cut, in {report.seconds:.1f}s"
     )
-
 
 
 def _flag(value: bool | None) -> str:
@@ -242,4 +239,3 @@ def render_reconcile(r: ReconcileReport, *, limit: int = 50) -> str:
         if len(r.orphans) > limit:
             lines.append(f"… and {len(r.orphans) - limit} more")
     return "\n".join(lines)
-

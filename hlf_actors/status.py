@@ -103,9 +103,7 @@ def summary(
     states = dict.fromkeys(("pending", "retrying", "in_sync", "dead_lettered"), 0)
     for state, n in conn.execute(_STATE_COUNTS).fetchall():
         states[state] = n
-    row = conn.execute(
-        _SUMMARY_COUNTS
-    ).fetchone()
+    row = conn.execute(_SUMMARY_COUNTS).fetchone()
     assert row is not None
     oldest, now = row[2], row[7]
     return Summary(
@@ -138,9 +136,7 @@ def _dead_devices(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     row = conn.execute(_DEAD_DEVICES_EXIST).fetchone()
     if not (row and row[0]):
         return []
-    rows = conn.execute(
-        _DEAD_DEVICES_BY_ORG
-    ).fetchall()
+    rows = conn.execute(_DEAD_DEVICES_BY_ORG).fetchall()
     return [{"organisation_id": str(o), "name": name, "devices": [str(d) for d in ids]} for o, name, ids in rows]
 
 
@@ -175,9 +171,7 @@ def _public_listing(conn: psycopg.Connection[Any], probe_on: bool, deadline_s: f
     website's cache (204 → seen). Only confirmations that saw the listing count (``confirmed_by``); those written
     before the probe required proof have none and are left out of the percentiles.
     """
-    row = conn.execute(
-        _PUBLIC_LISTING_TIMES
-    ).fetchone()
+    row = conn.execute(_PUBLIC_LISTING_TIMES).fetchone()
     assert row is not None
     waiting = conn.execute(
         _UNPROBED_SUCCESSES,
@@ -210,9 +204,7 @@ _LAST_CHECKS = """SELECT (SELECT recorded_at FROM event_log WHERE mentor_id IS N
 
 def _checks(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """The credential and reconciliation lines of the summary, from their newest events (mentor-less, indexed)."""
-    row = conn.execute(
-        _LAST_CHECKS
-    ).fetchone()
+    row = conn.execute(_LAST_CHECKS).fetchone()
     assert row is not None
     checked_at, verdict, failed_since, reconciled_at, counts = row
     incident: dict[str, Any] | None = None
@@ -263,16 +255,13 @@ def _events(conn: psycopg.Connection[Any], mentor_id: UUID, after: int = 0) -> l
 
 
 _SYNC_ROW_OF_MENTOR = (
-    "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status "
-    "WHERE mentor_id = %s"
+    "SELECT state, operation, attempts, last_error, updated_at, next_attempt_at FROM sync_status WHERE mentor_id = %s"
 )
 _MENTOR_ROW = "SELECT full_name, status, portal_record_id FROM mentors WHERE id = %s"
 
 
 def mentor_story(conn: psycopg.Connection[Any], mentor_id: UUID) -> Story | None:
-    mentor = conn.execute(
-        _MENTOR_ROW, (mentor_id,)
-    ).fetchone()
+    mentor = conn.execute(_MENTOR_ROW, (mentor_id,)).fetchone()
     events = _events(conn, mentor_id)
     if mentor is None and not events:
         return None

@@ -32,7 +32,6 @@ _SYNC_COLUMNS = tuple(SyncRow.__struct_fields__)
 _DL_COLUMNS = tuple(DeadLetterRow.__struct_fields__)
 
 
-
 def _upsert(table: str, columns: tuple[str, ...], key: str) -> str:
     """INSERT … ON CONFLICT DO UPDATE of every column: the columns are the row struct's fields, so the statement
     follows the struct. Composed once, at import, into plain text (no per-call composition on the hot path)."""
@@ -88,8 +87,7 @@ class _PendingLoad:
                 letter = DeadLetterRow(**dict(zip(_DL_COLUMNS, row, strict=True)))
                 found[letter.mentor_id].append(letter)
         return {
-            m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ())))
-            for m in self._ids
+            m: MentorProjection(mentor_id=m, sync=syncs.get(m), dead_letters=tuple(found.get(m, ()))) for m in self._ids
         }
 
 

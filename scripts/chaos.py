@@ -95,8 +95,7 @@ class Plan:
     load_limit: str
 
 
-FULL = Plan("full", 12, 6, 400, 40.0, 3.0, 200, 200, ("as configured",), 300, 5.0,
-            10_000, "6000/60s")
+FULL = Plan("full", 12, 6, 400, 40.0, 3.0, 200, 200, ("as configured",), 300, 5.0, 10_000, "6000/60s")
 QUICK = Plan("quick", 5, 3, 150, 30.0, 1.5, 100, 100, ("as configured",), 120, 3.0, 2_000, "1200/12s")
 
 
@@ -280,8 +279,7 @@ class Writer:
             )
         else:
             conn.execute(
-                "UPDATE mentors SET status = CASE WHEN status = 'active' THEN 'paused' ELSE 'active' END "
-                "WHERE id = %s",
+                "UPDATE mentors SET status = CASE WHEN status = 'active' THEN 'paused' ELSE 'active' END WHERE id = %s",
                 (mentor,),
             )
         self.count += 1
@@ -379,8 +377,11 @@ class Bed:
             psycopg.connect(self.url(dbname=self._server.get("dbname", "postgres")), autocommit=True) as admin,
         ):
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.dbname)))
-        progress(self.name, f"torn down: services stopped in {stopped - started:.1f} s, outputs searched in "
-                 f"{scanned - stopped:.1f} s, the rest {time.monotonic() - scanned:.1f} s")
+        progress(
+            self.name,
+            f"torn down: services stopped in {stopped - started:.1f} s, outputs searched in "
+            f"{scanned - stopped:.1f} s, the rest {time.monotonic() - scanned:.1f} s",
+        )
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -475,8 +476,9 @@ class Bed:
         running = [(args, self._cli_process(*args)) for args in commands]
         for args, process in running:
             output, _ = process.communicate(timeout=120)
-            name = " ".join("MENTOR" if i == 1 and len(args) == 3 and args[0] == "status" else a
-                            for i, a in enumerate(args))
+            name = " ".join(
+                "MENTOR" if i == 1 and len(args) == 3 and args[0] == "status" else a for i, a in enumerate(args)
+            )
             self.scan.scan(f"`{name}` output", output)
 
     # -- what is true now -------------------------------------------------------------------------------------------
@@ -701,11 +703,14 @@ def scenario_pg_away(bed: Bed, plan: Plan, section: Section) -> None:
         section.add("changes committed in the second after", counts[0] if counts else 0)
         section.add(
             "terminated → listening again",
-            None if relisten is None else f"{relisten:.2f} s ({process.log_text().count(LOST_LINE) - lost_before} "
-            "reconnect line(s))",
+            None
+            if relisten is None
+            else f"{relisten:.2f} s ({process.log_text().count(LOST_LINE) - lost_before} reconnect line(s))",
         )
-        section.add("terminated → /healthz not ok / ok again", f"{_fmt(unhealthy)} s / "
-                    + (f"{healthy_at:.2f} s" if healthy is not None else "never"))
+        section.add(
+            "terminated → /healthz not ok / ok again",
+            f"{_fmt(unhealthy)} s / " + (f"{healthy_at:.2f} s" if healthy is not None else "never"),
+        )
         section.add("terminated → those changes on the portal", f"{time.monotonic() - killed_at:.2f} s")
         section.check(healthy is not None, "/healthz ok again after the backends were terminated")
         section.check(relisten is not None, "the listener re-subscribed after its backend was terminated")
@@ -739,8 +744,10 @@ def scenario_standby(bed: Bed, plan: Plan, section: Section) -> None:
     changes = writer.stop()
     bed.wait_right(60, "the end state after the takeover")
     section.add("SIGKILL of the leader → standby leads (LISTEN)", None if took is None else f"{took:.2f} s")
-    section.add("SIGKILL of the leader → first PATCH from the new leader", None if first_patch is None
-                else f"{first_patch:.2f} s")
+    section.add(
+        "SIGKILL of the leader → first PATCH from the new leader",
+        None if first_patch is None else f"{first_patch:.2f} s",
+    )
     section.add("changes committed in all", changes)
     section.check(took is not None, "the standby took over")
     _account(section, bed, base, exact=False)
@@ -766,8 +773,9 @@ def keepalive_settings() -> dict[str, Any]:
 def keepalive_bound_s() -> float:
     """How long a silent peer can hold a connection with the service's settings, plus the standby's poll and slack."""
     k = db.CONNECT_KWARGS
-    dead_after = max(k["keepalives_idle"] + k["keepalives_interval"] * k["keepalives_count"],
-                     k["tcp_user_timeout"] / 1000)
+    dead_after = max(
+        k["keepalives_idle"] + k["keepalives_interval"] * k["keepalives_count"], k["tcp_user_timeout"] / 1000
+    )
     return float(dead_after + k["keepalives_interval"] + 1.0 + 4.0)
 
 
@@ -799,8 +807,10 @@ def netns_unavailable() -> str | None:
 
 
 def pg_bindir() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
-                   if p.parent.parent.name.isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     return found[-1].parent if found else None
 
 
@@ -811,13 +821,27 @@ def scenario_vanish(plan: Plan, section: Section, workdir: Path, scan: SecretSca
     why = netns_unavailable()
     if why is not None:
         section.add("takeover after the leader's host vanished", f"not measured: {why}")
-        section.note("TcpProxy.freeze() alone cannot stand in: the proxy's own kernel keeps acknowledging segments "
-                     "and keepalive probes, so neither side's keepalives would ever fire.")
+        section.note(
+            "TcpProxy.freeze() alone cannot stand in: the proxy's own kernel keeps acknowledging segments "
+            "and keepalive probes, so neither side's keepalives would ever fire."
+        )
         return
     budget = (keepalive_bound_s() + 60) * len(plan.vanish_variants) + 60
-    command = ["unshare", "--net", "--", sys.executable, str(Path(__file__).resolve()), "--netns-child",
-               "--workdir", str(workdir), "--seed", str(seed), "--variants", ",".join(plan.vanish_variants),
-               "--quick" if plan is QUICK else "--full"]
+    command = [
+        "unshare",
+        "--net",
+        "--",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--netns-child",
+        "--workdir",
+        str(workdir),
+        "--seed",
+        str(seed),
+        "--variants",
+        ",".join(plan.vanish_variants),
+        "--quick" if plan is QUICK else "--full",
+    ]
     env = {**os.environ, CHILD_SECRET_VAR: scan.client_secret}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, timeout=budget, check=False)
     result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else None
@@ -849,15 +873,33 @@ class PrivateCluster:
         # so a signal to it is a signal to the server (no `runuser` in between to swallow it).
         as_postgres: dict[str, Any] = {"user": "postgres", "group": "postgres", "extra_groups": [], "cwd": self.root}
         subprocess.run(
-            [str(self._bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-             "--no-sync"],
-            check=True, capture_output=True, **as_postgres,
+            [str(self._bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+            check=True,
+            capture_output=True,
+            **as_postgres,
         )
         log = (self.root / "postgres.log").open("wb")
         self._process = subprocess.Popen(
-            [str(self._bindir / "postgres"), "-D", str(data), "-p", "5432", "-c", "listen_addresses=127.0.0.1",
-             "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=80", "-c", "shared_buffers=32MB"],
-            stdout=log, stderr=subprocess.STDOUT, **as_postgres,
+            [
+                str(self._bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                "5432",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-k",
+                str(self.root),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=80",
+                "-c",
+                "shared_buffers=32MB",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **as_postgres,
         )
         params = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "dbname": "postgres"}
         if wait_until(lambda: _connects(params), 60, interval=0.1) is None:
@@ -958,31 +1000,41 @@ def vanish_variant(bed: Bed, plan: Plan, section: Section, variant: str) -> None
         progress("vanish", f"before the heal: {orphans}")
         label = variant
         if fixed:
-            section.note(f"[{variant}]: HLF_DATABASE_URL carries options='{server_keepalive_options()}', the "
-                         "same keepalive settings for the server's end of each connection (a proposed fix, not "
-                         "what the service does by itself)")
-        section.add(f"[{label}] the leader noticed its connection was dead", None if noticed is None
-                    else f"{noticed:.1f} s")
-        section.add(f"[{label}] vanished → standby leads", f"{took:.1f} s" if took is not None
-                    else f"not within {bound + 5:.0f} s")
+            section.note(
+                f"[{variant}]: HLF_DATABASE_URL carries options='{server_keepalive_options()}', the "
+                "same keepalive settings for the server's end of each connection (a proposed fix, not "
+                "what the service does by itself)"
+            )
+        section.add(
+            f"[{label}] the leader noticed its connection was dead", None if noticed is None else f"{noticed:.1f} s"
+        )
+        section.add(
+            f"[{label}] vanished → standby leads",
+            f"{took:.1f} s" if took is not None else f"not within {bound + 5:.0f} s",
+        )
         if took is None:
             leaders_before = leader.log_text().count(LEADER_LINE)
-            back = wait_until(lambda: LEADER_LINE in standby.log_text()
-                              or leader.log_text().count(LEADER_LINE) > leaders_before, 120, interval=0.05)
-            section.add(f"[{label}] network back → some process leads again", None if back is None
-                        else f"{back:.1f} s")
+            back = wait_until(
+                lambda: LEADER_LINE in standby.log_text() or leader.log_text().count(LEADER_LINE) > leaders_before,
+                120,
+                interval=0.05,
+            )
+            section.add(f"[{label}] network back → some process leads again", None if back is None else f"{back:.1f} s")
         else:
             stepped_down = wait_until(lambda: "taken over by another process" in leader.log_text(), 60)
-            section.add(f"[{label}] network back → the old leader stands down", None if stepped_down is None
-                        else f"{stepped_down:.1f} s")
+            section.add(
+                f"[{label}] network back → the old leader stands down",
+                None if stepped_down is None else f"{stepped_down:.1f} s",
+            )
         progress("vanish", f"after the heal: {_backends(bed)}")
         writer.stop()
         progress("vanish", f"writer stopped {time.monotonic() - healed:.1f} s after the heal: {_backends(bed)}")
         bed.wait_right(120, f"the end state ({variant})")
         progress("vanish", f"right {time.monotonic() - healed:.1f} s after the heal")
         section.check(took is not None and took <= bound, f"[{variant}] takeover within {bound:.0f} s")
-        section.add(f"[{label}] PATCHes the vanished leader completed while cut off (in flight at the cut)",
-                    sent_cut_off)
+        section.add(
+            f"[{label}] PATCHes the vanished leader completed while cut off (in flight at the cut)", sent_cut_off
+        )
         section.check(not bed.wrong() and bed.open_syncs() == 0, f"[{variant}] every portal record right at the end")
         del healed
 
@@ -1028,8 +1080,10 @@ def scenario_portal_chaos(bed: Bed, plan: Plan, section: Section) -> None:
     statuses = Counter("reset" if p.status == 0 else str(p.status) for p in patches)
     tokens = Counter("reset" if r.status == 0 else str(r.status) for r in bed.portal.token_requests())
     section.add("mentors / changes committed", f"{len(mentors)} / {changes}")
-    section.add("PATCH answers (status: count; 204/200 include slow ones the client gave up on)",
-                ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
+    section.add(
+        "PATCH answers (status: count; 204/200 include slow ones the client gave up on)",
+        ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())),
+    )
     section.add("token requests (status: count)", ", ".join(f"{s}: {n}" for s, n in sorted(tokens.items())))
     section.add("settled (nothing pending or retrying) after", None if settled is None else f"{settled:.1f} s")
     section.check(settled is not None, "every sync settled")
@@ -1062,10 +1116,12 @@ def scenario_portal_chaos(bed: Bed, plan: Plan, section: Section) -> None:
             "WHERE mentor_id = %s AND seq > %s ORDER BY seq",
             (mentor, base),
         ).fetchall()
-        section.note(f"in sync but wrong on the portal, {mentor}: " + "; ".join(
-            f"{k} {op or ''} {st or ''} {(err or '')[:40]}".strip() for k, op, st, err, _ in story)
+        section.note(
+            f"in sync but wrong on the portal, {mentor}: "
+            + "; ".join(f"{k} {op or ''} {st or ''} {(err or '')[:40]}".strip() for k, op, st, err, _ in story)
             + ". A PATCH answered after the client's timeout and applied late can overwrite a newer one; the "
-            "periodic reconciliation is what repairs it.")
+            "periodic reconciliation is what repairs it."
+        )
     section.check(not unclear, "every dead letter says clearly what failed")
 
     # The portal recovers; one reconciliation (what the leader does every HLF_RECONCILE_EVERY) finds what drifted.
@@ -1138,16 +1194,22 @@ def scenario_load(bed: Bed, plan: Plan, section: Section, limit_text: str) -> No
     bed.wait_right(60, "the end state of the burst")
     patches = bed.portal.patches()
     throttled = sum(1 for p in patches if p.status == 429)
-    limit_label = f"{limit}/{window_s:g}s" + (" (the service's real default HLF_PORTAL_RATE_LIMIT)" if real_default
-                                              else " on both sides (HLF_PORTAL_RATE_LIMIT and the fake)")
+    limit_label = f"{limit}/{window_s:g}s" + (
+        " (the service's real default HLF_PORTAL_RATE_LIMIT)"
+        if real_default
+        else " on both sides (HLF_PORTAL_RATE_LIMIT and the fake)"
+    )
     section.add("changes in the burst (one transaction each, 4 writers)", f"{n} in {written:.1f} s")
     section.add("limit enforced by the fake portal", f"{limit_label}; {DATAVERSE_CONCURRENT} concurrent; 20 ms answers")
     ideal = (windows - 1) * window_s + (n - (windows - 1) * limit) / 500  # 10 in flight x 20 ms = 500/s
     section.add("burst → all synced", None if took is None else f"{took + written:.1f} s (ideal: {ideal:.0f} s)")
-    section.add("PATCHes sent / 429s received", f"{len(patches)} / {throttled} (refused by the fake: "
-                f"{bed.portal.throttled_count})")
-    section.add("service RSS: at start / peak (VmHWM)", f"{baseline / 1024:.0f} MiB / "
-                f"{(peak or max(peak_seen)) / 1024:.0f} MiB")
+    section.add(
+        "PATCHes sent / 429s received",
+        f"{len(patches)} / {throttled} (refused by the fake: {bed.portal.throttled_count})",
+    )
+    section.add(
+        "service RSS: at start / peak (VmHWM)", f"{baseline / 1024:.0f} MiB / {(peak or max(peak_seen)) / 1024:.0f} MiB"
+    )
     section.check(took is not None, "every change synced")
     section.check(throttled == 0 and bed.portal.throttled_count == 0, "no 429 from the enforcing portal")
     section.check(sum(1 for p in patches if p.status == 204) == n, "one successful PATCH per change")
@@ -1177,8 +1239,9 @@ def run(args: argparse.Namespace) -> int:
             row = c.execute("SHOW server_version").fetchone()
             version = str(row[0]) if row else "?"
     except psycopg.Error as err:
-        print(f"chaos: cannot reach PostgreSQL at {server.get('host')}:{server.get('port', 5432)}: {err}",
-              file=sys.stderr)
+        print(
+            f"chaos: cannot reach PostgreSQL at {server.get('host')}:{server.get('port', 5432)}: {err}", file=sys.stderr
+        )
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="hlf-chaos-"))
     scan = SecretScan(f"HLF-CHAOS-CLIENT-SECRET-{pysecrets.token_hex(8)}")
@@ -1215,30 +1278,34 @@ def run(args: argparse.Namespace) -> int:
             traceback.print_exc(file=sys.stderr)
             section.failures.append(f"scenario crashed: {type(err).__name__}: {str(err)[:300]}")
         section.seconds = time.monotonic() - started
-        progress(name, f"done in {section.seconds:.0f} s" + (f", FAILED: {section.failures}" if section.failures
-                                                             else ""))
+        progress(
+            name, f"done in {section.seconds:.0f} s" + (f", FAILED: {section.failures}" if section.failures else "")
+        )
 
     secrets_section = Section("secrets", TITLES["secrets"])
     sections.append(secrets_section)
     for key_file in workdir.rglob("fcm-service-account.json"):
         scan.add_fcm_key(key_file)
     scan.scan_logs(workdir)
-    control = sum(Path(p).read_text().count(n) for p in workdir.rglob("fcm-service-account.json")
-                  for n in scan.needles)
-    secrets_section.add("secrets searched for", f"client secret, {len(scan.needles) - 1} fragments/ids of "
-                        f"{len(list(workdir.rglob('fcm-service-account.json')))} FCM private keys")
+    control = sum(Path(p).read_text().count(n) for p in workdir.rglob("fcm-service-account.json") for n in scan.needles)
+    secrets_section.add(
+        "secrets searched for",
+        f"client secret, {len(scan.needles) - 1} fragments/ids of "
+        f"{len(list(workdir.rglob('fcm-service-account.json')))} FCM private keys",
+    )
     secrets_section.add("control: occurrences in the FCM credential files themselves (must be > 0)", control)
     for place in sorted(scan.scanned):
-        secrets_section.add(f"occurrences in {place} ({scan.scanned[place]:,} characters searched)",
-                            scan.hits[place])
+        secrets_section.add(f"occurrences in {place} ({scan.scanned[place]:,} characters searched)", scan.hits[place])
     secrets_section.check(sum(scan.hits.values()) == 0, "no secret anywhere")
     secrets_section.check(control > 0, "the search finds the key where it is")
 
     failed = [s for s in sections if s.failures]
-    print(f"## hlf_actors chaos report ({plan.name}, seed {args.seed}, {os.cpu_count()} cores, "
-          f"PostgreSQL {version})\n")
-    print(f"Service logs: `{workdir}`. Invariants failed: "
-          + (", ".join(f"{s.name} ({len(s.failures)})" for s in failed) if failed else "none") + ".\n")
+    print(f"## hlf_actors chaos report ({plan.name}, seed {args.seed}, {os.cpu_count()} cores, PostgreSQL {version})\n")
+    print(
+        f"Service logs: `{workdir}`. Invariants failed: "
+        + (", ".join(f"{s.name} ({len(s.failures)})" for s in failed) if failed else "none")
+        + ".\n"
+    )
     for section in sections:
         print(section.render() + "\n")
     return 1 if failed else 0
@@ -1246,18 +1313,33 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke run with smaller numbers (~3.5 minutes, "
-                        "1.5 of them the vanished leader's keepalive timeouts)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run with smaller numbers (~3.5 minutes, 1.5 of them the vanished leader's keepalive timeouts)",
+    )
     parser.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="time budget: scenarios not started by then are reported as not run (default 12, "
-                             "--quick 5; a run takes about 7 and 3.5 minutes)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget: scenarios not started by then are reported as not run (default 12, "
+        "--quick 5; a run takes about 7 and 3.5 minutes)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
-    parser.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
-                        help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
-    parser.add_argument("--load-limit", type=str, default=None,
-                        help="service-protection limit of the load scenario on both sides, N/window "
-                             "(default 6000/60s, --quick 1200/12s; 6000/5m is Dataverse's and the service's own)")
+    parser.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help=f"comma-separated scenarios: {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--load-limit",
+        type=str,
+        default=None,
+        help="service-protection limit of the load scenario on both sides, N/window "
+        "(default 6000/60s, --quick 1200/12s; 6000/5m is Dataverse's and the service's own)",
+    )
     parser.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variants", default="", help=argparse.SUPPRESS)

@@ -162,9 +162,7 @@ def render(summary: dict[str, Any], meta: dict[str, Any], delays: Sequence[str])
                 f"| floor: httpx alone (10 in flight) | | | | {_fmt(httpx['per_s'], 0)} | {_fmt(httpx['per_s'], 0)} "
                 f"| {_fmt(httpx['cpu_ms_per_request'], 2)} | | | |"
             )
-    crashed = [
-        (n, systems[n]["crash"]) for n in ("hlf_actors", "hlf_before", *PEERS) if "crash" in systems.get(n, {})
-    ]
+    crashed = [(n, systems[n]["crash"]) for n in ("hlf_actors", "hlf_before", *PEERS) if "crash" in systems.get(n, {})]
     if crashed:
         timeout = crashed[0][1]["timeout_s"]
         lines += [
@@ -260,11 +258,18 @@ def _ratios(summary: dict[str, Any], meta: dict[str, Any], delays: Sequence[str]
         p99_floor = ("minimal loop", _median(minimal.get(f"{delay}.paced.p99_ms")))
         row(f"paced p50 ms, {delay}", f"{delay}.paced.p50_ms", True, p50_floor, 1.3, "≤ 1.3x minimal loop")
         row(f"paced p99 ms, {delay}", f"{delay}.paced.p99_ms", True, p99_floor, 2.0, "≤ 2x minimal loop")
-        row(f"backlog /s, {delay}", f"{delay}.backlog.per_s", False, ("httpx alone", ceiling), 0.9,
-            "≥ 0.9x httpx alone")
+        row(
+            f"backlog /s, {delay}", f"{delay}.backlog.per_s", False, ("httpx alone", ceiling), 0.9, "≥ 0.9x httpx alone"
+        )
         row(f"stream /s, {delay}", f"{delay}.stream.per_s", False, ("httpx alone", ceiling), 0.0, "")
-        row(f"CPU ms/sync, {delay}", f"{delay}.stream.cpu_ms_per_sync", True,
-            ("httpx alone", _median(httpx.get("cpu_ms_per_request"))), 1.1, "≤ 1.1x httpx alone per request")
+        row(
+            f"CPU ms/sync, {delay}",
+            f"{delay}.stream.cpu_ms_per_sync",
+            True,
+            ("httpx alone", _median(httpx.get("cpu_ms_per_request"))),
+            1.1,
+            "≤ 1.1x httpx alone per request",
+        )
     memory = meta.get("memory") or {}
     mine, earlier = memory.get("hlf_actors") or {}, memory.get("hlf_before") or {}
     if "peak_rss_mb" in mine:

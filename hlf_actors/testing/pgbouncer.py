@@ -149,4 +149,3 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
-

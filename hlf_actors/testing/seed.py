@@ -41,15 +41,12 @@ _INSERT_DEVICE = "INSERT INTO coordinator_devices (organisation_id, fcm_token) V
 
 
 def add_device(conn: psycopg.Connection[Any], organisation_id: UUID, token: str) -> None:
-    conn.execute(
-        _INSERT_DEVICE, (organisation_id, token)
-    )
+    conn.execute(_INSERT_DEVICE, (organisation_id, token))
 
 
 _INSERT_CERTIFICATION = "INSERT INTO certifications (mentor_id, expires_on) VALUES (%s, %s)"
 _INSERT_MENTOR = (
-    "INSERT INTO mentors (organisation_id, full_name, status, portal_record_id) VALUES (%s, %s, %s, %s) "
-    "RETURNING id"
+    "INSERT INTO mentors (organisation_id, full_name, status, portal_record_id) VALUES (%s, %s, %s, %s) RETURNING id"
 )
 
 
@@ -97,8 +94,6 @@ _INSERT_CERTIFICATION_RETURNING = "INSERT INTO certifications (mentor_id, expire
 
 def add_certification(conn: psycopg.Connection[Any], mentor_id: UUID, expires_on: date) -> UUID:
     """Another certification for a mentor, e.g. a renewal with a later expiry."""
-    row = conn.execute(
-        _INSERT_CERTIFICATION_RETURNING, (mentor_id, expires_on)
-    ).fetchone()
+    row = conn.execute(_INSERT_CERTIFICATION_RETURNING, (mentor_id, expires_on)).fetchone()
     assert row is not None
     return UUID(str(row[0]))

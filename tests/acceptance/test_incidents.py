@@ -53,8 +53,9 @@ def test_a_revoked_secret_holds_every_change_and_the_new_secret_in_the_file_heal
     rotated_at = time.monotonic()
     secret_file.write_text(NEW_SECRET + "\n")
     world.wait(
-        lambda: all(world.portal.listed(m.record) is False for m in mentors) and all(
-            world.state(m) == "in_sync" for m in mentors
+        lambda: (
+            all(world.portal.listed(m.record) is False for m in mentors)
+            and all(world.state(m) == "in_sync" for m in mentors)
         ),
         "all 20 removed after the new secret was written",
         timeout=60,

@@ -544,9 +544,7 @@ async def test_the_nightly_transition_reaches_the_portal_as_a_removal(
         await eventually(lambda: conn.execute("SELECT count(*) FROM hlf_job_runs").fetchone() == (1,))
         # Both creations settled: each mentor's insert and its certificate's insert are two changes, so "both in
         # sync" counts only once nothing waits in the inbox either.
-        settled = (
-            "SELECT (SELECT count(*) FROM sync_status WHERE state = 'in_sync'), (SELECT count(*) FROM hlf_inbox)"
-        )
+        settled = "SELECT (SELECT count(*) FROM sync_status WHERE state = 'in_sync'), (SELECT count(*) FROM hlf_inbox)"
         await eventually(lambda: conn.execute(settled).fetchone() == (2, 0), what="both creations synced")
         assert portal.listed(record) is True and status(conn, lapsing) == "active"  # valid through the 10th
         portal.clear_requests()

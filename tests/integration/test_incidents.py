@@ -112,7 +112,11 @@ def assert_held(conn: psycopg.Connection[Any], fcm: FakeFCM, mentors: list[tuple
 
 
 async def test_a_revoked_secret_is_one_incident_and_a_new_secret_in_the_file_heals_it(
-    db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, fcm: FakeFCM, sender: FirebaseAlertSender,
+    db_url: str,
+    conn: psycopg.Connection[Any],
+    portal: FakePortal,
+    fcm: FakeFCM,
+    sender: FirebaseAlertSender,
     tmp_path: Path,
 ) -> None:
     secret_file = tmp_path / "dynamics-secret"
@@ -238,9 +242,9 @@ async def test_one_deleted_record_is_that_mentors_problem_alone(
     assert [p["type"] for p in coordinator_pushes(fcm)] == ["hlf_sync_failure"]
     assert ops_alerts(fcm) == []  # no incident
     assert portal.listed(gone_record) is None  # the PATCH sent If-Match: *, so it did not re-create the record
-    assert all(
-        r.headers.get("if-match") == "*" for r in portal.patches()
-    ), "every PATCH must carry If-Match: *, or Dataverse would upsert"
+    assert all(r.headers.get("if-match") == "*" for r in portal.patches()), (
+        "every PATCH must carry If-Match: *, or Dataverse would upsert"
+    )
 
 
 async def test_an_undecided_refusal_for_one_record_runs_the_tenant_check_once_and_dead_letters_it(
@@ -294,8 +298,12 @@ async def test_a_429_holds_every_sender_until_retry_after_and_spends_no_attempt(
     assert len(succeeded) == 20
     assert len({r.record_id for r in throttled}) == len(throttled)  # each mentor was throttled at most once
     assert min(r.at for r in succeeded) - min(r.at for r in throttled) >= 3.0  # nobody sent during Retry-After
-    assert count(conn, "SELECT count(*) FROM sync_status WHERE attempts > 1 AND mentor_id = ANY(%s)",
-                 [m for m, _ in mentors]) == 0
+    assert (
+        count(
+            conn, "SELECT count(*) FROM sync_status WHERE attempts > 1 AND mentor_id = ANY(%s)", [m for m, _ in mentors]
+        )
+        == 0
+    )
 
 
 async def test_fifty_concurrent_401s_cause_one_token_request(
@@ -357,5 +365,9 @@ async def test_a_listing_read_that_lacks_most_records_is_refused(
         "SELECT data FROM event_log WHERE kind = 'reconcile_aborted' ORDER BY seq LIMIT 1"
     ).fetchone() or (None,)
     assert aborted["portal_records"] == 2 and aborted["missing"] == 38 and aborted["max_missing_share"] == 0.1
-    assert count(conn, "SELECT count(*) FROM event_log WHERE kind = 'sync_requested' AND data ->> 'reason' = %s",
-                 "reconcile") == 0
+    assert (
+        count(
+            conn, "SELECT count(*) FROM event_log WHERE kind = 'sync_requested' AND data ->> 'reason' = %s", "reconcile"
+        )
+        == 0
+    )

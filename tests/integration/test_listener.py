@@ -45,8 +45,8 @@ async def test_behind_pgbouncer_in_transaction_pooling_the_service_polls_and_syn
                 for mentor in mentors:
                     set_status(conn, mentor, status_)
                 await eventually(
-                    lambda s=status_: all(portal.listed(r) is (s == "active") for _, r in added) and all_in_sync(
-                        conn, mentors
+                    lambda s=status_: (
+                        all(portal.listed(r) is (s == "active") for _, r in added) and all_in_sync(conn, mentors)
                     ),
                     timeout=20,
                     what=f"round {round_} on the portal",
@@ -120,9 +120,7 @@ async def test_an_event_of_an_unknown_kind_in_the_log_is_shown_and_replayed_arou
     mentor, record = add_mentor(conn, org, portal=portal)
     async with running_service(db_url, portal):
         await eventually(lambda: sync_state(conn, mentor) == "in_sync", what="the first sync")
-        conn.execute(
-            "SELECT hlf_append_event(%s, 'from_a_newer_release', '{\"x\": [1, 2]}'::jsonb)", (mentor,)
-        )
+        conn.execute("SELECT hlf_append_event(%s, 'from_a_newer_release', '{\"x\": [1, 2]}'::jsonb)", (mentor,))
         conn.execute(
             "INSERT INTO event_log (mentor_id, kind, data) VALUES (%s, 'status_changed', %s::jsonb)",
             (mentor, '{"cause": 42, "status": [1]}'),

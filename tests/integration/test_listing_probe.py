@@ -120,7 +120,8 @@ async def test_a_page_that_is_not_the_listing_never_confirms_a_removal(
     portal: FakePortal,
     view: View,
     switch: str | None,
-    reason: str, org: UUID,
+    reason: str,
+    org: UUID,
 ) -> None:
     add_mentor(conn, org, portal=portal, name="Listed Control")  # a listed mentor: the page would show them
     mentor, _ = add_mentor(conn, org, portal=portal, name="Leaving Mentor")

@@ -32,7 +32,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-
 @pytest.fixture
 def proxied_url(db_url: str) -> Iterator[tuple[str, TcpProxy]]:
     params = conninfo_to_dict(db_url)
@@ -93,7 +92,8 @@ async def test_status_json_has_the_operators_fields(
     conn: psycopg.Connection[Any],
     portal: FakePortal,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], org: UUID,
+    capsys: pytest.CaptureFixture[str],
+    org: UUID,
 ) -> None:
     mentor, _ = add_mentor(conn, org, portal=portal, name="Robert'); DROP TABLE mentors;--")
     monkeypatch.setenv("HLF_DATABASE_URL", db_url)

@@ -31,7 +31,6 @@ def linked(conn: psycopg.Connection[Any], org: UUID, portal: FakePortal, **kwarg
     return mentor, record
 
 
-
 async def settle(db_url: str, conn: psycopg.Connection[Any], portal: FakePortal, mentors: list[UUID]) -> None:
     """Let the service sync the seeded mentors, so that none is still waiting for its own sync, then forget its
     requests."""

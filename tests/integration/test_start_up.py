@@ -23,6 +23,7 @@ def test_the_service_imports_no_firebase_until_fcm_is_configured() -> None:
 
 def test_a_configured_fcm_and_the_http_side_still_load_them() -> None:
     # The other half, so the test above cannot pass because the probe sees nothing at all.
-    assert "firebase_admin" in _loaded_after("from hlf_actors.fcm import check_firebase_internals\n"
-                                              "check_firebase_internals()")
+    assert "firebase_admin" in _loaded_after(
+        "from hlf_actors.fcm import check_firebase_internals\ncheck_firebase_internals()"
+    )
     assert {"starlette", "uvicorn"} <= _loaded_after("from hlf_actors.web import build_app")

@@ -23,7 +23,6 @@ def kinds(conn: psycopg.Connection[Any], mentor_id: UUID) -> list[str]:
     return [r[0] for r in rows]
 
 
-
 def bodies(portal: FakePortal, record_id: UUID | None) -> list[Any]:
     return [r.json() for r in portal.patches(record_id)]
 

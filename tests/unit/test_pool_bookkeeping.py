@@ -96,19 +96,38 @@ def test_the_one_pass_pool_decides_exactly_like_httpcore(state: dict[str, Any]) 
 
 def test_the_states_above_reach_every_decision() -> None:
     # Each branch once, so the property above cannot pass by never leaving the first one.
-    idle_surplus = {"max_connections": 2, "max_keepalive": 0, "connections": [("a", False, False, True, True)],
-                    "requests": []}
+    idle_surplus = {
+        "max_connections": 2,
+        "max_keepalive": 0,
+        "connections": [("a", False, False, True, True)],
+        "requests": [],
+    }
     assert _outcome(_Pool, idle_surplus) == (["c0"], [], [])
-    reuse = {"max_connections": 2, "max_keepalive": 2, "connections": [("a", False, False, True, True)],
-             "requests": [("a", False)]}
+    reuse = {
+        "max_connections": 2,
+        "max_keepalive": 2,
+        "connections": [("a", False, False, True, True)],
+        "requests": [("a", False)],
+    }
     assert _outcome(_Pool, reuse) == ([], ["c0"], ["c0"])
-    create = {"max_connections": 2, "max_keepalive": 2, "connections": [("b", False, False, False, False)],
-              "requests": [("a", False)]}
+    create = {
+        "max_connections": 2,
+        "max_keepalive": 2,
+        "connections": [("b", False, False, False, False)],
+        "requests": [("a", False)],
+    }
     assert _outcome(_Pool, create) == ([], ["c0", "new0"], ["new0"])
-    replace_idle = {"max_connections": 1, "max_keepalive": 1, "connections": [("b", False, False, True, True)],
-                    "requests": [("a", False)]}
+    replace_idle = {
+        "max_connections": 1,
+        "max_keepalive": 1,
+        "connections": [("b", False, False, True, True)],
+        "requests": [("a", False)],
+    }
     assert _outcome(_Pool, replace_idle) == (["c0"], ["new0"], ["new0"])
-    closed_expired = {"max_connections": 3, "max_keepalive": 3,
-                      "connections": [("a", True, False, False, False), ("a", False, True, True, True)],
-                      "requests": []}
+    closed_expired = {
+        "max_connections": 3,
+        "max_keepalive": 3,
+        "connections": [("a", True, False, False, False), ("a", False, True, True, True)],
+        "requests": [],
+    }
     assert _outcome(_Pool, closed_expired) == (["c1"], [], [])

@@ -46,5 +46,6 @@ async def _main() -> None:
         if tasks:
             await asyncio.wait(tasks, timeout=10)
 
+
 if __name__ == "__main__":
     asyncio.run(_main())
