@@ -78,7 +78,7 @@ class Metrics:
         )
         self.before_render: Callable[[], None] | None = None
         self.open_dead_letters = Gauge(
-            "hlf_dead_letters_open", "Dead letters not re-queued (as of the last sweep)", registry=r
+            "hlf_dead_letters_open", "Dead letters neither re-queued nor resolved (as of the last sweep)", registry=r
         )
 
     def render(self) -> bytes:

@@ -64,6 +64,7 @@ from hlf_actors import db
 from hlf_actors.env_values import parse_duration
 from hlf_actors.testing.fake_fcm import FakeFCM
 from hlf_actors.testing.fake_portal import FakePortal, Reply, chaos_mix, token_chaos_mix
+from hlf_actors.testing.http_server import free_port
 from hlf_actors.testing.process import LEADER_LINE, ServiceProcess, service_env
 from hlf_actors.testing.proxy import TcpProxy
 
@@ -212,14 +213,6 @@ def wait_until(check: Callable[[], object], timeout: float, interval: float = 0.
         if time.monotonic() - started > timeout:
             return None
         time.sleep(interval)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def healthz(port: int) -> int | None:

@@ -12,6 +12,7 @@ let go of kept-alive connections is the same, and lives here once:
     FakeHTTPServer[F]   a ThreadingHTTPServer with daemon handler threads, no FQDN lookup, and ``fake`` (an F)
     FakeHandler[F]      HTTP/1.1, silent, ``_body()`` reads the request body and ``_reply()`` writes a whole answer;
                         ``track_connections = True`` registers each connection with the fake so stop() can cut it
+    free_port()         a port nothing listens on right now, for a server the test starts itself (the console)
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-__all__ = ["FakeHTTPServer", "FakeHandler", "LocalServer", "Running"]
+__all__ = ["FakeHTTPServer", "FakeHandler", "LocalServer", "Running", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Running:

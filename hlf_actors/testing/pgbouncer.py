@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,19 +25,13 @@ from typing import Any, Self
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .http_server import Running
+from .http_server import Running, free_port
 
 __all__ = ["PgBouncer", "PgBouncerError"]
 
 
 class PgBouncerError(RuntimeError):
     """PgBouncer could not be started; the message says why and how to get it."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _quote(value: str) -> str:
@@ -54,7 +47,7 @@ class PgBouncer(Running):
         self._target = conninfo_to_dict(db_url)
         self._workdir = workdir
         self._pool_mode = pool_mode
-        self.port = _free_port()
+        self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = workdir / "pgbouncer.log"
         target: dict[str, Any] = dict(self._target)

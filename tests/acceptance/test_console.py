@@ -4,18 +4,13 @@ and SIGTERM still stops the process cleanly (uvicorn's own signal handlers are o
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import httpx
 
+from hlf_actors.testing.http_server import free_port
+
 from .support import World
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_console_answers_in_the_real_process_and_sigterm_still_stops_it(world: World, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ test (tests/integration/test_console_browser.py) drives Debian's chromium throug
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from hlf_actors.testing import harness
 from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.http_server import free_port
 from hlf_actors.testing.proxy import TcpProxy
 from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, add_organisation
@@ -33,12 +33,6 @@ from hlf_actors.testing.seed import add_mentor, add_organisation
 pytestmark = pytest.mark.anyio
 
 GROUP = "6a1d3c52-93f0-4c57-9e2e-hlf-console-ops"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

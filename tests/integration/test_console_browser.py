@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
 from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.http_server import free_port
 from hlf_actors.testing.seed import add_device, add_mentor, add_organisation
 
 pytestmark = pytest.mark.anyio
@@ -78,12 +78,6 @@ def shots(tmp_path: Path) -> Path:
     where = Path(os.environ.get("SCREENSHOTS_DIR") or tmp_path / "screenshots")
     where.mkdir(parents=True, exist_ok=True)
     return where
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
