@@ -195,7 +195,6 @@ class DynamicsClient:
             scope=config.scope,
             describe=self._message,
         )
-        self._bearer = self._tokens.bearer
         self._budget = RequestBudget(config.portal_rate_requests, config.portal_rate_window_s)
 
     async def aclose(self) -> None:
@@ -208,13 +207,13 @@ class DynamicsClient:
 
     async def check_token(self) -> None:
         """Fetch a brand-new token: the first step of a tenant check."""
-        await self._bearer(fresh=True)
+        await self._tokens.bearer(fresh=True)
 
     # -- data calls ---------------------------------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One authorised request; on 401 a fresh token and one more try; then classify the answer."""
-        bearer = await self._bearer()
+        bearer = await self._tokens.bearer()
         extra = kwargs.pop("headers", {})
         for retry in (False, True):
             headers = {**_ODATA_HEADERS, **extra, "Authorization": f"Bearer {bearer}"}
@@ -230,7 +229,7 @@ class DynamicsClient:
             except httpx.TransportError as err:
                 raise TransientPortalError(f"{method} failed: {type(err).__name__}: {err}"[:200]) from None
             if response.status_code == 401 and not retry:
-                bearer = await self._bearer(stale=bearer)
+                bearer = await self._tokens.bearer(stale=bearer)
                 continue
             return self._classify(method, response)
         raise CredentialError(f"{method} refused with 401 even with a fresh token", http_status=401)
@@ -334,7 +333,7 @@ class DynamicsClient:
         (building and merging headers, cookies, the response object): the same bytes on the wire, the same timeouts,
         the same 401 retry, and any answer but a 204 classified by ``_classify`` from an httpx.Response, as before.
         """
-        bearer = await self._bearer()
+        bearer = await self._tokens.bearer()
         for retry in (False, True):
             template = self._patch_template(bearer, listed)
             url = template.url
@@ -361,7 +360,7 @@ class DynamicsClient:
             if answer.status == 204 and not any(name.lower() == b"set-cookie" for name, _ in answer.headers):
                 return 204
             if answer.status == 401 and not retry:
-                bearer = await self._bearer(stale=bearer)
+                bearer = await self._tokens.bearer(stale=bearer)
                 continue
             response = httpx.Response(answer.status, headers=answer.headers, content=body, request=template)
             # A portal that sets cookies gets them back as httpx would send them: from now on through httpx.
