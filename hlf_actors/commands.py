@@ -17,7 +17,7 @@ import psycopg
 
 from . import db, render, status
 from .config import Config
-from .errors import CommandFailed, MigrationError
+from .errors import CommandFailed
 
 __all__ = [
     "cmd_check_alerts",
@@ -191,10 +191,7 @@ def cmd_check_expiry(config: Config, args: argparse.Namespace) -> int:
     from .push import AlertSender, Delivery
 
     with _connect(config) as conn:
-        have = db.applied_migrations(conn)
-    missing = [f"{m.version:03d}_{m.name}" for m in db.migrations() if m.version not in have]
-    if missing:
-        raise MigrationError(f"the database lacks migrations {', '.join(missing)}: run `hlf-actors migrate` first")
+        db.require_migrated(db.applied_migrations(conn))
     today = args.date or SystemClock().today(config.zone)
     setup_logging(level="WARNING")  # one line per push would drown the report; problems still show
 
@@ -399,10 +396,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     from .progress import Progress
 
     with _connect(config) as conn:
-        have = db.applied_migrations(conn)
-    missing = [f"{m.version:03d}_{m.name}" for m in db.migrations() if m.version not in have]
-    if missing:
-        raise MigrationError(f"the database lacks migrations {', '.join(missing)}: run `hlf-actors migrate` first")
+        db.require_migrated(db.applied_migrations(conn))
     url = config.require_database()
     if args.archive_before is not None:
         archived = archival.archive(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -230,6 +230,14 @@ def applied_migrations(conn: psycopg.Connection[Any]) -> dict[int, str]:
         return {}
     rows = conn.execute(_APPLIED_MIGRATIONS).fetchall()
     return {int(v): str(c) for v, c in rows}
+
+
+def require_migrated(applied: Collection[int]) -> None:
+    """Refuse a database older than this code: a MigrationError naming every migration it lacks."""
+    missing = [m for m in migrations() if m.version not in applied]
+    if missing:
+        names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
+        raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
 
 
 def _step(name: str) -> bytes:

@@ -16,7 +16,7 @@ from loguru import logger
 from psycopg_pool import AsyncConnectionPool
 
 from . import db
-from .errors import DatabaseUnusableError, MigrationError
+from .errors import DatabaseUnusableError
 from .listener import LISTEN, UNREACHABLE_REPORT_S, closing, listen_works
 
 __all__ = ["behind_transaction_pooler", "check_schema", "wait_for_database"]
@@ -72,7 +72,4 @@ async def check_schema(pool: AsyncConnectionPool[Any]) -> None:
         if row and row[0]:
             cur = await conn.execute(_APPLIED_VERSIONS)
             have = {int(r[0]) for r in await cur.fetchall()}
-    missing = [m for m in db.migrations() if m.version not in have]
-    if missing:
-        names = ", ".join(f"{m.version:03d}_{m.name}" for m in missing)
-        raise MigrationError(f"the database lacks migrations {names}: run `hlf-actors migrate` first")
+    db.require_migrated(have)
