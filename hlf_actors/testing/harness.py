@@ -22,7 +22,7 @@ from ..service import Service
 from .fake_portal import FakePortal
 from .recording import RecordingAlertSender
 
-__all__ = ["eventually", "running_service", "sync_state", "test_config"]
+__all__ = ["eventually", "running_service", "sync_state", "test_config", "until"]
 
 
 def test_config(db_url: str, portal: FakePortal, **overrides: str) -> Config:
@@ -83,3 +83,15 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
         await anyio.sleep(0.005)
+
+
+def until(check: Callable[[], Any], *, timeout: float = 10.0, what: str = "the condition") -> Any:
+    """``eventually`` for synchronous tests (a browser driven by Selenium, threads): poll every 10 ms."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(0.01)

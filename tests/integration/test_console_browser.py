@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 
 from hlf_actors.testing.fake_oidc import FakeOidc
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.harness import eventually, running_service, sync_state, until
 from hlf_actors.testing.http_server import free_port
 from hlf_actors.testing.seed import add_device, add_mentor, add_organisation
 
@@ -80,17 +79,6 @@ def shots(tmp_path: Path) -> Path:
     return where
 
 
-def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def text_of(browser: WebDriver, element_id: str, contains: str, timeout: float = 5.0) -> str:
     """The element's text once it contains ``contains``: a click that submits a form returns before the next page
     has loaded, so the old page's element may be found, or go stale, first."""
@@ -102,7 +90,7 @@ def text_of(browser: WebDriver, element_id: str, contains: str, timeout: float =
             return None
         return text if contains in text else None
 
-    return str(until(read, f"#{element_id} to say {contains!r}", timeout))
+    return str(until(read, what=f"#{element_id} to say {contains!r}", timeout=timeout))
 
 
 async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_page(
@@ -140,10 +128,10 @@ async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_p
 
                 # 1. Sign in: the console sends the browser to the fake Entra ID and back.
                 b.get(base + "/dead-letters")
-                until(lambda: b.current_url == base + "/login", "the redirect to sign-in")
+                until(lambda: b.current_url == base + "/login", what="the redirect to sign-in")
                 shot("sign-in")
                 b.find_element(By.ID, "sign-in-entra").click()
-                until(lambda: b.current_url == base + "/", "the way back from Entra ID")
+                until(lambda: b.current_url == base + "/", what="the way back from Entra ID")
                 text_of(b, "role", "leader")
                 assert b.find_element(By.TAG_NAME, "h1").text == "Overview"
                 assert b.find_element(By.ID, "role").text == "leader"
@@ -154,7 +142,7 @@ async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_p
 
                 # 2. Find the dead-lettered mentor and re-queue it, once the portal lets us.
                 b.find_element(By.ID, "count-dead_lettered").click()
-                until(lambda: "state=dead_lettered" in b.current_url, "the mentors page")
+                until(lambda: "state=dead_lettered" in b.current_url, what="the mentors page")
                 rows = b.find_elements(By.CSS_SELECTOR, "#mentors tbody tr")
                 assert len(rows) == 1 and "Ingrid Berg" in rows[0].text
                 shot("mentors")
@@ -166,13 +154,17 @@ async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_p
                 letter.find_element(By.CLASS_NAME, "requeue").click()
                 text_of(b, "flash", "Re-queued 1 dead letter(s)")
                 with psycopg.connect(db_url, autocommit=True) as own:
-                    until(lambda: sync_state(own, ingrid) == "in_sync", "Ingrid in sync after the re-queue", 5)
+                    until(
+                        lambda: sync_state(own, ingrid) == "in_sync",
+                        what="Ingrid in sync after the re-queue",
+                        timeout=5,
+                    )
                 b.get(base + "/mentors")
                 b.find_element(By.ID, "q").send_keys("ingrid")
                 b.find_element(By.CSS_SELECTOR, "form.search button").click()
-                until(lambda: "q=ingrid" in b.current_url, "the search")
+                until(lambda: "q=ingrid" in b.current_url, what="the search")
                 b.find_element(By.LINK_TEXT, "Ingrid Berg").click()
-                until(lambda: f"/mentors/{ingrid}" in b.current_url, "Ingrid's page")
+                until(lambda: f"/mentors/{ingrid}" in b.current_url, what="Ingrid's page")
                 text_of(b, "sync-state", "in sync")
                 assert "requeued" in b.find_element(By.ID, "story").text
                 shot("mentor-story")
@@ -182,7 +174,7 @@ async def test_the_browser_signs_in_requeues_force_syncs_and_photographs_every_p
                 b.get(f"{base}/mentors/{ola}")
                 b.find_element(By.ID, "force-sync").click()
                 text_of(b, "flash", "Force sync of")
-                until(lambda: len(portal.patches(ola_rec)) > before, "the forced PATCH at the portal", 5)
+                until(lambda: len(portal.patches(ola_rec)) > before, what="the forced PATCH at the portal", timeout=5)
 
                 # 4. The remaining pages.
                 for name, path in (("alerts", "/alerts"), ("expiry", "/expiry"), ("actions", "/actions")):

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from hlf_actors.progress import Progress
 from hlf_actors.render import render_replay
 from hlf_actors.service import Service
 from hlf_actors.testing.fake_portal import FakePortal, Reply
-from hlf_actors.testing.harness import eventually, running_service, sync_state
+from hlf_actors.testing.harness import eventually, running_service, sync_state, until
 from hlf_actors.testing.recording import RecordingAlertSender
 from hlf_actors.testing.seed import add_mentor, set_status
 
@@ -59,14 +59,6 @@ def settled(conn: psycopg.Connection[Any], mentors: list[UUID]) -> bool:
         (mentors,),
     ).fetchone()
     return row is not None and row[0] == 0 and row[1] == len(mentors)
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def waiting_for_lock(conn: psycopg.Connection[Any], statement: str) -> bool:
@@ -141,7 +133,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
         # Fresh mentors (and portal records) for every example: earlier examples' scripts cannot leak in.
         mentors = [add_mentor(conn, org, portal=portal) for _ in range(3)]
         ids = [m for m, _ in mentors]
-        wait_until(lambda: settled(conn, ids), "the new mentors to be synced")
+        until(lambda: settled(conn, ids), what="the new mentors to be synced", timeout=15.0)
         reminders: Counter[tuple[int, int]] = Counter()
         for step in history:
             kind, who = step[0], step[1] if len(step) > 1 else 0
@@ -162,7 +154,7 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
             elif kind == "force":
                 conn.execute("SELECT hlf_force_sync(%s)", (mentor,))
             elif kind == "requeue":
-                wait_until(lambda: settled(conn, ids), "the dead letters to be written")
+                until(lambda: settled(conn, ids), what="the dead letters to be written", timeout=15.0)
                 for (letter,) in conn.execute(  # every open one of the example: this step is rare enough
                     "SELECT id FROM dead_letters WHERE mentor_id = ANY(%s) AND requeued_at IS NULL "
                     "AND resolved_at IS NULL",
@@ -176,8 +168,8 @@ def test_replay_of_any_history_through_the_real_service_equals_the_live_projecti
                 add_reminder(conn, mentor, step[2])
                 reminders[(who, step[2])] += 1
             else:
-                wait_until(lambda: settled(conn, ids), "the history to settle")
-        wait_until(lambda: settled(conn, ids), "the history to settle")
+                until(lambda: settled(conn, ids), what="the history to settle", timeout=15.0)
+        until(lambda: settled(conn, ids), what="the history to settle", timeout=15.0)
 
         checked = verify(db_url)
         assert checked.differences == 0, render_replay(checked)
@@ -535,7 +527,11 @@ def test_two_raisers_racing_for_one_finding_raise_it_once(
             target=lambda: second.append(_raise_in_own_transaction(db_url, finding)), name="second raiser"
         )
         racer.start()
-        wait_until(lambda: waiting_for_lock(conn, "LOCK TABLE duplicate_findings"), "the second raiser to wait")
+        until(
+            lambda: waiting_for_lock(conn, "LOCK TABLE duplicate_findings"),
+            what="the second raiser to wait",
+            timeout=15.0,
+        )
         first.commit()
     racer.join(10)
     assert second == [[]]
