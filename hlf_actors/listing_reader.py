@@ -49,7 +49,6 @@ class ListingReader:
         # page is then told apart by having no listed mentor on it.
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=True)
         self._validators: dict[str, tuple[str | None, str | None, Page]] = {}
-        self.fetches = 0  # listing reads (each one or more page GETs)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -61,7 +60,6 @@ class ListingReader:
 
         ``known_listed`` (asked only for an HTML page) names mentors the website shows now; ``watched`` what the
         probe's open watches look for, read as the pages arrive."""
-        self.fetches += 1
         status, page = await get_page(self._http, self._url, self._validators)
         if status != 200:
             return self._refused(status, page)
