@@ -173,14 +173,7 @@ def load_config(env: Mapping[str, str] | None = None, *, dotenv: Path | None = P
     secret_value = read.text("HLF_DYNAMICS_CLIENT_SECRET")
     secret_file = read.text("HLF_DYNAMICS_CLIENT_SECRET_FILE")
     if secret_file is not None:
-        try:
-            secret_value = Path(secret_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(
-                f"HLF_DYNAMICS_CLIENT_SECRET_FILE: cannot read {secret_file!r} ({err.strerror})"
-            ) from None
-        if not secret_value:
-            raise ConfigError(f"HLF_DYNAMICS_CLIENT_SECRET_FILE: {secret_file!r} is empty")
+        secret_value = read.secret_file("HLF_DYNAMICS_CLIENT_SECRET_FILE", secret_file)
 
     timezone = read.text("HLF_TIMEZONE") or "Europe/Oslo"
     try:
